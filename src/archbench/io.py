@@ -26,6 +26,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         yield tmp
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp made it 0600; give it the usual permissions
         os.replace(tmp, final)
         with contextlib.suppress(OSError):  # directory fsync is not supported everywhere
             dir_fd = os.open(final.parent, os.O_RDONLY)

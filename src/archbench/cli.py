@@ -1,0 +1,189 @@
+"""The `archbench` command: one subcommand per workflow step, plus listings and validation.
+
+The Snakemake rules call these subcommands; they are also usable by hand. Errors in user input
+print one line (`archbench: error: ...`) and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+import yaml
+
+from archbench.errors import ArchbenchError
+
+
+def _cmd_prepare(args: argparse.Namespace) -> None:
+    from archbench.data import parse_datasets, prepare_dataset, resolve_mirror
+
+    name = args.dataset
+    specs = parse_datasets({name: json.loads(args.dataset_spec)}, source="--dataset-spec")
+    meta = prepare_dataset(specs[name], Path(args.out), mirror=resolve_mirror(args.mirror))
+    print(
+        f"prepared {name}: vocab {meta['vocab_size']}, {meta['n_train_tokens']:,} train / "
+        f"{meta['n_val_tokens']:,} val tokens",
+        file=sys.stderr,
+    )
+
+
+def _cmd_train(args: argparse.Namespace) -> None:
+    from archbench.train import train_run
+
+    torch.set_num_threads(args.threads)
+    summary = train_run(
+        json.loads(args.spec), Path(args.data), Path(args.out), progress=not args.no_progress
+    )
+    print(json.dumps(summary, indent=2), file=sys.stderr)
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> None:
+    from archbench.data import load_token_bytes, load_tokens
+    from archbench.evaluate.perplexity import evaluate_perplexity
+    from archbench.io import write_json
+    from archbench.runs import load_run
+
+    torch.set_num_threads(args.threads)
+    run_dir, data_dir = Path(args.run), Path(args.data)
+    model = load_run(run_dir)
+    metrics = evaluate_perplexity(
+        model,
+        load_tokens(data_dir, "val"),
+        load_token_bytes(data_dir),
+        block_size=model.config.block_size,
+        batch_size=args.batch_size,
+        max_tokens=args.max_tokens,
+    )
+    write_json(args.out, metrics)
+    print(json.dumps(metrics, indent=2), file=sys.stderr)
+
+
+def _cmd_aggregate(args: argparse.Namespace) -> None:
+    from archbench.report.aggregate import RunRef, aggregate
+
+    runs = [
+        RunRef(r["experiment"], r["arch"], r["dataset"], int(r["seed"]), Path(r["run_dir"]))
+        for r in json.loads(args.runs)
+    ]
+    aggregate(runs, Path(args.summary), Path(args.curves))
+
+
+def _cmd_report(args: argparse.Namespace) -> None:
+    from archbench.report.render import render_report
+
+    order = args.order.split(",") if args.order else None
+    for path in render_report(
+        Path(args.summary),
+        Path(args.curves),
+        Path(args.out_dir),
+        args.suite,
+        experiments_order=order,
+    ):
+        print(f"wrote {path}", file=sys.stderr)
+
+
+def _cmd_options(args: argparse.Namespace) -> None:
+    from archbench.models import ARCHITECTURES, list_options
+    from archbench.options import options_of
+    from archbench.train import TrainConfig
+
+    tables = {
+        f"architecture `{a}`: {ARCHITECTURES[a].summary}": list_options(a)
+        for a in ([args.arch] if args.arch else sorted(ARCHITECTURES))
+    }
+    if not args.arch:
+        tables["training options (every architecture)"] = options_of(TrainConfig)
+    for title, options in tables.items():
+        print(f"\n### {title}\n\n| option | default | allowed | meaning |\n|---|---|---|---|")
+        for opt in options.values():
+            print(f"| `{opt.name}` | `{opt.default}` | {opt.describe()} | {opt.help} |")
+
+
+def _cmd_validate(args: argparse.Namespace) -> None:
+    from archbench.data import parse_datasets
+    from archbench.experiments import load_experiments, load_suite, run_spec
+
+    root = Path(args.root)
+    config = yaml.safe_load((root / args.config).read_text(encoding="utf-8"))
+    datasets = parse_datasets(config["datasets"], source=args.config)
+    experiments = load_experiments(
+        root / config["experiments"], root / "workflow/schemas/experiments.schema.yaml", datasets
+    )
+    for suite_file in sorted((root / "configs/suites").glob("*.yaml")):
+        suite = load_suite(suite_file, root / "workflow/schemas/suite.schema.yaml")
+        rows = [e for e in experiments if e.runs_in(suite.name)]
+        for experiment in rows:
+            run_spec(experiment, suite, suite.seeds[0])
+        print(f"suite {suite.name}: {len(rows)} experiments x {len(suite.seeds)} seeds: ok")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the `archbench` command."""
+    parser = argparse.ArgumentParser(prog="archbench", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("prepare", help="fetch, verify and tokenize one data set")
+    p.add_argument("--dataset", required=True, help="data-set name")
+    p.add_argument("--dataset-spec", required=True, help="its registry entry as JSON")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--mirror", default=None, help="data mirror directory")
+    p.set_defaults(func=_cmd_prepare)
+
+    p = sub.add_parser("train", help="train one (experiment, seed)")
+    p.add_argument("--spec", required=True, help="run spec as JSON (written by the workflow)")
+    p.add_argument("--data", required=True, help="prepared data directory")
+    p.add_argument("--out", required=True, help="run directory")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("evaluate", help="perplexity / bits-per-byte / top-k of one run")
+    p.add_argument("--run", required=True, help="run directory")
+    p.add_argument("--data", required=True, help="prepared data directory")
+    p.add_argument("--out", required=True, help="eval.json to write")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--max-tokens", type=int, default=None, help="score only this many tokens")
+    p.add_argument("--threads", type=int, default=1)
+    p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser("aggregate", help="collect run results into summary.csv / curves.csv")
+    p.add_argument("--runs", required=True, help="JSON list of runs (written by the workflow)")
+    p.add_argument("--summary", required=True)
+    p.add_argument("--curves", required=True)
+    p.set_defaults(func=_cmd_aggregate)
+
+    p = sub.add_parser("report", help="render the Markdown / HTML report")
+    p.add_argument("--summary", required=True)
+    p.add_argument("--curves", required=True)
+    p.add_argument("--out-dir", required=True)
+    p.add_argument("--suite", required=True)
+    p.add_argument("--order", default="", help="comma-separated experiment order")
+    p.set_defaults(func=_cmd_report)
+
+    p = sub.add_parser("options", help="list architectures and their options (Markdown)")
+    p.add_argument("arch", nargs="?", default=None)
+    p.set_defaults(func=_cmd_options)
+
+    p = sub.add_parser("validate", help="check the config, the experiments table and suites")
+    p.add_argument("--root", default=".", help="project directory")
+    p.add_argument("--config", default="configs/config.yaml")
+    p.set_defaults(func=_cmd_validate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `archbench` command."""
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except ArchbenchError as err:
+        print(f"archbench: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

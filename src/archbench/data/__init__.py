@@ -1,0 +1,45 @@
+"""Data sets: config entries, verified raw text, lossless tokenizers and prepared token files."""
+
+from __future__ import annotations
+
+from archbench.data.prepare import (
+    load_meta,
+    load_token_bytes,
+    load_tokenizer,
+    load_tokens,
+    prepare_dataset,
+    split_text,
+    token_dtype,
+)
+from archbench.data.sources import (
+    DatasetSpec,
+    default_cache_dir,
+    load_text,
+    parse_datasets,
+    resolve_mirror,
+)
+from archbench.data.tokenizers import (
+    decode,
+    encode,
+    token_byte_lengths,
+    train_tokenizer,
+)
+
+__all__ = [
+    "DatasetSpec",
+    "decode",
+    "default_cache_dir",
+    "encode",
+    "load_meta",
+    "load_text",
+    "load_token_bytes",
+    "load_tokenizer",
+    "load_tokens",
+    "parse_datasets",
+    "prepare_dataset",
+    "resolve_mirror",
+    "split_text",
+    "token_byte_lengths",
+    "token_dtype",
+    "train_tokenizer",
+]

@@ -1,0 +1,199 @@
+"""The experiments table and suites: parsing, validation, and the run spec of each job.
+
+A row of `configs/experiments.tsv` names an architecture, a data set and `key=value` overrides;
+a suite (`configs/suites/<name>.yaml`) sets the scale. `run_spec` merges the two into the fully
+validated options of one (experiment, seed) job. Every problem is reported before any job starts,
+naming the file, the line and the column.
+"""
+
+from __future__ import annotations
+
+import csv
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from snakemake.utils import validate
+from snakemake_interface_common.exceptions import WorkflowError
+
+from archbench.errors import ConfigError
+from archbench.models import list_options, make_config
+from archbench.options import options_of, suggest, unknown_key_error
+from archbench.train import TrainConfig, make_train_config
+
+PLACEHOLDER_VOCAB = 256  # options are validated before the data (and its vocabulary) exist
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """One validated row of the experiments table."""
+
+    name: str
+    arch: str
+    dataset: str
+    overrides: dict[str, str]
+    suites: tuple[str, ...]
+    description: str
+    line: int
+
+    def runs_in(self, suite: str) -> bool:
+        """Whether this row belongs to `suite` (an empty `suites` cell means every suite)."""
+        return not self.suites or suite in self.suites
+
+
+@dataclass(frozen=True)
+class Suite:
+    """A validated suite: seeds, threads and the default model / train / eval options."""
+
+    name: str
+    seeds: tuple[int, ...]
+    threads: int
+    model: dict[str, Any]
+    train: dict[str, Any]
+    eval: dict[str, Any]
+    description: str
+
+
+def parse_overrides(text: str) -> dict[str, str]:
+    """Split 'a=1 b=x' into {'a': '1', 'b': 'x'}; malformed or repeated keys raise ConfigError."""
+    result: dict[str, str] = {}
+    for item in text.split():
+        key, sep, value = item.partition("=")
+        if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key) or not value:
+            raise ConfigError(f"'{item}' is not of the form key=value")
+        if key in result:
+            raise ConfigError(f"option '{key}' is given twice")
+        result[key] = value
+    return result
+
+
+def split_overrides(arch: str, overrides: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:
+    """Sort overrides into model options of `arch` and training options."""
+    model_keys, train_keys = list_options(arch), options_of(TrainConfig)
+    model, train = {}, {}
+    for key, value in overrides.items():
+        if key in model_keys:
+            model[key] = value
+        elif key in train_keys:
+            train[key] = value
+        else:
+            raise unknown_key_error(
+                key, f"architecture '{arch}' or training", [*model_keys, *train_keys]
+            )
+    return model, train
+
+
+def _schema_error(err: WorkflowError) -> tuple[str, str]:
+    """(column, message) from a snakemake validation error."""
+    text = str(err)
+    match = re.search(r"ValidationError: (.*)", text)
+    message = match.group(1) if match else text.strip().splitlines()[-1]
+    column = (
+        re.search(r"On instance\['([^']+)'\]", text)
+        or re.search(r"'([^']+)' is a required property", text)
+        or re.search(r"\('([^']+)' was unexpected", text)
+    )
+    return (column.group(1) if column else "?"), message
+
+
+def load_experiments(path: Path, schema: Path, datasets: Iterable[str]) -> list[Experiment]:
+    """Read and validate the whole table: schema, unique names, data sets, architectures, options.
+
+    Options are checked against a suite-free config here; `run_spec` re-checks them merged with
+    the suite. Errors name the file, line, experiment and column.
+    """
+    datasets = sorted(datasets)
+    with open(path, newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle, delimiter="\t"))
+    if not rows:
+        raise ConfigError(f"{path}: the table has no experiment rows")
+    experiments, seen = [], {}
+    for offset, raw in enumerate(rows):
+        line = offset + 2
+        row = {k: (v or "").strip() for k, v in raw.items() if k is not None}
+        if None in raw:
+            raise ConfigError(f"{path}, line {line}: more cells than header columns")
+        where = f"{path}, line {line} (experiment '{row.get('name', '?')}')"
+        try:
+            validate(row, str(schema))
+        except WorkflowError as err:
+            column, message = _schema_error(err)
+            raise ConfigError(f"{where}, column '{column}': {message}") from None
+        if row["name"] in seen:
+            raise ConfigError(f"{where}, column 'name': duplicate of line {seen[row['name']]}")
+        seen[row["name"]] = line
+        if row["dataset"] not in datasets:
+            raise ConfigError(
+                f"{where}, column 'dataset': unknown data set '{row['dataset']}'"
+                f"{suggest(row['dataset'], datasets)}; configured: {', '.join(datasets)}"
+            )
+        try:
+            overrides = parse_overrides(row["overrides"])
+            model, train = split_overrides(row["arch"], overrides)
+            train_config = make_train_config(train)
+            make_config(row["arch"], PLACEHOLDER_VOCAB, train_config.block_size, **model)
+        except ConfigError as err:
+            column = "arch" if str(err).startswith("unknown architecture") else "overrides"
+            raise ConfigError(f"{where}, column '{column}': {err}") from None
+        experiments.append(
+            Experiment(
+                name=row["name"],
+                arch=row["arch"],
+                dataset=row["dataset"],
+                overrides=overrides,
+                suites=tuple(s for s in row["suites"].split(",") if s),
+                description=row["description"],
+                line=line,
+            )
+        )
+    return experiments
+
+
+def load_suite(path: Path, schema: Path) -> Suite:
+    """Read and validate a suite file."""
+    if not path.exists():
+        available = sorted(p.stem for p in path.parent.glob("*.yaml"))
+        raise ConfigError(f"no suite file {path}; available suites: {', '.join(available)}")
+    data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    try:
+        validate(data, str(schema))
+    except WorkflowError as err:
+        column, message = _schema_error(err)
+        raise ConfigError(f"{path}, key '{column}': {message}") from None
+    try:
+        make_train_config(data["train"])
+    except ConfigError as err:
+        raise ConfigError(f"{path}, section 'train': {err}") from None
+    return Suite(
+        name=path.stem,
+        seeds=tuple(data["seeds"]),
+        threads=data.get("threads", 1),
+        model=dict(data["model"]),
+        train=dict(data["train"]),
+        eval=dict(data.get("eval", {})),
+        description=data.get("description", ""),
+    )
+
+
+def run_spec(experiment: Experiment, suite: Suite, seed: int) -> dict[str, Any]:
+    """The fully resolved, validated options of one training job (JSON-serialisable)."""
+    model_rows, train_rows = split_overrides(experiment.arch, experiment.overrides)
+    where = f"experiment '{experiment.name}' in suite '{suite.name}'"
+    try:
+        train = make_train_config({**suite.train, **train_rows})
+        model = {**suite.model, **model_rows}
+        config = make_config(experiment.arch, PLACEHOLDER_VOCAB, train.block_size, **model)
+    except ConfigError as err:
+        raise ConfigError(f"{where}: {err}") from None
+    model_options = {k: getattr(config, k) for k in model}
+    return {
+        "experiment": experiment.name,
+        "arch": experiment.arch,
+        "dataset": experiment.dataset,
+        "seed": seed,
+        "model": model_options,
+        "train": {k: getattr(train, k) for k in {**suite.train, **train_rows}},
+    }

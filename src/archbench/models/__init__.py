@@ -1,0 +1,64 @@
+"""The architecture registry: names → (config dataclass, model class), and `build_model`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from archbench.errors import ConfigError
+from archbench.models.gpt import GPT, GPTConfig
+from archbench.options import Option, coerce_all, options_of, suggest
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """A registered architecture: its config dataclass, model class and a one-line summary."""
+
+    name: str
+    config_cls: type
+    model_cls: type[nn.Module]
+    summary: str
+
+
+ARCHITECTURES: dict[str, Architecture] = {
+    arch.name: arch
+    for arch in (
+        Architecture(
+            "gpt", GPTConfig, GPT, "baseline pre-norm decoder: RMSNorm, RoPE, SwiGLU, GQA"
+        ),
+    )
+}
+
+
+def get_architecture(arch: str) -> Architecture:
+    """Look up a registered architecture; unknown names get a suggestion."""
+    if arch not in ARCHITECTURES:
+        raise ConfigError(
+            f"unknown architecture '{arch}'{suggest(arch, ARCHITECTURES)}; registered: "
+            + ", ".join(sorted(ARCHITECTURES))
+        )
+    return ARCHITECTURES[arch]
+
+
+def list_options(arch: str) -> dict[str, Option]:
+    """The options of `arch` with their types, defaults, allowed values and help."""
+    return options_of(get_architecture(arch).config_cls)
+
+
+def make_config(arch: str, vocab_size: int, block_size: int, **overrides: Any) -> Any:
+    """Build and validate the config of `arch`; overrides may be strings (from a table) or typed."""
+    spec = get_architecture(arch)
+    if vocab_size < 1 or block_size < 1:
+        raise ConfigError(f"vocab_size and block_size must be >= 1, got {vocab_size}, {block_size}")
+    typed = coerce_all(spec.config_cls, overrides, f"architecture '{arch}'")
+    config = spec.config_cls(vocab_size=vocab_size, block_size=block_size, **typed)
+    config.validate()
+    return config
+
+
+def build_model(arch: str, vocab_size: int, block_size: int, **overrides: Any) -> nn.Module:
+    """Instantiate architecture `arch`; `forward(idx)` returns logits (B, T, vocab_size)."""
+    config = make_config(arch, vocab_size, block_size, **overrides)
+    return get_architecture(arch).model_cls(config)

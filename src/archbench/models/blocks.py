@@ -1,0 +1,170 @@
+"""Shared building blocks: norms, rotary embeddings, attention, MLPs and the pre-norm block.
+
+Every architecture in this package is assembled from these parts, so a difference in results
+between two architectures comes from what they change, not from two versions of the same layer.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def make_norm(kind: str, dim: int) -> nn.Module:
+    """An RMSNorm or a bias-free LayerNorm over the last dimension."""
+    if kind == "rmsnorm":
+        return nn.RMSNorm(dim, eps=1e-6)
+    return nn.LayerNorm(dim, bias=False)
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotary position embedding (RoPE) tables for head width `head_dim`, up to `max_len`."""
+
+    def __init__(self, head_dim: int, max_len: int, base: float = 10000.0):
+        super().__init__()
+        if head_dim % 2:
+            raise ValueError(f"RoPE needs an even head width, got {head_dim}")
+        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+        angles = torch.outer(torch.arange(max_len, dtype=torch.float64), inv_freq)
+        self.register_buffer("cos", angles.cos().float(), persistent=False)
+        self.register_buffer("sin", angles.sin().float(), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Rotate `x` of shape (B, H, T, head_dim) by its positions 0..T-1."""
+        t = x.shape[-2]
+        cos = self.cos[:t].to(x.dtype)
+        sin = self.sin[:t].to(x.dtype)
+        x1, x2 = x[..., 0::2], x[..., 1::2]
+        rotated = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+        return rotated.flatten(-2)
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention with grouped key/value heads (GQA/MQA) and RoPE."""
+
+    def __init__(
+        self,
+        d_model: int,
+        n_head: int,
+        n_kv_heads: int,
+        rope: RotaryEmbedding,
+        dropout: float = 0.0,
+    ):
+        super().__init__()
+        self.n_head, self.n_kv_heads = n_head, n_kv_heads
+        self.head_dim = d_model // n_head
+        kv_width = n_kv_heads * self.head_dim
+        self.qkv = nn.Linear(d_model, d_model + 2 * kv_width, bias=False)
+        self.proj = nn.Linear(d_model, d_model, bias=False)
+        self.rope = rope
+        self.dropout = dropout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Attend causally over x (B, T, d_model)."""
+        b, t, c = x.shape
+        kv_width = self.n_kv_heads * self.head_dim
+        q, k, v = self.qkv(x).split((c, kv_width, kv_width), dim=-1)
+        q = q.view(b, t, self.n_head, self.head_dim).transpose(1, 2)
+        k = k.view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = self.rope(q), self.rope(k)
+        y = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            is_causal=True,
+            enable_gqa=self.n_kv_heads != self.n_head,
+            dropout_p=self.dropout if self.training else 0.0,
+        )
+        return self.proj(y.transpose(1, 2).reshape(b, t, c))
+
+
+class SwiGLU(nn.Module):
+    """Gated MLP: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, d_model: int, hidden: int):
+        super().__init__()
+        self.gate_up = nn.Linear(d_model, 2 * hidden, bias=False)
+        self.down = nn.Linear(hidden, d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Apply the gated MLP."""
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
+
+
+class GELUMLP(nn.Module):
+    """Plain two-layer MLP with a GELU nonlinearity (GPT-2 style)."""
+
+    def __init__(self, d_model: int, hidden: int):
+        super().__init__()
+        self.up = nn.Linear(d_model, hidden, bias=False)
+        self.down = nn.Linear(hidden, d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Apply the MLP."""
+        return self.down(F.gelu(self.up(x)))
+
+
+MLPS: dict[str, type[nn.Module]] = {"swiglu": SwiGLU, "gelu": GELUMLP}
+
+
+def mlp_hidden(kind: str, d_model: int, ratio: float) -> int:
+    """Hidden width for an MLP kind: `ratio * d` for GELU; 2/3 of that for SwiGLU (equal params).
+
+    The SwiGLU width is rounded up to a multiple of 8 for efficient matrix shapes.
+    """
+    hidden = ratio * d_model
+    if kind == "swiglu":
+        hidden = 8 * math.ceil(2 * hidden / 3 / 8)
+    return max(1, int(round(hidden)))
+
+
+class Block(nn.Module):
+    """Pre-norm decoder block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(
+        self, d_model: int, attn: nn.Module, mlp: nn.Module, norm: str, dropout: float = 0.0
+    ):
+        super().__init__()
+        self.norm_attn = make_norm(norm, d_model)
+        self.attn = attn
+        self.norm_mlp = make_norm(norm, d_model)
+        self.mlp = mlp
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Apply the block to the residual stream x (B, T, d_model)."""
+        x = x + self.dropout(self.attn(self.norm_attn(x)))
+        return x + self.dropout(self.mlp(self.norm_mlp(x)))
+
+
+def init_weights(module: nn.Module, std: float, n_layer: int) -> None:
+    """GPT-2 style init: N(0, std) for linear and embedding weights, zero biases, and output
+    projections of residual branches (`proj`, `down`) scaled by 1/sqrt(2 * n_layer)."""
+    residual_std = std / math.sqrt(2 * n_layer)
+    for name, sub in module.named_modules():
+        if isinstance(sub, nn.Linear):
+            is_residual_out = name.endswith((".proj", ".down"))
+            nn.init.normal_(sub.weight, 0.0, residual_std if is_residual_out else std)
+            if sub.bias is not None:
+                nn.init.zeros_(sub.bias)
+        elif isinstance(sub, nn.Embedding):
+            nn.init.normal_(sub.weight, 0.0, std)
+
+
+class LanguageModel(nn.Module):
+    """Base class: `forward(idx)` gives next-token logits; `loss` adds any auxiliary parts.
+
+    Subclasses with auxiliary objectives override `loss`; evaluation only ever calls `forward`,
+    so every architecture is scored by the same code.
+    """
+
+    def loss(self, idx: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """Training loss for (idx, targets) and a dict of its named parts (floats detached)."""
+        logits = self(idx)
+        ce = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+        return ce, {"next_token": ce.detach()}

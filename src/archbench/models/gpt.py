@@ -1,0 +1,102 @@
+"""`gpt`: the baseline decoder — pre-norm, RMSNorm, RoPE, SwiGLU, grouped-query attention.
+
+A strong, plain reference in the spirit of nanoGPT's `model.py` with the modern defaults of
+Llama-style models. Every option below is an ablation axis usable from the experiments table.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from archbench.errors import ConfigError
+from archbench.models.blocks import (
+    MLPS,
+    Block,
+    CausalSelfAttention,
+    LanguageModel,
+    RotaryEmbedding,
+    init_weights,
+    make_norm,
+    mlp_hidden,
+)
+from archbench.options import option
+
+
+@dataclass(frozen=True)
+class GPTConfig:
+    """Shape and options of the baseline decoder."""
+
+    vocab_size: int
+    block_size: int
+    n_layer: int = option(4, "number of decoder blocks", min=1)
+    n_head: int = option(4, "number of query heads", min=1)
+    d_model: int = option(128, "width of the residual stream", min=2)
+    n_kv_heads: int = option(0, "key/value heads (0 = n_head: MHA; 1: MQA)", min=0)
+    mlp: str = option("swiglu", "MLP type", choices=tuple(MLPS))
+    mlp_ratio: float = option(
+        4.0, "MLP hidden width / d_model (SwiGLU uses 2/3 of it)", min=0.0, min_exclusive=True
+    )
+    norm: str = option("rmsnorm", "normalisation layer", choices=("rmsnorm", "layernorm"))
+    rope_base: float = option(10000.0, "RoPE base frequency", min=1.0)
+    tie_embeddings: bool = option(True, "share the input embedding and output projection")
+    dropout: float = option(0.0, "dropout probability", min=0.0, max=0.9)
+    init_std: float = option(0.02, "std of the normal weight init", min=0.0, min_exclusive=True)
+
+    @property
+    def kv_heads(self) -> int:
+        """Number of key/value heads after resolving 0 to n_head."""
+        return self.n_kv_heads or self.n_head
+
+    def validate(self) -> None:
+        """Check constraints between options; raise ConfigError naming the options."""
+        if self.d_model % self.n_head:
+            raise ConfigError(f"d_model={self.d_model} is not divisible by n_head={self.n_head}")
+        if (self.d_model // self.n_head) % 2:
+            raise ConfigError(
+                f"head width d_model/n_head={self.d_model // self.n_head} must be even for RoPE"
+            )
+        if self.n_head % self.kv_heads:
+            raise ConfigError(
+                f"n_head={self.n_head} is not divisible by n_kv_heads={self.kv_heads}"
+            )
+
+
+class GPT(LanguageModel):
+    """Token embedding → n_layer pre-norm blocks → final norm → (tied) unembedding."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        c = config
+        self.embed = nn.Embedding(c.vocab_size, c.d_model)
+        rope = RotaryEmbedding(c.d_model // c.n_head, c.block_size, c.rope_base)
+        hidden = mlp_hidden(c.mlp, c.d_model, c.mlp_ratio)
+        self.blocks = nn.ModuleList(
+            Block(
+                c.d_model,
+                CausalSelfAttention(c.d_model, c.n_head, c.kv_heads, rope, c.dropout),
+                MLPS[c.mlp](c.d_model, hidden),
+                c.norm,
+                c.dropout,
+            )
+            for _ in range(c.n_layer)
+        )
+        self.norm_out = make_norm(c.norm, c.d_model)
+        self.unembed = nn.Linear(c.d_model, c.vocab_size, bias=False)
+        init_weights(self, c.init_std, c.n_layer)
+        if c.tie_embeddings:
+            self.unembed.weight = self.embed.weight
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        """Next-token logits (B, T, vocab_size) for token ids idx (B, T), T <= block_size."""
+        if idx.shape[1] > self.config.block_size:
+            raise ValueError(
+                f"sequence length {idx.shape[1]} exceeds block_size {self.config.block_size}"
+            )
+        x = self.embed(idx)
+        for block in self.blocks:
+            x = block(x)
+        return self.unembed(self.norm_out(x))

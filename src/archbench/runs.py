@@ -1,0 +1,22 @@
+"""Loading a finished training run (config + safetensors weights) back into a model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from archbench.checkpoint import load_weights
+from archbench.io import read_json
+from archbench.models import build_model
+
+
+def load_run(run_dir: Path, device: str | torch.device = "cpu") -> nn.Module:
+    """Rebuild the model of a finished run from `model_config.json` and `model.safetensors`."""
+    config = read_json(run_dir / "model_config.json")
+    model = build_model(
+        config["arch"], config["vocab_size"], config["block_size"], **config["options"]
+    )
+    load_weights(model, run_dir / "model.safetensors")
+    return model.to(device).eval()

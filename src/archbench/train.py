@@ -1,0 +1,437 @@
+"""Training one (experiment, seed): AdamW, warmup + cosine, clipping, validation, checkpoints.
+
+Everything that decides the result is a function of the run spec and the seed: the model init
+(`torch.manual_seed(seed)` before building), the data order (batch k of seed s is drawn from
+`numpy.random.default_rng((s, k))`, so every row with the same seed sees the same batches), and
+dropout (torch RNG state, saved in checkpoints). A run resumed from its last checkpoint therefore
+ends with the same weights and metrics as one that never stopped.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import hashlib
+import json
+import math
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
+from tqdm import tqdm
+
+from archbench.checkpoint import (
+    load_training_state,
+    read_training_meta,
+    save_training_state,
+    save_weights,
+)
+from archbench.data import load_meta, load_tokens
+from archbench.errors import ArchbenchError, ConfigError
+from archbench.io import atomic_path, write_json
+from archbench.models import build_model
+from archbench.options import coerce_all, option
+
+BASE_COLUMNS = ("step", "tokens", "lr", "train_loss", "val_loss", "elapsed_seconds", "tokens_per_s")
+CHECKPOINT = "checkpoint.safetensors"
+PARTIAL_LOG = "metrics.partial.csv"
+
+
+class DivergedError(ArchbenchError):
+    """A loss became NaN or infinite."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation and bookkeeping options (settable per suite and per row)."""
+
+    block_size: int = option(128, "context length in tokens", min=2)
+    batch_size: int = option(16, "sequences per optimizer step", min=1)
+    token_budget: int = option(
+        1_000_000, "training tokens; steps = budget // (batch * block)", min=1
+    )
+    lr: float = option(1e-3, "peak learning rate", min=0.0, min_exclusive=True)
+    min_lr_ratio: float = option(
+        0.1, "final / peak learning rate of the cosine decay", min=0.0, max=1.0
+    )
+    warmup_steps: int = option(100, "linear warmup steps", min=0)
+    weight_decay: float = option(0.1, "AdamW weight decay (matrices only)", min=0.0)
+    beta1: float = option(0.9, "AdamW beta1", min=0.0, max=0.9999)
+    beta2: float = option(0.95, "AdamW beta2", min=0.0, max=0.99999)
+    grad_clip: float = option(1.0, "max global gradient norm (0 = no clipping)", min=0.0)
+    eval_every: int = option(250, "validate every N steps (and after the last)", min=1)
+    eval_batches: int = option(8, "batches in each periodic validation", min=1)
+    log_every: int = option(10, "write a metrics row every N steps", min=1)
+    checkpoint_every: int = option(200, "save resumable state every N steps", min=1)
+    device: str = option(
+        "auto",
+        "compute device (auto: cuda, then mps, then cpu)",
+        choices=("auto", "cpu", "cuda", "mps"),
+    )
+
+    @property
+    def tokens_per_step(self) -> int:
+        """Tokens consumed by one optimizer step."""
+        return self.batch_size * self.block_size
+
+    @property
+    def steps(self) -> int:
+        """Number of optimizer steps the token budget pays for."""
+        return self.token_budget // self.tokens_per_step
+
+    def validate(self) -> None:
+        """Check constraints between options; raise ConfigError naming them."""
+        if self.steps < 1:
+            raise ConfigError(
+                f"token_budget={self.token_budget} is smaller than one batch "
+                f"(batch_size * block_size = {self.tokens_per_step})"
+            )
+
+
+def make_train_config(values: dict[str, Any]) -> TrainConfig:
+    """Validated TrainConfig from option values (strings or typed)."""
+    config = TrainConfig(**coerce_all(TrainConfig, values, "training"))
+    config.validate()
+    return config
+
+
+def lr_at(step: int, config: TrainConfig) -> float:
+    """Learning rate for 0-based `step`: linear warmup, then cosine decay to min_lr_ratio * lr."""
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    span = max(1, config.steps - config.warmup_steps)
+    progress = min(1.0, (step - config.warmup_steps) / span)
+    floor = config.lr * config.min_lr_ratio
+    return floor + 0.5 * (config.lr - floor) * (1.0 + math.cos(math.pi * progress))
+
+
+def batch_at(
+    tokens: np.ndarray, seed: int, step: int, batch_size: int, block_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Batch `step` of the training stream for `seed`: random windows, a pure function of both."""
+    rng = np.random.default_rng((seed, step))
+    starts = rng.integers(0, len(tokens) - block_size - 1, size=batch_size, endpoint=True)
+    windows = torch.from_numpy(
+        np.asarray(tokens[starts[:, None] + np.arange(block_size + 1)], dtype=np.int64)
+    )
+    return windows[:, :-1], windows[:, 1:]
+
+
+def pick_device(name: str) -> torch.device:
+    """Resolve 'auto' to the best available device."""
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch, and ask torch for deterministic kernels."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices (dim >= 2) only, as in nanoGPT."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": config.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2))
+
+
+def count_parameters(model: nn.Module) -> dict[str, int]:
+    """Total unique parameters and those outside the input embedding."""
+    total = sum(p.numel() for p in model.parameters())
+    embed = getattr(model, "embed", None)
+    embedding = embed.weight.numel() if isinstance(embed, nn.Embedding) else 0
+    return {"n_params": total, "n_params_non_embedding": total - embedding}
+
+
+_CPU_SDPA_FLOPS = {
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: (
+        lambda q, k, v, *args, out_shape=None, **kw: sdpa_flop_count(q, k, v)
+    ),
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: (
+        lambda g, q, k, v, *args, out_shape=None, **kw: sdpa_backward_flop_count(g, q, k, v)
+    ),
+}
+
+
+def measure_step_flops(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> int:
+    """FLOPs of one forward + backward of `model.loss` on (x, y), counted by torch.
+
+    Causal attention is counted as full attention (torch's convention). RNG state and gradients
+    are left as they were, so measuring does not change the training run.
+    """
+    with (
+        torch.random.fork_rng(devices=[]),
+        FlopCounterMode(display=False, custom_mapping=_CPU_SDPA_FLOPS) as counter,
+    ):
+        loss, _ = model.loss(x, y)
+        loss.backward()
+    model.zero_grad(set_to_none=True)
+    return int(counter.get_total_flops())
+
+
+@torch.no_grad()
+def estimate_val_loss(
+    model: nn.Module, tokens: np.ndarray, config: TrainConfig, device: torch.device
+) -> float:
+    """Mean next-token loss on fixed, evenly spaced validation windows."""
+    model.eval()
+    count = config.eval_batches * config.batch_size
+    starts = np.linspace(0, len(tokens) - config.block_size - 1, count).astype(np.int64)
+    windows = torch.from_numpy(
+        np.asarray(tokens[starts[:, None] + np.arange(config.block_size + 1)], dtype=np.int64)
+    )
+    total = 0.0
+    for chunk in windows.split(config.batch_size):
+        chunk = chunk.to(device)
+        logits = model(chunk[:, :-1])
+        total += torch.nn.functional.cross_entropy(
+            logits.flatten(0, 1).float(), chunk[:, 1:].flatten(), reduction="sum"
+        ).item()
+    model.train()
+    return total / (count * config.block_size)
+
+
+def spec_fingerprint(spec: dict[str, Any], data_meta: dict[str, Any]) -> str:
+    """Hash of everything that determines a run, to refuse resuming someone else's checkpoint."""
+    blob = json.dumps({"spec": spec, "data": data_meta}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+class MetricsLog:
+    """The per-step metrics CSV, appended as training goes and truncated on resume."""
+
+    def __init__(self, path: Path, columns: list[str]):
+        self.path, self.columns = path, columns
+
+    def restore(self, up_to_step: int) -> None:
+        """Keep the rows up to `up_to_step` (the checkpoint's) and drop later ones."""
+        rows = []
+        if up_to_step > 0 and self.path.exists():
+            with open(self.path, newline="") as handle:
+                rows = [r for r in csv.DictReader(handle) if int(r["step"]) <= up_to_step]
+        with atomic_path(self.path) as tmp, open(tmp, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, self.columns)
+            writer.writeheader()
+            writer.writerows(rows)
+
+    def append(self, row: dict[str, Any]) -> None:
+        """Append one row and flush it to disk."""
+        with open(self.path, "a", newline="") as handle:
+            csv.DictWriter(handle, self.columns).writerow(row)
+
+    def publish(self, path: Path) -> None:
+        """Copy the finished log atomically to its final name."""
+        with atomic_path(path) as tmp:
+            tmp.write_bytes(self.path.read_bytes())
+
+
+def train_run(
+    spec: dict[str, Any],
+    data_dir: Path,
+    out_dir: Path,
+    *,
+    progress: bool = True,
+    stop_after: int | None = None,
+) -> dict[str, Any] | None:
+    """Train the run described by `spec` and write its outputs into `out_dir`.
+
+    `spec` has keys experiment, arch, dataset, seed, model (options) and train (options).
+    Resumes from `out_dir/checkpoint.safetensors` when it belongs to the same spec and data.
+    `stop_after=k` saves a checkpoint after step k and returns None (used to test resuming).
+    Returns the training summary on completion.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config = make_train_config(spec["train"])
+    data_meta = load_meta(data_dir)
+    train_tokens, val_tokens = load_tokens(data_dir, "train"), load_tokens(data_dir, "val")
+    for split, tokens in (("train", train_tokens), ("val", val_tokens)):
+        if len(tokens) <= config.block_size + 1:
+            raise ConfigError(
+                f"{split} split of '{spec['dataset']}' has {len(tokens)} tokens, fewer than "
+                f"block_size + 2 = {config.block_size + 2}"
+            )
+    device = pick_device(config.device)
+    seed = int(spec["seed"])
+    seed_everything(seed)
+    model = build_model(
+        spec["arch"], data_meta["vocab_size"], config.block_size, **spec["model"]
+    ).to(device)
+    optimizer = make_optimizer(model, config)
+    x0, y0 = batch_at(train_tokens, seed, 0, config.batch_size, config.block_size)
+    step_flops = measure_step_flops(model, x0.to(device), y0.to(device))
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        _, parts0 = model.loss(x0[:1].to(device), y0[:1].to(device))
+    columns = list(BASE_COLUMNS) + [f"train_{name}" for name in parts0]
+    fingerprint = spec_fingerprint(spec, data_meta)
+
+    log = MetricsLog(out_dir / PARTIAL_LOG, columns)
+    start_step, elapsed = _resume(out_dir / CHECKPOINT, fingerprint, model, optimizer)
+    log.restore(start_step)
+
+    label = f"{spec['experiment']} seed {seed}"
+    bar = tqdm(
+        total=config.steps,
+        initial=start_step,
+        desc=label,
+        disable=not progress,
+        file=sys.stderr,
+        mininterval=5.0,
+        dynamic_ncols=True,
+    )
+    sums: dict[str, float] = {}
+    window_steps, window_time = 0, 0.0
+    last_val = float("nan")
+    model.train()
+    for step in range(start_step, config.steps):
+        tick = time.perf_counter()
+        lr = lr_at(step, config)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        x, y = batch_at(train_tokens, seed, step, config.batch_size, config.block_size)
+        loss, parts = model.loss(x.to(device), y.to(device))
+        _check_finite(spec, step, loss, parts)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if config.grad_clip > 0:
+            nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        optimizer.step()
+        for name, value in {"train_loss": loss, **parts}.items():
+            key = name if name == "train_loss" else f"train_{name}"
+            sums[key] = sums.get(key, 0.0) + float(value)
+        window_steps += 1
+        spent = time.perf_counter() - tick
+        window_time += spent
+        elapsed += spent
+        done = step + 1
+        bar.update(1)
+
+        is_last = done == config.steps
+        val_loss = None
+        if done % config.eval_every == 0 or is_last:
+            tick = time.perf_counter()
+            val_loss = last_val = estimate_val_loss(model, val_tokens, config, device)
+            elapsed += time.perf_counter() - tick
+            bar.set_postfix(train=f"{sums['train_loss'] / window_steps:.3f}", val=f"{val_loss:.3f}")
+        if done % config.log_every == 0 or val_loss is not None:
+            row = {k: v / window_steps for k, v in sums.items()}
+            row.update(
+                step=done,
+                tokens=done * config.tokens_per_step,
+                lr=lr,
+                val_loss="" if val_loss is None else val_loss,
+                elapsed_seconds=round(elapsed, 3),
+                tokens_per_s=window_steps * config.tokens_per_step / window_time,
+            )
+            log.append(row)
+            sums, window_steps, window_time = {}, 0, 0.0
+        if (done % config.checkpoint_every == 0 and not is_last) or done == stop_after:
+            save_training_state(
+                out_dir / CHECKPOINT,
+                model,
+                optimizer,
+                {"step": done, "elapsed": elapsed, "fingerprint": fingerprint},
+            )
+        if done == stop_after:
+            bar.close()
+            return None
+    bar.close()
+
+    summary = {
+        **count_parameters(model),
+        "train_flops": step_flops * config.steps,
+        "flops_per_step": step_flops,
+        "train_steps": config.steps,
+        "train_tokens": config.steps * config.tokens_per_step,
+        "train_seconds": round(elapsed, 3),
+        "train_tokens_per_s": config.steps * config.tokens_per_step / max(elapsed, 1e-9),
+        "final_val_loss": last_val,
+        "torch_threads": torch.get_num_threads(),
+        "device": str(device),
+    }
+    _write_outputs(out_dir, spec, model, config, log, summary)
+    return summary
+
+
+def _resume(
+    path: Path, fingerprint: str, model: nn.Module, optimizer: torch.optim.Optimizer
+) -> tuple[int, float]:
+    """Load the checkpoint at `path` if it belongs to this run; return (step, elapsed)."""
+    if not path.exists():
+        return 0, 0.0
+    if read_training_meta(path).get("fingerprint") != fingerprint:
+        print(
+            f"archbench: ignoring {path}: it was written for a different spec or data",
+            file=sys.stderr,
+        )
+        path.unlink()
+        return 0, 0.0
+    meta = load_training_state(path, model, optimizer)
+    print(f"archbench: resuming from {path} at step {meta['step']}", file=sys.stderr)
+    return int(meta["step"]), float(meta["elapsed"])
+
+
+def _check_finite(
+    spec: dict[str, Any], step: int, loss: torch.Tensor, parts: dict[str, torch.Tensor]
+) -> None:
+    """Stop with an error naming experiment, seed, step and the diverged loss part."""
+    if torch.isfinite(loss):
+        return
+    bad = [name for name, value in parts.items() if not math.isfinite(float(value))] or ["total"]
+    raise DivergedError(
+        f"experiment '{spec['experiment']}' seed {spec['seed']}: loss diverged at step {step + 1} "
+        f"(non-finite part: {', '.join(bad)}; total = {float(loss)})"
+    )
+
+
+def _write_outputs(
+    out_dir: Path,
+    spec: dict[str, Any],
+    model: nn.Module,
+    config: TrainConfig,
+    log: MetricsLog,
+    summary: dict[str, Any],
+) -> None:
+    """Write the final artefacts, each atomically, then drop the resumable state."""
+    model_config = dataclasses.asdict(model.config)
+    vocab_size, block_size = model_config.pop("vocab_size"), model_config.pop("block_size")
+    write_json(
+        out_dir / "model_config.json",
+        {
+            "arch": spec["arch"],
+            "vocab_size": vocab_size,
+            "block_size": block_size,
+            "options": model_config,
+        },
+    )
+    write_json(
+        out_dir / "train_config.json",
+        {
+            "experiment": spec["experiment"],
+            "dataset": spec["dataset"],
+            "seed": spec["seed"],
+            **dataclasses.asdict(config),
+        },
+    )
+    save_weights(model, out_dir / "model.safetensors")
+    log.publish(out_dir / "metrics.csv")
+    write_json(out_dir / "train_summary.json", summary)
+    (out_dir / CHECKPOINT).unlink(missing_ok=True)
+    log.path.unlink(missing_ok=True)

@@ -1,0 +1,61 @@
+# Loading and validating the configuration, the suite and the experiments table. Everything here
+# runs before any job starts, so a bad row or option stops the workflow with a clear message.
+
+import json
+from pathlib import Path
+
+from snakemake.exceptions import WorkflowError
+
+from archbench.data import parse_datasets
+from archbench.errors import ConfigError
+from archbench.experiments import load_experiments, load_suite, run_spec
+
+SCHEMAS = Path(workflow.basedir) / "workflow" / "schemas"
+
+try:
+    DATASETS = parse_datasets(config["datasets"], source="configs/config.yaml (datasets)")
+    SUITE = load_suite(Path("configs/suites") / f"{config['suite']}.yaml",
+                       SCHEMAS / "suite.schema.yaml")
+    EXPERIMENTS = {
+        e.name: e
+        for e in load_experiments(Path(config["experiments"]),
+                                  SCHEMAS / "experiments.schema.yaml", DATASETS)
+        if e.runs_in(SUITE.name)
+    }
+    SEEDS = list(config.get("seeds") or SUITE.seeds)
+    SPECS = {(name, seed): run_spec(e, SUITE, seed)
+             for name, e in EXPERIMENTS.items() for seed in SEEDS}
+except ConfigError as err:
+    raise WorkflowError(f"archbench: {err}") from None
+
+if not EXPERIMENTS:
+    raise WorkflowError(f"archbench: no row of {config['experiments']} runs in suite "
+                        f"'{SUITE.name}' (check the `suites` column)")
+
+MIRROR = config.get("data_mirror") or ""
+RESULTS = f"results/{SUITE.name}"
+REPORT = f"report/{SUITE.name}"
+RUN = RESULTS + "/{experiment}/seed{seed}"
+DATA = "results/data/{dataset}"
+DATA_FILES = ("train.bin", "val.bin", "tokenizer.json", "token_bytes.npy", "meta.json")
+
+
+wildcard_constraints:
+    experiment="|".join(sorted(EXPERIMENTS)),
+    seed=r"\d+",
+    dataset=r"[A-Za-z0-9_.-]+",
+
+
+def data_dir(wildcards):
+    """Prepared-data directory of the experiment in `wildcards`."""
+    return DATA.format(dataset=EXPERIMENTS[wildcards.experiment].dataset)
+
+
+def data_inputs(wildcards):
+    """The prepared-data files a run of this experiment reads."""
+    return [f"{data_dir(wildcards)}/{name}" for name in DATA_FILES]
+
+
+def all_runs():
+    """(experiment, seed) of every job in this suite, in table order."""
+    return [(name, seed) for name in EXPERIMENTS for seed in SEEDS]

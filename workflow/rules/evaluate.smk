@@ -1,0 +1,22 @@
+# Every evaluation of a checkpoint is its own job, so adding an evaluation never retrains.
+
+
+rule evaluate_perplexity:
+    input:
+        data_inputs,
+        weights=f"{RUN}/model.safetensors",
+        model_config=f"{RUN}/model_config.json",
+    output:
+        f"{RUN}/eval.json",
+    params:
+        data=data_dir,
+        run=RUN,
+        batch_size=SUITE.eval.get("batch_size", 32),
+        max_tokens=(f"--max-tokens {SUITE.eval['max_tokens']}"
+                    if SUITE.eval.get("max_tokens") else ""),
+    threads: SUITE.threads
+    log:
+        f"{RUN}/evaluate_perplexity.log",
+    shell:
+        "archbench evaluate --run {params.run} --data {params.data} --out {output} "
+        "--batch-size {params.batch_size} {params.max_tokens} --threads {threads} 2> {log}"
