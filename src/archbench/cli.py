@@ -35,7 +35,7 @@ def _cmd_train(args: argparse.Namespace) -> None:
 
     torch.set_num_threads(args.threads)
     summary = train_run(
-        json.loads(args.spec), Path(args.data), Path(args.out), progress=not args.no_progress
+        json.loads(args.spec), Path(args.data), Path(args.out), show_progress=not args.no_progress
     )
     print(json.dumps(summary, indent=2), file=sys.stderr)
 
@@ -86,12 +86,12 @@ def _cmd_report(args: argparse.Namespace) -> None:
 
 
 def _cmd_options(args: argparse.Namespace) -> None:
-    from archbench.models import ARCHITECTURES, list_options
+    from archbench.models import ARCHITECTURES, get_architecture, list_options
     from archbench.options import options_of
     from archbench.train import TrainConfig
 
     tables = {
-        f"architecture `{a}`: {ARCHITECTURES[a].summary}": list_options(a)
+        f"architecture `{a}`: {get_architecture(a).summary}": list_options(a)
         for a in ([args.arch] if args.arch else sorted(ARCHITECTURES))
     }
     if not args.arch:
@@ -99,7 +99,8 @@ def _cmd_options(args: argparse.Namespace) -> None:
     for title, options in tables.items():
         print(f"\n### {title}\n\n| option | default | allowed | meaning |\n|---|---|---|---|")
         for opt in options.values():
-            print(f"| `{opt.name}` | `{opt.default}` | {opt.describe()} | {opt.help} |")
+            allowed = opt.describe().replace("|", "\\|")
+            print(f"| `{opt.name}` | `{opt.default}` | {allowed} | {opt.help} |")
 
 
 def _cmd_validate(args: argparse.Namespace) -> None:

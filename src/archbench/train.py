@@ -17,7 +17,7 @@ import math
 import random
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -248,7 +248,7 @@ def train_run(
     data_dir: Path,
     out_dir: Path,
     *,
-    progress: bool = True,
+    show_progress: bool = True,
     stop_after: int | None = None,
 ) -> dict[str, Any] | None:
     """Train the run described by `spec` and write its outputs into `out_dir`.
@@ -283,24 +283,20 @@ def train_run(
     fingerprint = spec_fingerprint(spec, data_meta)
 
     log = MetricsLog(out_dir / PARTIAL_LOG, columns)
-    start_step, elapsed = _resume(out_dir / CHECKPOINT, fingerprint, model, optimizer)
-    log.restore(start_step)
+    progress = _resume(out_dir / CHECKPOINT, fingerprint, model, optimizer)
+    log.restore(progress.step)
 
-    label = f"{spec['experiment']} seed {seed}"
     bar = tqdm(
         total=config.steps,
-        initial=start_step,
-        desc=label,
-        disable=not progress,
+        initial=progress.step,
+        desc=f"{spec['experiment']} seed {seed}",
+        disable=not show_progress,
         file=sys.stderr,
         mininterval=5.0,
         dynamic_ncols=True,
     )
-    sums: dict[str, float] = {}
-    window_steps, window_time = 0, 0.0
-    last_val = float("nan")
     model.train()
-    for step in range(start_step, config.steps):
+    for step in range(progress.step, config.steps):
         tick = time.perf_counter()
         lr = lr_at(step, config)
         for group in optimizer.param_groups:
@@ -313,41 +309,24 @@ def train_run(
         if config.grad_clip > 0:
             nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
         optimizer.step()
-        for name, value in {"train_loss": loss, **parts}.items():
-            key = name if name == "train_loss" else f"train_{name}"
-            sums[key] = sums.get(key, 0.0) + float(value)
-        window_steps += 1
-        spent = time.perf_counter() - tick
-        window_time += spent
-        elapsed += spent
-        done = step + 1
+        progress.add_step(loss, parts, time.perf_counter() - tick)
         bar.update(1)
 
-        is_last = done == config.steps
+        done = progress.step
         val_loss = None
-        if done % config.eval_every == 0 or is_last:
+        if done % config.eval_every == 0 or done == config.steps:
             tick = time.perf_counter()
-            val_loss = last_val = estimate_val_loss(model, val_tokens, config, device)
-            elapsed += time.perf_counter() - tick
-            bar.set_postfix(train=f"{sums['train_loss'] / window_steps:.3f}", val=f"{val_loss:.3f}")
+            val_loss = progress.last_val = estimate_val_loss(model, val_tokens, config, device)
+            progress.elapsed += time.perf_counter() - tick
+            bar.set_postfix(val=f"{val_loss:.3f}")
         if done % config.log_every == 0 or val_loss is not None:
-            row = {k: v / window_steps for k, v in sums.items()}
-            row.update(
-                step=done,
-                tokens=done * config.tokens_per_step,
-                lr=lr,
-                val_loss="" if val_loss is None else val_loss,
-                elapsed_seconds=round(elapsed, 3),
-                tokens_per_s=window_steps * config.tokens_per_step / window_time,
-            )
-            log.append(row)
-            sums, window_steps, window_time = {}, 0, 0.0
-        if (done % config.checkpoint_every == 0 and not is_last) or done == stop_after:
+            log.append(progress.take_row(lr, val_loss, config.tokens_per_step))
+        if (done % config.checkpoint_every == 0 and done < config.steps) or done == stop_after:
             save_training_state(
                 out_dir / CHECKPOINT,
                 model,
                 optimizer,
-                {"step": done, "elapsed": elapsed, "fingerprint": fingerprint},
+                {"fingerprint": fingerprint, "progress": asdict(progress)},
             )
         if done == stop_after:
             bar.close()
@@ -360,9 +339,9 @@ def train_run(
         "flops_per_step": step_flops,
         "train_steps": config.steps,
         "train_tokens": config.steps * config.tokens_per_step,
-        "train_seconds": round(elapsed, 3),
-        "train_tokens_per_s": config.steps * config.tokens_per_step / max(elapsed, 1e-9),
-        "final_val_loss": last_val,
+        "train_seconds": round(progress.elapsed, 3),
+        "train_tokens_per_s": config.steps * config.tokens_per_step / max(progress.elapsed, 1e-9),
+        "final_val_loss": progress.last_val,
         "torch_threads": torch.get_num_threads(),
         "device": str(device),
     }
@@ -370,22 +349,62 @@ def train_run(
     return summary
 
 
+@dataclass
+class Progress:
+    """Where a run stands: steps done, wall time, last validation loss, and the window of
+    training losses not yet written to the metrics log (saved in checkpoints, so a resumed run
+    logs exactly what an uninterrupted one would)."""
+
+    step: int = 0
+    elapsed: float = 0.0
+    last_val: float = float("nan")
+    sums: dict[str, float] = field(default_factory=dict)
+    window_steps: int = 0
+    window_time: float = 0.0
+
+    def add_step(self, loss: torch.Tensor, parts: dict[str, torch.Tensor], seconds: float) -> None:
+        """Account for one finished optimizer step."""
+        for key, value in {
+            "train_loss": loss,
+            **{f"train_{k}": v for k, v in parts.items()},
+        }.items():
+            self.sums[key] = self.sums.get(key, 0.0) + float(value.detach())
+        self.step += 1
+        self.window_steps += 1
+        self.window_time += seconds
+        self.elapsed += seconds
+
+    def take_row(self, lr: float, val_loss: float | None, tokens_per_step: int) -> dict[str, Any]:
+        """A metrics-log row averaging the window since the last row; starts a new window."""
+        row = {key: total / self.window_steps for key, total in self.sums.items()}
+        row.update(
+            step=self.step,
+            tokens=self.step * tokens_per_step,
+            lr=lr,
+            val_loss="" if val_loss is None else val_loss,
+            elapsed_seconds=round(self.elapsed, 3),
+            tokens_per_s=self.window_steps * tokens_per_step / self.window_time,
+        )
+        self.sums, self.window_steps, self.window_time = {}, 0, 0.0
+        return row
+
+
 def _resume(
     path: Path, fingerprint: str, model: nn.Module, optimizer: torch.optim.Optimizer
-) -> tuple[int, float]:
-    """Load the checkpoint at `path` if it belongs to this run; return (step, elapsed)."""
+) -> Progress:
+    """Load the checkpoint at `path` if it belongs to this run and return its progress."""
     if not path.exists():
-        return 0, 0.0
+        return Progress()
     if read_training_meta(path).get("fingerprint") != fingerprint:
         print(
             f"archbench: ignoring {path}: it was written for a different spec or data",
             file=sys.stderr,
         )
         path.unlink()
-        return 0, 0.0
-    meta = load_training_state(path, model, optimizer)
-    print(f"archbench: resuming from {path} at step {meta['step']}", file=sys.stderr)
-    return int(meta["step"]), float(meta["elapsed"])
+        return Progress()
+    progress = Progress(**load_training_state(path, model, optimizer)["progress"])
+    print(f"archbench: resuming from {path} at step {progress.step}", file=sys.stderr)
+    return progress
 
 
 def _check_finite(
@@ -394,10 +413,10 @@ def _check_finite(
     """Stop with an error naming experiment, seed, step and the diverged loss part."""
     if torch.isfinite(loss):
         return
-    bad = [name for name, value in parts.items() if not math.isfinite(float(value))] or ["total"]
+    bad = [name for name, value in parts.items() if not math.isfinite(value.item())] or ["total"]
     raise DivergedError(
         f"experiment '{spec['experiment']}' seed {spec['seed']}: loss diverged at step {step + 1} "
-        f"(non-finite part: {', '.join(bad)}; total = {float(loss)})"
+        f"(non-finite part: {', '.join(bad)}; total = {loss.item()})"
     )
 
 

@@ -2,6 +2,8 @@
 # runs before any job starts, so a bad row or option stops the workflow with a clear message.
 
 import json
+import shlex
+import sys
 from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
@@ -11,6 +13,8 @@ from archbench.errors import ConfigError
 from archbench.experiments import load_experiments, load_suite, run_spec
 
 SCHEMAS = Path(workflow.basedir) / "workflow" / "schemas"
+# The rules call the CLI with the Python that runs Snakemake, so an un-activated venv works too.
+ARCHBENCH = f"{shlex.quote(sys.executable)} -m archbench"
 
 try:
     DATASETS = parse_datasets(config["datasets"], source="configs/config.yaml (datasets)")

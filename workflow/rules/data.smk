@@ -11,5 +11,5 @@ rule prepare_data:
     log:
         "results/logs/prepare_{dataset}.log",
     shell:
-        "archbench prepare --dataset {wildcards.dataset} --dataset-spec {params.spec:q} "
+        "{ARCHBENCH} prepare --dataset {wildcards.dataset} --dataset-spec {params.spec:q} "
         "--out results/data/{wildcards.dataset} {params.mirror} 2> {log}"

@@ -18,5 +18,5 @@ rule evaluate_perplexity:
     log:
         f"{RUN}/evaluate_perplexity.log",
     shell:
-        "archbench evaluate --run {params.run} --data {params.data} --out {output} "
+        "{ARCHBENCH} evaluate --run {params.run} --data {params.data} --out {output} "
         "--batch-size {params.batch_size} {params.max_tokens} --threads {threads} 2> {log}"

@@ -25,7 +25,7 @@ rule aggregate:
     log:
         f"{RESULTS}/logs/aggregate.log",
     shell:
-        "archbench aggregate --runs {params.runs:q} --summary {output.summary} "
+        "{ARCHBENCH} aggregate --runs {params.runs:q} --summary {output.summary} "
         "--curves {output.curves} 2> {log}"
 
 
@@ -45,5 +45,5 @@ rule report:
     log:
         f"{RESULTS}/logs/report.log",
     shell:
-        "archbench report --summary {input.summary} --curves {input.curves} "
+        "{ARCHBENCH} report --summary {input.summary} --curves {input.curves} "
         "--out-dir {REPORT} --suite {SUITE.name} --order {params.order:q} 2> {log}"

@@ -22,5 +22,5 @@ rule train:
     log:
         f"{RUN}/train.log",
     shell:
-        "archbench train --spec {params.spec:q} --data {params.data} --out {params.out} "
+        "{ARCHBENCH} train --spec {params.spec:q} --data {params.data} --out {params.out} "
         "--threads {threads} 2> {log}"

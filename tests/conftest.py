@@ -1,0 +1,54 @@
+"""Shared fixtures: a tiny prepared data set and a tiny run spec."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from archbench.data import DatasetSpec, prepare_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+TEXT = (
+    "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\n"
+    "First Citizen:\nYou are all resolved rather to die than to famish?\n\n"
+) * 40
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A char-tokenized data directory prepared from a small text, via a local mirror."""
+    import hashlib
+
+    root = tmp_path_factory.mktemp("data")
+    mirror = root / "mirror"
+    (mirror / "tiny").mkdir(parents=True)
+    raw = TEXT.encode()
+    (mirror / "tiny" / "input.txt").write_bytes(raw)
+    spec = DatasetSpec(name="tiny", path="tiny/input.txt", sha256=hashlib.sha256(raw).hexdigest())
+    out = root / "prepared"
+    prepare_dataset(spec, out, mirror=mirror)
+    return out
+
+
+def tiny_spec(**train: object) -> dict:
+    """A run spec for a 2-layer model trained for a few steps on `tiny_data`."""
+    return {
+        "experiment": "tiny",
+        "arch": "gpt",
+        "dataset": "tiny",
+        "seed": 0,
+        "model": {"n_layer": 2, "n_head": 2, "d_model": 16},
+        "train": {
+            "block_size": 16,
+            "batch_size": 4,
+            "token_budget": 16 * 4 * 12,
+            "warmup_steps": 2,
+            "eval_every": 4,
+            "eval_batches": 1,
+            "log_every": 2,
+            "checkpoint_every": 5,
+            "device": "cpu",
+            **train,
+        },
+    }

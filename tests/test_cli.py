@@ -1,0 +1,72 @@
+"""The `archbench` command: listings, validation and one-line errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from archbench.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_options_lists_every_option_with_default(capsys: pytest.CaptureFixture) -> None:
+    assert main(["options"]) == 0
+    out = capsys.readouterr().out
+    assert "architecture `gpt`" in out and "training options" in out
+    assert "| `n_kv_heads` | `0` |" in out and "swiglu \\| gelu" in out and "`token_budget`" in out
+
+
+def test_validate_accepts_the_repository_config(capsys: pytest.CaptureFixture) -> None:
+    assert main(["validate", "--root", str(ROOT)]) == 0
+    assert "suite smoke:" in capsys.readouterr().out
+
+
+def test_user_errors_are_one_line_and_exit_2(capsys: pytest.CaptureFixture) -> None:
+    assert main(["options", "gtp"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        "archbench: error: unknown architecture 'gtp' (did you mean 'gpt'?); registered: gpt"
+    )
+
+
+def test_prepare_train_evaluate_by_hand(
+    tmp_path: Path, tiny_data: Path, capsys: pytest.CaptureFixture
+) -> None:
+    import json
+
+    from conftest import tiny_spec
+
+    run = tmp_path / "run"
+    assert (
+        main(
+            [
+                "train",
+                "--spec",
+                json.dumps(tiny_spec()),
+                "--data",
+                str(tiny_data),
+                "--out",
+                str(run),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "evaluate",
+                "--run",
+                str(run),
+                "--data",
+                str(tiny_data),
+                "--out",
+                str(run / "eval.json"),
+            ]
+        )
+        == 0
+    )
+    metrics = json.loads((run / "eval.json").read_text())
+    assert 0 < metrics["val_bpb"] < 10 and metrics["val_tokens"] > 0

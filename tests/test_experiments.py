@@ -1,0 +1,186 @@
+"""The experiments table, suites and run specs: every bad input stops with a precise error."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from archbench.errors import ConfigError
+from archbench.experiments import (
+    load_experiments,
+    load_suite,
+    parse_overrides,
+    run_spec,
+    split_overrides,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+ROW_SCHEMA = ROOT / "workflow/schemas/experiments.schema.yaml"
+SUITE_SCHEMA = ROOT / "workflow/schemas/suite.schema.yaml"
+HEADER = "name\tarch\tdataset\toverrides\tsuites\tdescription\n"
+GOOD = "gpt\tgpt\tchars\t\t\tbaseline\n"
+
+
+def table(tmp_path: Path, *rows: str, header: str = HEADER) -> Path:
+    """Write an experiments table with `rows` below `header`."""
+    path = tmp_path / "experiments.tsv"
+    path.write_text(header + "".join(rows), encoding="utf-8")
+    return path
+
+
+def load(path: Path):
+    return load_experiments(path, ROW_SCHEMA, ["chars", "bpe512"])
+
+
+def test_the_repository_table_and_suites_are_valid() -> None:
+    import yaml
+
+    config = yaml.safe_load((ROOT / "configs/config.yaml").read_text())
+    experiments = load_experiments(ROOT / config["experiments"], ROW_SCHEMA, config["datasets"])
+    assert experiments[0].name == "gpt"
+    for path in sorted((ROOT / "configs/suites").glob("*.yaml")):
+        suite = load_suite(path, SUITE_SCHEMA)
+        for experiment in experiments:
+            spec = run_spec(experiment, suite, suite.seeds[0])
+            assert spec["train"]["token_budget"] >= spec["train"]["batch_size"]
+
+
+def test_good_row_parses(tmp_path: Path) -> None:
+    rows = load(table(tmp_path, GOOD, "mqa\tgpt\tbpe512\tn_kv_heads=1 lr=3e-3\tsmoke,default\t\n"))
+    assert [e.name for e in rows] == ["gpt", "mqa"]
+    assert rows[1].overrides == {"n_kv_heads": "1", "lr": "3e-3"}
+    assert rows[1].runs_in("smoke") and not rows[1].runs_in("gpu") and rows[0].runs_in("gpu")
+
+
+def test_optional_columns_may_be_absent(tmp_path: Path) -> None:
+    rows = load(table(tmp_path, "gpt\tgpt\tchars\n", header="name\tarch\tdataset\n"))
+    assert rows[0].overrides == {} and rows[0].suites == ()
+
+
+@pytest.mark.parametrize(
+    ("row", "message"),
+    [
+        ("bad name\tgpt\tchars\t\t\t\n", r"line 3 \(experiment 'bad name'\), column 'name': .*"),
+        (
+            "x\tgtp\tchars\t\t\t\n",
+            r"line 3 .*column 'arch': unknown architecture 'gtp' "
+            r"\(did you mean 'gpt'\?\)",
+        ),
+        (
+            "x\tgpt\tchar\t\t\t\n",
+            r"line 3 .*column 'dataset': unknown data set 'char' "
+            r"\(did you mean 'chars'\?\)",
+        ),
+        (
+            "x\tgpt\tchars\tn_kv_head=1\t\t\n",
+            r"line 3 .*column 'overrides': unknown option "
+            r"'n_kv_head'.*did you mean 'n_kv_heads'",
+        ),
+        (
+            "x\tgpt\tchars\tn_layer=two\t\t\n",
+            r"column 'overrides': option 'n_layer': 'two' is "
+            r"not a valid int",
+        ),
+        ("x\tgpt\tchars\tn_head=3\t\t\n", r"column 'overrides': d_model=128 is not divisible"),
+        ("x\tgpt\tchars\tdropout=2\t\t\n", r"column 'overrides': option 'dropout': 2.0 is out"),
+        ("x\tgpt\tchars\tlr\t\t\n", r"column 'overrides': 'lr' is not of the form key=value"),
+        ("x\tgpt\tchars\tlr=1 lr=2\t\t\n", r"column 'overrides': option 'lr' is given twice"),
+        (
+            "x\tgpt\tchars\ttoken_budget=10\t\t\n",
+            r"column 'overrides': token_budget=10 is "
+            r"smaller than one batch",
+        ),
+        ("x\tgpt\tchars\t\tsmoke;gpu\t\n", r"line 3 .*column 'suites'"),
+        (
+            "gpt\tgpt\tchars\t\t\t\n",
+            r"line 3 \(experiment 'gpt'\), column 'name': duplicate "
+            r"of line 2",
+        ),
+        ("x\tgpt\t\t\t\t\n", r"line 3 .*column 'dataset'"),
+        ("x\tgpt\tchars\t\t\t\textra\n", r"line 3: more cells than header columns"),
+    ],
+)
+def test_bad_rows_name_line_and_column(tmp_path: Path, row: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load(table(tmp_path, GOOD, row))
+
+
+def test_unknown_column_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"column 'seed'.*unexpected"):
+        load(table(tmp_path, "gpt\tgpt\tchars\t0\n", header="name\tarch\tdataset\tseed\n"))
+
+
+def test_empty_table_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="no experiment rows"):
+        load(table(tmp_path))
+
+
+def test_parse_overrides() -> None:
+    assert parse_overrides("  a=1   b=x=y ") == {"a": "1", "b": "x=y"}
+    assert parse_overrides("") == {}
+    for bad in ("=1", "a=", "1a=2", "a b"):
+        with pytest.raises(ConfigError):
+            parse_overrides(bad)
+
+
+def test_overrides_split_between_model_and_training() -> None:
+    model, train = split_overrides("gpt", {"n_layer": "2", "lr": "1e-3"})
+    assert model == {"n_layer": "2"} and train == {"lr": "1e-3"}
+
+
+def suite_file(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "suites" / "tiny.yaml"
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_run_spec_merges_suite_and_row(tmp_path: Path) -> None:
+    suite = load_suite(
+        suite_file(
+            tmp_path,
+            (
+                "seeds: [3]\nmodel: {n_layer: 2, d_model: 64}\n"
+                "train: {block_size: 32, batch_size: 2, token_budget: 640, lr: 0.01}\n"
+            ),
+        ),
+        SUITE_SCHEMA,
+    )
+    row = load(table(tmp_path, "x\tgpt\tchars\tn_layer=3 lr=0.002\t\t\n"))[0]
+    spec = run_spec(row, suite, 3)
+    assert spec["model"] == {"n_layer": 3, "d_model": 64}
+    assert spec["train"] == {"block_size": 32, "batch_size": 2, "token_budget": 640, "lr": 0.002}
+    assert spec["seed"] == 3 and spec["arch"] == "gpt" and spec["dataset"] == "chars"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("seeds: [0]\nmodel: {}\n", r"key 'train'.*required"),
+        ("seeds: []\nmodel: {}\ntrain: {}\n", r"key 'seeds'"),
+        ("seeds: [0]\nmodel: {}\ntrain: {}\nbogus: 1\n", r"'bogus' was unexpected"),
+        (
+            "seeds: [0]\nmodel: {}\ntrain: {block_size: 64, batch_size: 4, token_budget: 100}\n",
+            r"section 'train': token_budget=100 is smaller than one batch",
+        ),
+        ("seeds: [0]\nmodel: {}\ntrain: {lr: fast}\n", r"option 'lr': 'fast' is not a valid"),
+    ],
+)
+def test_bad_suites_are_refused(tmp_path: Path, text: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_suite(suite_file(tmp_path, text), SUITE_SCHEMA)
+
+
+def test_suite_model_defaults_are_checked_against_each_row(tmp_path: Path) -> None:
+    suite = load_suite(
+        suite_file(tmp_path, "seeds: [0]\nmodel: {n_layers: 2}\ntrain: {}\n"), SUITE_SCHEMA
+    )
+    row = load(table(tmp_path, GOOD))[0]
+    with pytest.raises(ConfigError, match=r"suite 'tiny'.*'n_layers'.*did you mean 'n_layer'"):
+        run_spec(row, suite, 0)
+
+
+def test_missing_suite_lists_the_available_ones(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"no suite file .*available suites: default, gpu"):
+        load_suite(ROOT / "configs/suites/nope.yaml", SUITE_SCHEMA)

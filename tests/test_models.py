@@ -1,0 +1,187 @@
+"""Every registered architecture and every ablation value: shapes, causality, determinism and
+clear errors for invalid options."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from archbench.errors import ConfigError
+from archbench.models import ARCHITECTURES, build_model, list_options
+
+VOCAB, BLOCK = 37, 24
+SHAPE = {"n_layer": 2, "n_head": 4, "d_model": 32}
+# Values tried for non-categorical options, besides the default (chosen to fit SHAPE).
+ALTERNATES = {
+    "n_kv_heads": (1, 2),
+    "n_layer": (1, 3),
+    "n_head": (2, 8),
+    "d_model": (16, 48),
+    "mlp_ratio": (1.5,),
+    "rope_base": (500.0,),
+    "dropout": (0.1,),
+    "init_std": (0.05,),
+}
+
+
+def ablation_cases() -> list[tuple[str, dict]]:
+    """(arch, overrides) for every architecture x option x value worth testing."""
+    cases = []
+    for arch in sorted(ARCHITECTURES):
+        cases.append((arch, {}))
+        for name, opt in list_options(arch).items():
+            if opt.choices is not None:
+                values = opt.choices
+            elif opt.type == "bool":
+                values = (True, False)
+            else:
+                values = ALTERNATES.get(name, ())
+                assert values, f"add test values for option '{name}' of '{arch}' to ALTERNATES"
+            cases += [(arch, {name: v}) for v in values if v != opt.default]
+    return cases
+
+
+CASES = ablation_cases()
+IDS = [f"{arch}-" + ("-".join(f"{k}={v}" for k, v in o.items()) or "default") for arch, o in CASES]
+
+
+def build(arch: str, overrides: dict, dtype: torch.dtype = torch.float64) -> torch.nn.Module:
+    """A small eval-mode model in `dtype`, seeded."""
+    torch.manual_seed(0)
+    model = build_model(arch, VOCAB, BLOCK, **{**SHAPE, **overrides})
+    return model.to(dtype).eval()
+
+
+@pytest.mark.parametrize(("arch", "overrides"), CASES, ids=IDS)
+def test_forward_shape_and_loss(arch: str, overrides: dict) -> None:
+    model = build(arch, overrides, torch.float32).train()
+    idx = torch.randint(0, VOCAB, (3, BLOCK))
+    assert model(idx).shape == (3, BLOCK, VOCAB)
+    assert model(idx[:, :5]).shape == (3, 5, VOCAB)
+    loss, parts = model.loss(idx, torch.roll(idx, -1, 1))
+    assert loss.ndim == 0 and torch.isfinite(loss)
+    loss.backward()
+    assert all(p.grad is not None for p in model.parameters())
+    assert all(torch.isfinite(v) for v in parts.values())
+
+
+@pytest.mark.parametrize(("arch", "overrides"), CASES, ids=IDS)
+def test_causality(arch: str, overrides: dict) -> None:
+    """Changing tokens after position t leaves logits at positions <= t exactly unchanged."""
+    model = build(arch, overrides)
+    generator = torch.Generator().manual_seed(1)
+    idx = torch.randint(0, VOCAB, (2, BLOCK), generator=generator)
+    with torch.no_grad():
+        reference = model(idx)
+        for t in (0, 7, BLOCK - 2):
+            changed = idx.clone()
+            changed[:, t + 1 :] = torch.randint(0, VOCAB, (2, BLOCK - t - 1), generator=generator)
+            assert not torch.equal(changed, idx)
+            logits = model(changed)
+            assert torch.equal(logits[:, : t + 1], reference[:, : t + 1]), f"leak at t={t}"
+            assert not torch.allclose(logits[:, t + 1 :], reference[:, t + 1 :])
+
+
+@pytest.mark.parametrize(("arch", "overrides"), CASES, ids=IDS)
+def test_prefix_consistency(arch: str, overrides: dict) -> None:
+    """Logits of a full sequence equal those of each prefix run alone."""
+    model = build(arch, overrides)
+    idx = torch.randint(0, VOCAB, (2, BLOCK), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        full = model(idx)
+        for t in (1, 9, BLOCK - 1):
+            torch.testing.assert_close(model(idx[:, :t]), full[:, :t], rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize(("arch", "overrides"), CASES, ids=IDS)
+def test_determinism(arch: str, overrides: dict) -> None:
+    """Same seed, same init and same outputs, including dropout in training mode."""
+    idx = torch.randint(0, VOCAB, (2, BLOCK), generator=torch.Generator().manual_seed(3))
+    outputs = []
+    for _ in range(2):
+        model = build(arch, overrides, torch.float32).train()
+        torch.manual_seed(5)
+        outputs.append(model.loss(idx, idx)[0])
+    assert torch.equal(outputs[0], outputs[1])
+
+
+def test_seed_changes_init() -> None:
+    torch.manual_seed(0)
+    a = build_model("gpt", VOCAB, BLOCK, **SHAPE)
+    torch.manual_seed(1)
+    b = build_model("gpt", VOCAB, BLOCK, **SHAPE)
+    assert not torch.equal(a.embed.weight, b.embed.weight)
+
+
+def test_tied_embeddings_share_storage_and_count_once() -> None:
+    tied = build_model("gpt", VOCAB, BLOCK, **SHAPE)
+    untied = build_model("gpt", VOCAB, BLOCK, tie_embeddings=False, **SHAPE)
+    assert tied.unembed.weight is tied.embed.weight
+    n_tied = sum(p.numel() for p in tied.parameters())
+    n_untied = sum(p.numel() for p in untied.parameters())
+    assert n_untied - n_tied == VOCAB * SHAPE["d_model"]
+
+
+def test_gqa_has_fewer_parameters_than_mha() -> None:
+    mha = build_model("gpt", VOCAB, BLOCK, **SHAPE)
+    mqa = build_model("gpt", VOCAB, BLOCK, n_kv_heads=1, **SHAPE)
+    per_layer = 2 * (SHAPE["d_model"] - SHAPE["d_model"] // SHAPE["n_head"]) * SHAPE["d_model"]
+    diff = sum(p.numel() for p in mha.parameters()) - sum(p.numel() for p in mqa.parameters())
+    assert diff == SHAPE["n_layer"] * per_layer
+
+
+def test_swiglu_and_gelu_have_about_equal_parameters() -> None:
+    swiglu = build_model("gpt", VOCAB, BLOCK, **SHAPE)
+    gelu = build_model("gpt", VOCAB, BLOCK, mlp="gelu", **SHAPE)
+    n_swiglu = sum(p.numel() for p in swiglu.parameters())
+    n_gelu = sum(p.numel() for p in gelu.parameters())
+    assert abs(n_swiglu - n_gelu) / n_gelu < 0.02
+
+
+def test_too_long_sequence_is_refused() -> None:
+    model = build("gpt", {})
+    with pytest.raises(ValueError, match="exceeds block_size"):
+        model(torch.zeros(1, BLOCK + 1, dtype=torch.long))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"n_kv_head": 1}, r"unknown option 'n_kv_head'.*did you mean 'n_kv_heads'"),
+        ({"n_layer": "two"}, r"'n_layer': 'two' is not a valid int"),
+        ({"n_layer": 2.5}, r"'n_layer': expected int, got float"),
+        ({"n_layer": True}, r"'n_layer': expected int, got bool"),
+        ({"n_layer": 0}, r"'n_layer': 0 is out of range \(int \(>= 1\)\)"),
+        ({"dropout": 1.5}, r"'dropout': 1.5 is out of range"),
+        ({"mlp_ratio": 0}, r"'mlp_ratio': 0.0 is out of range"),
+        ({"mlp": "relu"}, r"'mlp': 'relu' is not one of swiglu \| gelu"),
+        ({"norm": "batchnorm"}, r"'norm': 'batchnorm' is not one of"),
+        ({"tie_embeddings": "maybe"}, r"'tie_embeddings': 'maybe' is not a valid bool"),
+        ({"n_head": 3}, r"d_model=128 is not divisible by n_head=3"),
+        ({"n_head": 4, "n_kv_heads": 3}, r"n_head=4 is not divisible by n_kv_heads=3"),
+        ({"d_model": 12, "n_head": 4}, r"head width .* must be even"),
+    ],
+)
+def test_invalid_options_give_clear_errors(overrides: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        build_model("gpt", VOCAB, BLOCK, **overrides)
+
+
+def test_unknown_architecture_suggests() -> None:
+    with pytest.raises(ConfigError, match=r"unknown architecture 'gtp' \(did you mean 'gpt'\?\)"):
+        build_model("gtp", VOCAB, BLOCK)
+
+
+def test_string_values_from_a_table_are_parsed() -> None:
+    model = build_model(
+        "gpt",
+        VOCAB,
+        BLOCK,
+        n_layer="1",
+        mlp_ratio="2",
+        tie_embeddings="false",
+        d_model="16",
+        n_head="2",
+    )
+    assert model.config.n_layer == 1 and model.config.mlp_ratio == 2.0
+    assert model.config.tie_embeddings is False

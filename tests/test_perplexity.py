@@ -1,0 +1,91 @@
+"""Perplexity / bits-per-byte / top-k on the held-out split."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from archbench.evaluate.perplexity import bits_per_byte, evaluate_perplexity
+from archbench.models import build_model
+
+
+class Uniform(nn.Module):
+    """Equal logits for every token: loss is exactly ln(vocab)."""
+
+    def __init__(self, vocab: int):
+        super().__init__()
+        self.vocab = vocab
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(*idx.shape, self.vocab)
+
+
+class Copy(nn.Module):
+    """Predicts that the next token repeats the current one."""
+
+    def __init__(self, vocab: int):
+        super().__init__()
+        self.vocab = vocab
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return F.one_hot(idx, self.vocab).float() * 50.0
+
+
+def test_bits_per_byte_hand_computed() -> None:
+    # 4 tokens of a 2-way coin flip over 8 bytes: 4 * ln 2 nats = 4 bits over 8 bytes = 0.5
+    assert bits_per_byte(4 * math.log(2), 8) == pytest.approx(0.5)
+    assert bits_per_byte(math.log(256) * 10, 10) == pytest.approx(8.0)
+
+
+def test_uniform_model_scores_log_vocab_and_counts_bytes() -> None:
+    vocab = 10
+    tokens = np.arange(101) % vocab
+    token_bytes = np.arange(vocab) % 3 + 1  # tokens of 1, 2 or 3 bytes
+    result = evaluate_perplexity(Uniform(vocab), tokens, token_bytes, block_size=16, batch_size=3)
+    assert result["val_tokens"] == 100  # every token but the first, once
+    assert result["val_bytes"] == int(token_bytes[tokens[1:]].sum())
+    assert result["val_loss"] == pytest.approx(math.log(vocab))
+    assert result["val_ppl"] == pytest.approx(vocab)
+    expected_bpb = 100 * math.log(vocab) / (math.log(2) * result["val_bytes"])
+    assert result["val_bpb"] == pytest.approx(expected_bpb)
+
+
+def test_top_k_accuracy() -> None:
+    tokens = np.array([1, 1, 1, 2, 2, 3, 3, 3, 3])
+    result = evaluate_perplexity(Copy(5), tokens, np.ones(5, dtype=np.int64), block_size=4)
+    # targets 1..8: repeats at positions 1,2,4,6,7,8 -> 6 of 8 right
+    assert result["val_top1"] == pytest.approx(6 / 8)
+    assert result["val_top5"] == 1.0
+
+
+def test_matches_a_direct_forward_pass() -> None:
+    torch.manual_seed(0)
+    model = build_model("gpt", 20, 8, n_layer=1, n_head=2, d_model=16).eval()
+    tokens = np.random.default_rng(0).integers(0, 20, size=30)
+    result = evaluate_perplexity(
+        model, tokens, np.ones(20, dtype=np.int64), block_size=8, batch_size=2
+    )
+    total = 0.0
+    with torch.no_grad():
+        for start in range(0, 29, 8):
+            window = torch.from_numpy(tokens[start : start + 9]).long()[None]
+            logits = model(window[:, :-1])
+            total += F.cross_entropy(logits[0], window[0, 1:], reduction="sum").item()
+    assert result["val_loss"] == pytest.approx(total / 29, rel=1e-6)
+    assert result["val_tokens"] == 29
+
+
+def test_max_tokens_limits_the_scored_prefix() -> None:
+    result = evaluate_perplexity(
+        Uniform(4),
+        np.zeros(1000, dtype=np.int64),
+        np.ones(4, dtype=np.int64),
+        block_size=16,
+        max_tokens=100,
+    )
+    assert result["val_tokens"] == 100

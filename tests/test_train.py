@@ -1,0 +1,168 @@
+"""Training: schedule, data order, determinism, resume, divergence and bookkeeping."""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_spec
+from safetensors.torch import load_file
+
+from archbench.checkpoint import CorruptFileError
+from archbench.errors import ConfigError
+from archbench.io import read_json
+from archbench.models import build_model
+from archbench.train import (
+    CHECKPOINT,
+    DivergedError,
+    batch_at,
+    lr_at,
+    make_train_config,
+    measure_step_flops,
+    train_run,
+)
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    with open(run_dir / "metrics.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    for row in rows:  # wall-clock columns differ between runs by nature
+        del row["elapsed_seconds"], row["tokens_per_s"]
+    return rows
+
+
+def test_lr_schedule_warmup_then_cosine_to_floor() -> None:
+    config = make_train_config(
+        {
+            "block_size": 4,
+            "batch_size": 1,
+            "token_budget": 400,
+            "lr": 1.0,
+            "warmup_steps": 10,
+            "min_lr_ratio": 0.1,
+        }
+    )
+    assert config.steps == 100
+    assert lr_at(0, config) == pytest.approx(0.1)
+    assert lr_at(9, config) == pytest.approx(1.0)
+    assert lr_at(10, config) == pytest.approx(1.0)
+    assert lr_at(55, config) == pytest.approx(0.55)  # halfway through the cosine
+    assert lr_at(99, config) == pytest.approx(0.1, abs=1e-3)
+    lrs = [lr_at(s, config) for s in range(10, 100)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:], strict=False))
+
+
+def test_batches_are_a_pure_function_of_seed_and_step() -> None:
+    tokens = np.arange(1000, dtype=np.uint16)
+    x1, y1 = batch_at(tokens, 7, 3, 4, 16)
+    x2, y2 = batch_at(tokens, 7, 3, 4, 16)
+    assert torch.equal(x1, x2) and torch.equal(y1, y2)
+    assert torch.equal(x1[:, 1:], y1[:, :-1])  # targets are inputs shifted by one
+    assert not torch.equal(batch_at(tokens, 8, 3, 4, 16)[0], x1)
+    assert not torch.equal(batch_at(tokens, 7, 4, 4, 16)[0], x1)
+    assert int(y1.max()) < 1000
+
+
+def test_token_budget_smaller_than_a_batch_is_refused() -> None:
+    with pytest.raises(ConfigError, match=r"token_budget=100 is smaller than one batch \(.*= 128"):
+        make_train_config({"block_size": 32, "batch_size": 4, "token_budget": 100})
+
+
+def test_training_writes_every_output(tiny_data: Path, tmp_path: Path) -> None:
+    summary = train_run(tiny_spec(), tiny_data, tmp_path, show_progress=False)
+    names = {p.name for p in tmp_path.iterdir()}
+    assert {
+        "model.safetensors",
+        "model_config.json",
+        "train_config.json",
+        "metrics.csv",
+        "train_summary.json",
+    } <= names
+    assert CHECKPOINT not in names and "metrics.partial.csv" not in names
+    assert summary == read_json(tmp_path / "train_summary.json")
+    assert summary["train_steps"] == 12 and summary["train_tokens"] == 12 * 64
+    vocab = read_json(tiny_data / "meta.json")["vocab_size"]
+    model = build_model("gpt", vocab, 16, n_layer=2, n_head=2, d_model=16)
+    assert summary["n_params"] == sum(p.numel() for p in model.parameters())
+    assert summary["n_params_non_embedding"] == summary["n_params"] - vocab * 16
+    rows = read_metrics(tmp_path)
+    assert [int(r["step"]) for r in rows] == [2, 4, 6, 8, 10, 12]
+    assert [r["val_loss"] != "" for r in rows] == [False, True, False, True, False, True]
+    assert all(math.isfinite(float(r["train_next_token"])) for r in rows)
+    assert float(rows[-1]["train_loss"]) < float(rows[0]["train_loss"])
+
+
+def test_same_seed_gives_identical_weights_and_metrics(tiny_data: Path, tmp_path: Path) -> None:
+    spec = tiny_spec()
+    spec["model"]["dropout"] = 0.1
+    for name in ("a", "b"):
+        train_run(spec, tiny_data, tmp_path / name, show_progress=False)
+    weights_a, weights_b = (load_file(tmp_path / n / "model.safetensors") for n in ("a", "b"))
+    assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
+    assert read_metrics(tmp_path / "a") == read_metrics(tmp_path / "b")
+    other = dict(spec, seed=1)
+    train_run(other, tiny_data, tmp_path / "c", show_progress=False)
+    assert read_metrics(tmp_path / "c") != read_metrics(tmp_path / "a")
+
+
+@pytest.mark.parametrize("stop_after", [3, 5, 7])
+def test_resume_matches_an_uninterrupted_run(
+    tiny_data: Path, tmp_path: Path, stop_after: int
+) -> None:
+    spec = tiny_spec()
+    spec["model"]["dropout"] = 0.1  # exercises the saved RNG state too
+    train_run(spec, tiny_data, tmp_path / "straight", show_progress=False)
+    interrupted = tmp_path / "interrupted"
+    assert (
+        train_run(spec, tiny_data, interrupted, show_progress=False, stop_after=stop_after) is None
+    )
+    assert (interrupted / CHECKPOINT).exists() and not (interrupted / "metrics.csv").exists()
+    train_run(spec, tiny_data, interrupted, show_progress=False)
+    straight = load_file(tmp_path / "straight" / "model.safetensors")
+    resumed = load_file(interrupted / "model.safetensors")
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+    assert read_metrics(interrupted) == read_metrics(tmp_path / "straight")
+
+
+def test_checkpoint_of_another_spec_is_not_resumed(tiny_data: Path, tmp_path: Path) -> None:
+    train_run(tiny_spec(), tiny_data, tmp_path, show_progress=False, stop_after=5)
+    train_run(tiny_spec(lr=5e-3), tiny_data, tmp_path / "fresh", show_progress=False)
+    train_run(tiny_spec(lr=5e-3), tiny_data, tmp_path, show_progress=False)
+    assert read_metrics(tmp_path) == read_metrics(tmp_path / "fresh")
+
+
+def test_truncated_checkpoint_is_an_error(tiny_data: Path, tmp_path: Path) -> None:
+    train_run(tiny_spec(), tiny_data, tmp_path, show_progress=False, stop_after=5)
+    path = tmp_path / CHECKPOINT
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(CorruptFileError, match="cannot read checkpoint"):
+        train_run(tiny_spec(), tiny_data, tmp_path, show_progress=False)
+
+
+def test_divergence_names_experiment_seed_step_and_part(tiny_data: Path, tmp_path: Path) -> None:
+    with pytest.raises(
+        DivergedError,
+        match=r"'tiny' seed 0: loss diverged at step \d+ "
+        r"\(non-finite part: next_token",
+    ):
+        train_run(
+            tiny_spec(lr=1e6, grad_clip=0.0, warmup_steps=0),
+            tiny_data,
+            tmp_path,
+            show_progress=False,
+        )
+    assert not (tmp_path / "model.safetensors").exists()
+
+
+def test_step_flops_are_close_to_the_6nd_estimate() -> None:
+    model = build_model("gpt", 64, 32, n_layer=2, n_head=2, d_model=64)
+    x = torch.randint(0, 64, (4, 32))
+    flops = measure_step_flops(model, x, x)
+    n_params = sum(p.numel() for p in model.parameters())
+    attention = 3 * 2 * 2 * 4 * 32 * 32 * 64 * 2  # fwd+bwd, 2 matmuls, 2 layers, full T x T
+    assert flops == pytest.approx(6 * n_params * 4 * 32 + attention, rel=0.15)
+    assert all(p.grad is None for p in model.parameters())

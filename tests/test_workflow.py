@@ -1,0 +1,100 @@
+"""The Snakemake workflow end to end on the smoke suite, in a temporary copy of the project."""
+
+from __future__ import annotations
+
+import csv
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+NEW_ROW = "gpt_kv1_gelu\tgpt\tshakespeare_char\tn_kv_heads=1 mlp=gelu\tsmoke\tnew row\n"
+
+pytestmark = pytest.mark.slow
+
+
+def snakemake(project: Path, *args: str) -> subprocess.CompletedProcess:
+    """Run snakemake in `project` with the interpreter running the tests."""
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    env.pop("ARCHBENCH_DATA_MIRROR", None)  # the embedded default must be enough
+    return subprocess.run(
+        [sys.executable, "-m", "snakemake", "--cores", "2", "--config", "suite=smoke", *args],
+        cwd=project,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+
+
+def job_counts(dry_run_output: str) -> dict[str, int]:
+    """The 'Job stats' table of a dry run as {rule: count}."""
+    table = dry_run_output.split("Job stats:", 1)[1].split("total", 1)[0]
+    return {m[1]: int(m[2]) for m in re.finditer(r"^(\w+)\s+(\d+)\s*$", table, re.MULTILINE)}
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of the workflow and configs that has run the smoke suite once."""
+    root = tmp_path_factory.mktemp("project")
+    shutil.copy(ROOT / "Snakefile", root)
+    shutil.copytree(ROOT / "workflow", root / "workflow")
+    shutil.copytree(ROOT / "configs", root / "configs")
+    result = snakemake(root)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return root
+
+
+def test_smoke_suite_produces_results_and_report(project: Path) -> None:
+    with open(project / "results/smoke/summary.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert {"experiment", "seed", "metric", "value"} <= set(rows[0])
+    experiments = {r["experiment"] for r in rows}
+    assert experiments == {"gpt", "gpt_mqa", "gpt_gelu"}
+    val_bpb = [float(r["value"]) for r in rows if r["metric"] == "val_bpb"]
+    assert len(val_bpb) == 3 * 2 and all(0 < v < 10 for v in val_bpb)
+    assert any("seconds" in r["metric"] or "tokens_per_s" in r["metric"] for r in rows)
+    run = project / "results/smoke/gpt/seed0"
+    for name in ("model.safetensors", "model_config.json", "metrics.csv", "eval.json"):
+        assert (run / name).stat().st_size > 0
+    for name in ("index.md", "index.html", "figures/val_loss.png"):
+        assert (project / "report/smoke" / name).stat().st_size > 0
+    assert "gpt_mqa" in (project / "report/smoke/index.html").read_text()
+
+
+def test_nothing_reruns_when_nothing_changed(project: Path) -> None:
+    result = snakemake(project, "--dry-run")
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "Nothing to be done" in result.stdout + result.stderr
+
+
+def test_a_new_row_schedules_only_its_own_jobs_and_reaches_the_report(project: Path) -> None:
+    with open(project / "configs/experiments.tsv", "a", encoding="utf-8") as handle:
+        handle.write(NEW_ROW)
+    dry = snakemake(project, "--dry-run")
+    assert dry.returncode == 0, dry.stderr[-4000:]
+    counts = job_counts(dry.stdout + dry.stderr)
+    assert counts == {"train": 2, "evaluate_perplexity": 2, "aggregate": 1, "report": 1, "all": 1}
+    assert "gpt_kv1_gelu" in dry.stdout and "experiment=gpt_mqa" not in dry.stdout
+    result = snakemake(project)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "gpt_kv1_gelu" in (project / "report/smoke/index.md").read_text()
+
+
+def test_a_bad_row_stops_before_any_job(project: Path, tmp_path: Path) -> None:
+    broken = tmp_path / "broken.tsv"
+    text = (project / "configs/experiments.tsv").read_text(encoding="utf-8")
+    broken.write_text(text + "oops\tgpt\tshakespeare_char\tn_layer=-1\t\t\n", encoding="utf-8")
+    result = snakemake(project, f"experiments={broken}", "--dry-run")
+    assert result.returncode != 0
+    line = len(text.splitlines()) + 1
+    assert re.search(
+        rf"line {line} \(experiment 'oops'\), column 'overrides': option "
+        r"'n_layer': -1 is out of range",
+        result.stderr + result.stdout,
+    )
