@@ -87,6 +87,8 @@ def make_runs(root: Path) -> list[RunRef]:
             run_dir = root / "results" / "test" / experiment / f"seed{seed}"
             write_json(run_dir / "eval.json", _eval(experiment, val_loss))
             write_json(run_dir / "train_summary.json", _train_summary(seed))
+            leaked = experiment == "moe" and seed == 1
+            write_json(run_dir / "leak_check.json", {"leak_check_passed": 0.0 if leaked else 1.0})
             write_text(run_dir / "metrics.csv", _metrics_csv(experiment, seed, val_loss))
             runs.append(RunRef(experiment, arch, dataset, seed, run_dir))
     return runs
@@ -117,8 +119,8 @@ def report(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
 def test_summary_csv_is_long_and_complete(report: dict) -> None:
     summary = pl.read_csv(report["summary_csv"])
     assert summary.columns == ["experiment", "arch", "dataset", "seed", "metric", "value"]
-    # 7 eval + 8 numeric train metrics per run; moe lacks val_top5; 10 runs in all
-    assert summary.height == 3 * 15 + 3 * 15 + 3 * 14 + 1 * 15
+    # 7 eval + 8 numeric train metrics + 1 leak check per run; moe lacks val_top5; 10 runs
+    assert summary.height == 3 * 16 + 3 * 16 + 3 * 15 + 1 * 16
     assert summary.filter(pl.col("metric").is_in(["device", "compiled"])).height == 0
     assert summary.equals(summary.sort("experiment", "seed", "metric"))
     base = summary.filter((pl.col("experiment") == "base") & (pl.col("metric") == "val_loss"))
@@ -293,9 +295,9 @@ def test_report_tables_show_the_same_numbers(report: dict) -> None:
         for experiment in EXPERIMENTS:
             assert experiment in text
     row = next(line for line in md.splitlines() if line.startswith("| solo |"))
-    assert "| 1 |" in row and "| 2.5000 |" in row and "±" not in row.split("|")[7]
+    assert "| 1 |" in row and "| 2.5000 |" in row and "±" not in row.split("|")[8]
     moe = next(line for line in md.splitlines() if line.startswith("| moe |"))
-    assert moe.split(" | ")[10] == "—"  # moe has no val_top5
+    assert moe.split(" | ")[11] == "—"  # moe has no val_top5
 
 
 def test_report_follows_experiment_order(report: dict) -> None:
@@ -330,3 +332,11 @@ def test_number_formats() -> None:
     assert format_count(1.5e9) == "1.50B"
     assert format_scientific(1.2e13) == "1.2e13"
     assert format_scientific(3.0e-4) == "3.0e-4"
+
+
+def test_leak_check_failures_are_marked_and_explained(report: dict) -> None:
+    for page in (report["md"], report["html"]):
+        assert "Future leak detected" in page
+        assert "moe (1 of 3 seeds)" in page
+        assert "FAIL (1 of 3 seeds)" in page
+        assert page.count("| pass |") == 3 or page.count("<td>pass</td>") == 3

@@ -62,6 +62,8 @@ def test_smoke_suite_produces_results_and_report(project: Path) -> None:
     run = project / "results/smoke/gpt/seed0"
     for name in ("model.safetensors", "model_config.json", "metrics.csv", "eval.json"):
         assert (run / name).stat().st_size > 0
+    passed = [float(r["value"]) for r in rows if r["metric"] == "leak_check_passed"]
+    assert passed == [1.0] * 6
     for name in ("index.md", "index.html", "figures/val_loss.png"):
         assert (project / "report/smoke" / name).stat().st_size > 0
     assert "gpt_mqa" in (project / "report/smoke/index.html").read_text()
@@ -79,7 +81,14 @@ def test_a_new_row_schedules_only_its_own_jobs_and_reaches_the_report(project: P
     dry = snakemake(project, "--dry-run")
     assert dry.returncode == 0, dry.stderr[-4000:]
     counts = job_counts(dry.stdout + dry.stderr)
-    assert counts == {"train": 2, "evaluate_perplexity": 2, "aggregate": 1, "report": 1, "all": 1}
+    assert counts == {
+        "train": 2,
+        "evaluate_perplexity": 2,
+        "leak_check": 2,
+        "aggregate": 1,
+        "report": 1,
+        "all": 1,
+    }
     assert "gpt_kv1_gelu" in dry.stdout and "experiment=gpt_mqa" not in dry.stdout
     result = snakemake(project)
     assert result.returncode == 0, result.stderr[-4000:]

@@ -61,6 +61,25 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
     print(json.dumps(metrics, indent=2), file=sys.stderr)
 
 
+def _cmd_leakcheck(args: argparse.Namespace) -> None:
+    from archbench.data import load_meta, load_tokens
+    from archbench.evaluate.leakcheck import leak_check
+    from archbench.io import write_json
+    from archbench.runs import load_run
+
+    torch.set_num_threads(args.threads)
+    model = load_run(Path(args.run))
+    result = leak_check(
+        model,
+        load_tokens(Path(args.data), "val"),
+        model.config.block_size,
+        load_meta(Path(args.data))["vocab_size"],
+    )
+    write_json(args.out, result)
+    verdict = "passed" if result["leak_check_passed"] else "FAILED: the model sees the future"
+    print(f"leak check {verdict}: {json.dumps(result)}", file=sys.stderr)
+
+
 def _cmd_aggregate(args: argparse.Namespace) -> None:
     from archbench.report.aggregate import RunRef, aggregate
 
@@ -149,6 +168,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=None, help="score only this many tokens")
     p.add_argument("--threads", type=int, default=1)
     p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser("leakcheck", help="future-leak check of one trained run")
+    p.add_argument("--run", required=True, help="run directory")
+    p.add_argument("--data", required=True, help="prepared data directory")
+    p.add_argument("--out", required=True, help="leak_check.json to write")
+    p.add_argument("--threads", type=int, default=1)
+    p.set_defaults(func=_cmd_leakcheck)
 
     p = sub.add_parser("aggregate", help="collect run results into summary.csv / curves.csv")
     p.add_argument("--runs", required=True, help="JSON list of runs (written by the workflow)")

@@ -1,4 +1,4 @@
-"""Loading a finished training run (config + safetensors weights) back into a model."""
+"""A finished run directory: its result files, and its model loaded back from safetensors."""
 
 from __future__ import annotations
 
@@ -10,6 +10,9 @@ from torch import nn
 from archbench.checkpoint import load_weights
 from archbench.io import read_json
 from archbench.models import build_model
+
+# Flat JSON objects of numbers in every finished run directory, one per job that writes metrics.
+RESULT_FILES = ("train_summary.json", "eval.json", "leak_check.json")
 
 
 def load_run(run_dir: Path, device: str | torch.device = "cpu") -> nn.Module:

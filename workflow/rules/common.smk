@@ -11,6 +11,7 @@ from snakemake.exceptions import WorkflowError
 from archbench.data import parse_datasets
 from archbench.errors import ConfigError
 from archbench.experiments import load_experiments, load_suite, run_spec
+from archbench.runs import RESULT_FILES
 
 SCHEMAS = Path(workflow.basedir) / "workflow" / "schemas"
 # The rules call the CLI with the Python that runs Snakemake, so an un-activated venv works too.

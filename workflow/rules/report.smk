@@ -13,9 +13,8 @@ def run_refs():
 
 rule aggregate:
     input:
-        evals=[f"{RUN}/eval.json".format(experiment=e, seed=s) for e, s in all_runs()],
-        summaries=[f"{RUN}/train_summary.json".format(experiment=e, seed=s)
-                   for e, s in all_runs()],
+        results=[f"{RUN}/{name}".format(experiment=e, seed=s)
+                 for e, s in all_runs() for name in RESULT_FILES],
         metrics=[f"{RUN}/metrics.csv".format(experiment=e, seed=s) for e, s in all_runs()],
     output:
         summary=f"{RESULTS}/summary.csv",

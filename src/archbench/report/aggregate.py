@@ -10,6 +10,7 @@ import polars as pl
 
 from archbench.errors import ArchbenchError
 from archbench.io import atomic_path, read_json
+from archbench.runs import RESULT_FILES
 
 SUMMARY_SCHEMA = pl.Schema(
     {
@@ -50,8 +51,8 @@ class RunRef:
 def aggregate(runs: list[RunRef], summary_csv: Path, curves_csv: Path) -> None:
     """Write summary.csv (final metrics) and curves.csv (logged curves) for `runs`, long format.
 
-    summary.csv: experiment, arch, dataset, seed, metric, value, from eval.json and
-    train_summary.json. curves.csv: experiment, seed, step, tokens, metric, value, from
+    summary.csv: experiment, arch, dataset, seed, metric, value, from the RESULT_FILES of
+    each run. curves.csv: experiment, seed, step, tokens, metric, value, from
     metrics.csv (train_loss, val_loss, lr and train_<aux> columns; empty cells dropped).
     Both are sorted by experiment, seed, metric (and step). A missing or corrupt input file
     raises ArchbenchError naming it.
@@ -107,15 +108,14 @@ def _read_numbers(path: Path) -> dict[str, float]:
 
 
 def _summary_rows(run: RunRef) -> pl.DataFrame:
-    """Long rows for one run's eval.json and train_summary.json."""
-    metrics = _read_numbers(run.run_dir / "eval.json")
-    train = _read_numbers(run.run_dir / "train_summary.json")
-    clash = sorted(metrics.keys() & train.keys())
-    if clash:
-        raise ArchbenchError(
-            f"{run.run_dir}: metrics {clash} appear in both eval.json and train_summary.json"
-        )
-    metrics |= train
+    """Long rows for the result files (RESULT_FILES) of one run."""
+    metrics: dict[str, float] = {}
+    for name in RESULT_FILES:
+        numbers = _read_numbers(run.run_dir / name)
+        clash = sorted(metrics.keys() & numbers.keys())
+        if clash:
+            raise ArchbenchError(f"{run.run_dir}: metrics {clash} appear in two result files")
+        metrics |= numbers
     size = len(metrics)
     columns = {
         "experiment": [run.experiment] * size,

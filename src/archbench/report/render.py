@@ -68,10 +68,11 @@ def render_report(
     order = experiment_order(summary["experiment"].unique().to_list(), experiments_order)
     figures = [_plot_curves(curves, spec, order, out_dir) for spec in FIGURES]
     main, per_seed = main_table(summary, order), per_seed_table(summary, order)
+    warning = leak_warning(leak_status(summary, order))
     relative = [path.relative_to(out_dir).as_posix() for path in figures]
     pages = [
-        (out_dir / "index.md", markdown_page(suite, main, per_seed, relative)),
-        (out_dir / "index.html", html_page(suite, main, per_seed, relative)),
+        (out_dir / "index.md", markdown_page(suite, main, per_seed, relative, warning)),
+        (out_dir / "index.html", html_page(suite, main, per_seed, relative, warning)),
     ]
     for path, text in pages:
         write_text(path, text)
@@ -145,6 +146,44 @@ PER_SEED_METRICS = ("val_loss", "val_bpb")
 # ---------------------------------------------------------------- tables
 
 
+def leak_status(summary: pl.DataFrame, order: list[str]) -> dict[str, str]:
+    """Per experiment: 'pass', 'FAIL (k of n seeds)' from `leak_check_passed`, or MISSING."""
+    checks = summary.filter(pl.col("metric") == "leak_check_passed")
+    failed = dict(
+        checks.group_by("experiment")
+        .agg((pl.col("value") < 1).sum().alias("failed"), pl.len().alias("n"))
+        .select("experiment", pl.struct("failed", "n"))
+        .iter_rows()
+    )
+    status = {}
+    for experiment in order:
+        counts = failed.get(experiment)
+        if counts is None:
+            status[experiment] = MISSING
+        elif counts["failed"]:
+            status[experiment] = f"FAIL ({counts['failed']} of {counts['n']} seeds)"
+        else:
+            status[experiment] = "pass"
+    return status
+
+
+def leak_warning(status: dict[str, str]) -> str | None:
+    """The warning paragraph naming experiments that failed the leak check, or None."""
+    failed = [
+        f"{name} ({state.removeprefix('FAIL (').rstrip(')')})"
+        for name, state in status.items()
+        if state.startswith("FAIL")
+    ]
+    if not failed:
+        return None
+    return (
+        "These experiments failed the automatic future-leak check: their logits at position t "
+        "changed when tokens after t changed, or the full-sequence logits differ from those of "
+        "the prefixes run alone. Their losses are not valid language-model scores and must not "
+        "be compared with the others: " + "; ".join(failed) + "."
+    )
+
+
 def main_table(summary: pl.DataFrame, order: list[str]) -> Table:
     """One row per experiment: identity, seed count, size and mean ± half-width of metrics."""
     stats = summarize(summary, CONFIDENCE)
@@ -158,6 +197,7 @@ def main_table(summary: pl.DataFrame, order: list[str]) -> Table:
         pl.col("arch").first(), pl.col("dataset").first(), pl.col("seed").n_unique()
     )
     identity = {row[0]: row[1:] for row in info.iter_rows()}
+    leaks = leak_status(summary, order)
     rows = []
     for experiment in order:
         arch, dataset, seeds = identity[experiment]
@@ -165,8 +205,15 @@ def main_table(summary: pl.DataFrame, order: list[str]) -> Table:
             fmt(*cells.get((experiment, metric), (math.nan, math.nan)))
             for _, metric, fmt in METRIC_COLUMNS
         ]
-        rows.append([experiment, arch, dataset, str(seeds), *values])
-    headers = ["experiment", "arch", "dataset", "seeds (n)", *(h for h, _, _ in METRIC_COLUMNS)]
+        rows.append([experiment, arch, dataset, str(seeds), leaks[experiment], *values])
+    headers = [
+        "experiment",
+        "arch",
+        "dataset",
+        "seeds (n)",
+        "leak check",
+        *(h for h, _, _ in METRIC_COLUMNS),
+    ]
     return Table(headers, rows)
 
 
@@ -209,7 +256,10 @@ def _how_to_read() -> str:
         f"there is no interval and only the value is shown. Lower loss, bits per byte (bpb) "
         f"and perplexity (ppl) are better; higher top-1/top-5 accuracy is better. Parameter "
         f"counts and training FLOPs are listed so that architectures can be compared at "
-        f"matched size and compute. {MISSING} marks a metric that was not recorded. The "
+        f"matched size and compute. 'leak check' says whether every seed's checkpoint passed "
+        f"the automatic future-leak test (logits at position t unchanged when later tokens "
+        f"change; full-sequence logits equal to prefix logits). {MISSING} marks a metric that "
+        f"was not recorded. The "
         f"curves show the mean across seeds with a band of ± the same t half-width (min–max "
         f"where fewer than two seeds logged a step)."
     )
@@ -245,7 +295,9 @@ def html_table(table: Table) -> str:
     return f"<table>\n<thead><tr>{head}</tr></thead>\n<tbody>\n{body}\n</tbody>\n</table>"
 
 
-def markdown_page(suite: str, main: Table, per_seed: Table, figures: list[str]) -> str:
+def markdown_page(
+    suite: str, main: Table, per_seed: Table, figures: list[str], warning: str | None = None
+) -> str:
     """The whole report as Markdown; `figures` are image paths relative to the page."""
     images = [
         f"![{escape_markdown(spec.title)}]({path})"
@@ -255,6 +307,7 @@ def markdown_page(suite: str, main: Table, per_seed: Table, figures: list[str]) 
         f"# archbench report — suite {escape_markdown(suite)}",
         "## How to read this report",
         _how_to_read(),
+        *([f"## ⚠ Future leak detected\n\n**{escape_markdown(warning)}**"] if warning else []),
         "## Results",
         markdown_table(main),
         "## Curves",
@@ -274,10 +327,13 @@ th { background: #f2f2f2; }
 td { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
 td:first-child { text-align: left; }
 img { max-width: 100%; height: auto; }
+.warning { color: #a50000; }
 """
 
 
-def html_page(suite: str, main: Table, per_seed: Table, figures: list[str]) -> str:
+def html_page(
+    suite: str, main: Table, per_seed: Table, figures: list[str], warning: str | None = None
+) -> str:
     """The whole report as one self-contained HTML page (inline CSS, relative image paths)."""
     title = html.escape(f"archbench report — suite {suite}")
     images = "\n".join(
@@ -295,7 +351,7 @@ def html_page(suite: str, main: Table, per_seed: Table, figures: list[str]) -> s
 <h1>{title}</h1>
 <h2>How to read this report</h2>
 <p>{html.escape(_how_to_read())}</p>
-<h2>Results</h2>
+{_html_warning(warning)}<h2>Results</h2>
 {html_table(main)}
 <h2>Curves</h2>
 {images}
@@ -304,6 +360,16 @@ def html_page(suite: str, main: Table, per_seed: Table, figures: list[str]) -> s
 </body>
 </html>
 """
+
+
+def _html_warning(warning: str | None) -> str:
+    """The leak warning as an HTML section, or nothing."""
+    if warning is None:
+        return ""
+    return (
+        f'<h2 class="warning">⚠ Future leak detected</h2>\n'
+        f'<p class="warning"><strong>{html.escape(warning)}</strong></p>\n'
+    )
 
 
 # ---------------------------------------------------------------- figures
