@@ -3,14 +3,22 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import psutil
 import pytest
+import torch
+from safetensors.torch import load_file
+
+from archbench.experiments import load_experiments, load_suite, run_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 NEW_ROW = "gpt_kv1_gelu\tgpt\tshakespeare_char\tn_kv_heads=1 mlp=gelu\tsmoke\tnew row\n"
@@ -107,3 +115,81 @@ def test_a_bad_row_stops_before_any_job(project: Path, tmp_path: Path) -> None:
         r"'n_layer': -1 is out of range",
         result.stderr + result.stdout,
     )
+
+
+KILL_SUITE = """\
+seeds: [0]
+threads: 1
+model: {n_layer: 2, n_head: 2, d_model: 64}
+train: {block_size: 64, batch_size: 16, token_budget: 614400, warmup_steps: 5, eval_every: 1000,
+        eval_batches: 2, log_every: 50, checkpoint_every: 50}
+eval: {batch_size: 64, max_tokens: 2048}
+"""
+
+
+def test_kill_9_of_a_training_job_then_same_command_resumes(project: Path, tmp_path: Path) -> None:
+    (project / "configs/suites/killtest.yaml").write_text(KILL_SUITE)
+    table = project / "killtest.tsv"
+    table.write_text("name\tarch\tdataset\nvictim\tgpt\tshakespeare_char\n")
+    args = ["--config", "suite=killtest", f"experiments={table}"]
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    command = [sys.executable, "-m", "snakemake", "--cores", "2", *args]
+    process = subprocess.Popen(
+        command,
+        cwd=project,
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    run = project / "results/killtest/victim/seed0"
+    deadline = time.monotonic() + 300
+    while not (run / "checkpoint.safetensors").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(0.5)
+    trainers = [
+        p
+        for p in psutil.Process(process.pid).children(recursive=True)
+        if "train" in p.cmdline() and "archbench" in p.cmdline()
+    ]
+    assert len(trainers) == 1, "no training job to kill"
+    trainers[0].send_signal(signal.SIGKILL)
+    assert process.wait(timeout=120) != 0  # snakemake reports the failed job and stops
+    assert not (run / "model.safetensors").exists(), "training finished before the kill"
+
+    rerun = subprocess.run(
+        command, cwd=project, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert rerun.returncode == 0, rerun.stderr[-4000:]
+    assert "resuming from" in (run / "train.log").read_text()
+
+    experiment = load_experiments(
+        table, project / "workflow/schemas/experiments.schema.yaml", ["shakespeare_char"]
+    )[0]
+    suite = load_suite(
+        project / "configs/suites/killtest.yaml", project / "workflow/schemas/suite.schema.yaml"
+    )
+    reference = tmp_path / "reference"
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "archbench",
+            "train",
+            "--spec",
+            json.dumps(run_spec(experiment, suite, 0)),
+            "--data",
+            str(project / "results/data/shakespeare_char"),
+            "--out",
+            str(reference),
+            "--no-progress",
+        ],
+        check=True,
+        capture_output=True,
+    )
+    a, b = load_file(reference / "model.safetensors"), load_file(run / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    again = subprocess.run(
+        [*command, "--dry-run"], cwd=project, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert "Nothing to be done" in again.stdout + again.stderr
