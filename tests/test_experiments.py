@@ -41,7 +41,7 @@ def test_the_repository_table_and_suites_are_valid() -> None:
     assert experiments[0].name == "gpt"
     for path in sorted((ROOT / "configs/suites").glob("*.yaml")):
         suite = load_suite(path, SUITE_SCHEMA)
-        for experiment in experiments:
+        for experiment in (e for e in experiments if e.runs_in(suite.name)):
             spec = run_spec(experiment, suite, suite.seeds[0])
             assert spec["train"]["token_budget"] >= spec["train"]["batch_size"]
 
@@ -63,8 +63,8 @@ def test_optional_columns_may_be_absent(tmp_path: Path) -> None:
     [
         ("bad name\tgpt\tchars\t\t\t\n", r"line 3 \(experiment 'bad name'\), column 'name': .*"),
         (
-            "x\tgtp\tchars\t\t\t\n",
-            r"line 3 .*column 'arch': unknown architecture 'gtp' "
+            "x\tgptt\tchars\t\t\t\n",
+            r"line 3 .*column 'arch': unknown architecture 'gptt' "
             r"\(did you mean 'gpt'\?\)",
         ),
         (
@@ -182,5 +182,22 @@ def test_suite_model_defaults_are_checked_against_each_row(tmp_path: Path) -> No
 
 
 def test_missing_suite_lists_the_available_ones(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match=r"no suite file .*available suites: default, gpu"):
+    with pytest.raises(
+        ConfigError, match=r"no suite file .*available suites: ablations, default, gpu"
+    ):
         load_suite(ROOT / "configs/suites/nope.yaml", SUITE_SCHEMA)
+
+
+def test_a_suite_can_extend_another(tmp_path: Path) -> None:
+    suite_file(tmp_path, "seeds: [0, 1]\nmodel: {n_layer: 2, d_model: 64}\ntrain: {lr: 0.01}\n")
+    child = tmp_path / "suites" / "child.yaml"
+    child.write_text("extends: tiny\nseeds: [5]\nmodel: {n_layer: 3}\n", encoding="utf-8")
+    suite = load_suite(child, SUITE_SCHEMA)
+    assert suite.name == "child" and suite.seeds == (5,)
+    assert suite.model == {"n_layer": 3, "d_model": 64} and suite.train == {"lr": 0.01}
+
+
+def test_an_extends_cycle_is_refused(tmp_path: Path) -> None:
+    path = suite_file(tmp_path, "extends: tiny\nseeds: [0]\nmodel: {}\ntrain: {}\n")
+    with pytest.raises(ConfigError, match="'extends' forms a cycle"):
+        load_suite(path, SUITE_SCHEMA)

@@ -21,6 +21,11 @@ ALTERNATES = {
     "rope_base": (500.0,),
     "dropout": (0.1,),
     "init_std": (0.05,),
+    "n_future": (1, 4),
+    "head_layers": (2,),
+    "future_loss_weight": (0.0, 0.5),
+    "future_dim": (1, 5),
+    "future_layers": ("last", "0"),
 }
 
 
@@ -168,8 +173,8 @@ def test_invalid_options_give_clear_errors(overrides: dict, message: str) -> Non
 
 
 def test_unknown_architecture_suggests() -> None:
-    with pytest.raises(ConfigError, match=r"unknown architecture 'gtp' \(did you mean 'gpt'\?\)"):
-        build_model("gtp", VOCAB, BLOCK)
+    with pytest.raises(ConfigError, match=r"unknown architecture 'gptt' \(did you mean 'gpt'\?\)"):
+        build_model("gptt", VOCAB, BLOCK)
 
 
 def test_string_values_from_a_table_are_parsed() -> None:

@@ -152,12 +152,35 @@ def load_experiments(path: Path, schema: Path, datasets: Iterable[str]) -> list[
     return experiments
 
 
-def load_suite(path: Path, schema: Path) -> Suite:
-    """Read and validate a suite file."""
+SECTIONS = ("model", "train", "eval")
+
+
+def _suite_data(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """The raw mapping of a suite file, with `extends: <suite>` resolved: the named suite's
+    settings first, this file's on top (the model / train / eval sections merged key by key)."""
     if not path.exists():
         available = sorted(p.stem for p in path.parent.glob("*.yaml"))
         raise ConfigError(f"no suite file {path}; available suites: {', '.join(available)}")
+    if path in seen:
+        raise ConfigError(f"{path}: 'extends' forms a cycle")
     data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a suite file must be a mapping")
+    parent_name = data.pop("extends", None)
+    if parent_name is None:
+        return data
+    parent = _suite_data(path.with_name(f"{parent_name}.yaml"), (*seen, path))
+    parent.pop("description", None)
+    merged = {**parent, **data}
+    for section in SECTIONS:
+        if section in parent and section in data:
+            merged[section] = {**parent[section], **data[section]}
+    return merged
+
+
+def load_suite(path: Path, schema: Path) -> Suite:
+    """Read and validate a suite file (following `extends`)."""
+    data = _suite_data(path)
     try:
         validate(data, str(schema))
     except WorkflowError as err:

@@ -8,7 +8,9 @@ from typing import Any
 from torch import nn
 
 from archbench.errors import ConfigError
+from archbench.models.future_attention import FutureAttentionConfig, FutureAttentionTransformer
 from archbench.models.gpt import GPT, GPTConfig
+from archbench.models.mtp import MTP, MTPConfig
 from archbench.options import Option, coerce_all, options_of, suggest
 
 
@@ -27,6 +29,20 @@ ARCHITECTURES: dict[str, Architecture] = {
     for arch in (
         Architecture(
             "gpt", GPTConfig, GPT, "baseline pre-norm decoder: RMSNorm, RoPE, SwiGLU, GQA"
+        ),
+        Architecture(
+            "future_attention",
+            FutureAttentionConfig,
+            FutureAttentionTransformer,
+            "future attention (seed 002): heads also attend to learned future slots, "
+            "trained to match the masked attention output",
+        ),
+        Architecture(
+            "mtp",
+            MTPConfig,
+            MTP,
+            "multi-token prediction (Gloeckle et al. 2024): shared "
+            "trunk, n one-block heads predicting t+1..t+n, shared unembedding",
         ),
     )
 }
