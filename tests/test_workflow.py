@@ -53,6 +53,10 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     shutil.copy(ROOT / "Snakefile", root)
     shutil.copytree(ROOT / "workflow", root / "workflow")
     shutil.copytree(ROOT / "configs", root / "configs")
+    planned = snakemake(root, "--dry-run")
+    counts = job_counts(planned.stdout + planned.stderr)
+    assert counts["prepare_data"] == 1  # every row shares one tokenized copy of the data
+    assert counts["train"] == counts["evaluate_perplexity"] == counts["leak_check"] >= 2
     result = snakemake(root)
     assert result.returncode == 0, result.stderr[-4000:]
     return root
@@ -63,15 +67,15 @@ def test_smoke_suite_produces_results_and_report(project: Path) -> None:
         rows = list(csv.DictReader(handle))
     assert {"experiment", "seed", "metric", "value"} <= set(rows[0])
     experiments = {r["experiment"] for r in rows}
-    assert experiments == {"gpt", "gpt_mqa", "gpt_gelu"}
+    assert {"gpt", "gpt_mqa", "gpt_gelu"} <= experiments
     val_bpb = [float(r["value"]) for r in rows if r["metric"] == "val_bpb"]
-    assert len(val_bpb) == 3 * 2 and all(0 < v < 10 for v in val_bpb)
+    assert len(val_bpb) == len(experiments) * 2 and all(0 < v < 10 for v in val_bpb)
     assert any("seconds" in r["metric"] or "tokens_per_s" in r["metric"] for r in rows)
     run = project / "results/smoke/gpt/seed0"
     for name in ("model.safetensors", "model_config.json", "metrics.csv", "eval.json"):
         assert (run / name).stat().st_size > 0
     passed = [float(r["value"]) for r in rows if r["metric"] == "leak_check_passed"]
-    assert passed == [1.0] * 6
+    assert passed == [1.0] * len(experiments) * 2
     for name in ("index.md", "index.html", "figures/val_loss.png"):
         assert (project / "report/smoke" / name).stat().st_size > 0
     assert "gpt_mqa" in (project / "report/smoke/index.html").read_text()
@@ -193,3 +197,12 @@ def test_kill_9_of_a_training_job_then_same_command_resumes(project: Path, tmp_p
         [*command, "--dry-run"], cwd=project, env=env, capture_output=True, text=True, timeout=300
     )
     assert "Nothing to be done" in again.stdout + again.stderr
+
+
+def test_a_corrupt_data_file_stops_before_any_job(project: Path, tmp_path: Path) -> None:
+    mirror = tmp_path / "mirror" / "tinyshakespeare"
+    mirror.mkdir(parents=True)
+    (mirror / "input.txt").write_text("not the real text\n")
+    result = snakemake(project, f"data_mirror={mirror.parent}", "--dry-run")
+    assert result.returncode != 0
+    assert "sha256 mismatch for data set shakespeare_char" in result.stdout + result.stderr

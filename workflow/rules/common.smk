@@ -8,8 +8,8 @@ from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
 
-from archbench.data import parse_datasets
-from archbench.errors import ConfigError
+from archbench.data import check_local_copy, parse_datasets, resolve_mirror
+from archbench.errors import ArchbenchError
 from archbench.experiments import load_experiments, load_suite, run_spec
 from archbench.runs import RESULT_FILES
 
@@ -30,14 +30,17 @@ try:
     SEEDS = list(config.get("seeds") or SUITE.seeds)
     SPECS = {(name, seed): run_spec(e, SUITE, seed)
              for name, e in EXPERIMENTS.items() for seed in SEEDS}
-except ConfigError as err:
+    MIRROR_DIR = resolve_mirror(config.get("data_mirror"))
+    for name in sorted({e.dataset for e in EXPERIMENTS.values()}):
+        check_local_copy(DATASETS[name], MIRROR_DIR)  # a bad data file stops us before any job
+except ArchbenchError as err:
     raise WorkflowError(f"archbench: {err}") from None
 
 if not EXPERIMENTS:
     raise WorkflowError(f"archbench: no row of {config['experiments']} runs in suite "
                         f"'{SUITE.name}' (check the `suites` column)")
 
-MIRROR = config.get("data_mirror") or ""
+MIRROR = str(MIRROR_DIR or "")
 RESULTS = f"results/{SUITE.name}"
 REPORT = f"report/{SUITE.name}"
 RUN = RESULTS + "/{experiment}/seed{seed}"

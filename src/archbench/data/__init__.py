@@ -13,6 +13,7 @@ from archbench.data.prepare import (
 )
 from archbench.data.sources import (
     DatasetSpec,
+    check_local_copy,
     default_cache_dir,
     load_text,
     parse_datasets,
@@ -27,6 +28,7 @@ from archbench.data.tokenizers import (
 
 __all__ = [
     "DatasetSpec",
+    "check_local_copy",
     "decode",
     "default_cache_dir",
     "encode",

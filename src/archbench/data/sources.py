@@ -230,6 +230,19 @@ def load_text(spec: DatasetSpec, mirror: Path | None = None, cache_dir: Path | N
     return _decode(spec, raw, where)
 
 
+def check_local_copy(spec: DatasetSpec, mirror: Path | None = None) -> bool:
+    """Verify the mirror or embedded copy that `load_text` would read, without any network.
+
+    Raises the same DataError as `load_text` (missing, empty, sha256 mismatch, not UTF-8), so a
+    bad data file stops a workflow before any job starts. Returns False (nothing checked) when
+    the text would come from the download cache or the network.
+    """
+    if mirror is None and spec.embedded is None:
+        return False
+    load_text(spec, mirror)
+    return True
+
+
 def _read_mirror_file(spec: DatasetSpec, path: Path) -> bytes:
     """Bytes of the mirror copy; a missing file is a DataError naming the full path."""
     if not path.is_file():
