@@ -201,3 +201,33 @@ def test_an_extends_cycle_is_refused(tmp_path: Path) -> None:
     path = suite_file(tmp_path, "extends: tiny\nseeds: [0]\nmodel: {}\ntrain: {}\n")
     with pytest.raises(ConfigError, match="'extends' forms a cycle"):
         load_suite(path, SUITE_SCHEMA)
+
+
+def test_baselines_default_to_the_first_gpt_row_of_the_data_set(tmp_path: Path) -> None:
+    header = "name\tarch\tdataset\tbaseline\n"
+    rows = load(
+        table(
+            tmp_path,
+            "a\tmtp\tchars\t\n",
+            "b\tgpt\tchars\t\n",
+            "c\tgpt\tchars\tb\n",
+            "d\tmtp\tbpe512\t\n",
+            "e\tmtp\tchars\tc\n",
+            header=header,
+        )
+    )
+    assert [r.baseline for r in rows] == ["b", None, "b", None, "c"]
+
+
+@pytest.mark.parametrize(
+    ("cell", "message"),
+    [
+        ("nope", r"column 'baseline': no row named 'nope'"),
+        ("x", r"column 'baseline': a row cannot be its own baseline"),
+        ("other", r"column 'baseline': baseline 'other' uses data set 'bpe512', not 'chars'"),
+    ],
+)
+def test_bad_baselines_are_refused(tmp_path: Path, cell: str, message: str) -> None:
+    header = "name\tarch\tdataset\tbaseline\n"
+    with pytest.raises(ConfigError, match=message):
+        load(table(tmp_path, "other\tgpt\tbpe512\t\n", f"x\tgpt\tchars\t{cell}\n", header=header))

@@ -101,7 +101,9 @@ def report(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
     runs = make_runs(root)
     summary_csv, curves_csv = root / "summary.csv", root / "curves.csv"
     aggregate(runs, summary_csv, curves_csv)
-    paths = render_report(summary_csv, curves_csv, root / "report", "test", ["wide", "base"])
+    paths = render_report(
+        summary_csv, curves_csv, root / "report", "test", [{"name": "wide"}, {"name": "base"}]
+    )
     return {
         "root": root,
         "runs": runs,
@@ -277,7 +279,11 @@ def test_render_writes_pages_and_png_figures(report: dict) -> None:
 
 def test_render_is_deterministic(report: dict, tmp_path: Path) -> None:
     paths = render_report(
-        report["summary_csv"], report["curves_csv"], tmp_path, "test", ["wide", "base"]
+        report["summary_csv"],
+        report["curves_csv"],
+        tmp_path,
+        "test",
+        [{"name": "wide"}, {"name": "base"}],
     )
     for again, first in zip(paths, report["paths"], strict=True):
         assert again.read_bytes() == first.read_bytes()
@@ -314,7 +320,9 @@ def test_per_seed_section_lists_every_run(report: dict) -> None:
 
 def test_unknown_experiment_in_order_raises(report: dict, tmp_path: Path) -> None:
     with pytest.raises(ArchbenchError, match="nope"):
-        render_report(report["summary_csv"], report["curves_csv"], tmp_path, "t", ["nope"])
+        render_report(
+            report["summary_csv"], report["curves_csv"], tmp_path, "t", [{"name": "nope"}]
+        )
 
 
 def test_escaping_of_special_characters() -> None:

@@ -93,13 +93,13 @@ def _cmd_aggregate(args: argparse.Namespace) -> None:
 def _cmd_report(args: argparse.Namespace) -> None:
     from archbench.report.render import render_report
 
-    order = args.order.split(",") if args.order else None
+    experiments = json.loads(args.experiments) if args.experiments else None
     for path in render_report(
         Path(args.summary),
         Path(args.curves),
         Path(args.out_dir),
         args.suite,
-        experiments_order=order,
+        experiments=experiments,
     ):
         print(f"wrote {path}", file=sys.stderr)
 
@@ -187,7 +187,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--curves", required=True)
     p.add_argument("--out-dir", required=True)
     p.add_argument("--suite", required=True)
-    p.add_argument("--order", default="", help="comma-separated experiment order")
+    p.add_argument(
+        "--experiments",
+        default="",
+        help="JSON list of the suite's rows (name, arch, dataset, overrides, baseline, "
+        "description), in table order",
+    )
     p.set_defaults(func=_cmd_report)
 
     p = sub.add_parser("options", help="list architectures and their options (Markdown)")

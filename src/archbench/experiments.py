@@ -11,7 +11,7 @@ from __future__ import annotations
 import csv
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,18 @@ class Experiment:
     suites: tuple[str, ...]
     description: str
     line: int
+    baseline: str | None = None
+
+    def describe(self) -> dict[str, Any]:
+        """What the report needs to know about this row (JSON-serialisable)."""
+        return {
+            "name": self.name,
+            "arch": self.arch,
+            "dataset": self.dataset,
+            "overrides": self.overrides,
+            "baseline": self.baseline,
+            "description": self.description,
+        }
 
     def runs_in(self, suite: str) -> bool:
         """Whether this row belongs to `suite` (an empty `suites` cell means every suite)."""
@@ -147,9 +159,37 @@ def load_experiments(path: Path, schema: Path, datasets: Iterable[str]) -> list[
                 suites=tuple(s for s in row["suites"].split(",") if s),
                 description=row["description"],
                 line=line,
+                baseline=row["baseline"] or None,
             )
         )
-    return experiments
+    return _resolve_baselines(path, experiments)
+
+
+def _resolve_baselines(path: Path, experiments: list[Experiment]) -> list[Experiment]:
+    """Check each `baseline` cell; fill empty ones with the data set's first `gpt` row."""
+    by_name = {e.name: e for e in experiments}
+    default: dict[str, str] = {}
+    for e in experiments:
+        if e.arch == "gpt":
+            default.setdefault(e.dataset, e.name)
+    resolved = []
+    for e in experiments:
+        where = f"{path}, line {e.line} (experiment '{e.name}'), column 'baseline'"
+        if e.baseline is None:
+            baseline = default.get(e.dataset)
+            resolved.append(replace(e, baseline=None if baseline == e.name else baseline))
+            continue
+        if e.baseline not in by_name:
+            raise ConfigError(f"{where}: no row named '{e.baseline}'{suggest(e.baseline, by_name)}")
+        if e.baseline == e.name:
+            raise ConfigError(f"{where}: a row cannot be its own baseline")
+        if by_name[e.baseline].dataset != e.dataset:
+            raise ConfigError(
+                f"{where}: baseline '{e.baseline}' uses data set "
+                f"'{by_name[e.baseline].dataset}', not '{e.dataset}'"
+            )
+        resolved.append(e)
+    return resolved
 
 
 SECTIONS = ("model", "train", "eval")

@@ -40,9 +40,9 @@ rule report:
         train_loss=report(f"{REPORT}/figures/train_loss.png",
                           caption="../report/train_loss.rst", category="Curves"),
     params:
-        order=",".join(EXPERIMENTS),
+        experiments=json.dumps([e.describe() for e in EXPERIMENTS.values()]),
     log:
         f"{RESULTS}/logs/report.log",
     shell:
         "{ARCHBENCH} report --summary {input.summary} --curves {input.curves} "
-        "--out-dir {REPORT} --suite {SUITE.name} --order {params.order:q} 2> {log}"
+        "--out-dir {REPORT} --suite {SUITE.name} --experiments {params.experiments:q} 2> {log}"

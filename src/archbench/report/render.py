@@ -55,17 +55,20 @@ def render_report(
     curves_csv: Path,
     out_dir: Path,
     suite: str,
-    experiments_order: list[str] | None = None,
+    experiments: list[dict] | None = None,
 ) -> list[Path]:
     """Write index.md, index.html and figures/<metric>.png under `out_dir`; return their paths.
 
-    Rows follow `experiments_order` (experiments it omits come after it, sorted); without it
-    they are sorted by name. An experiment in the order but absent from the data is an error.
+    `experiments` describes the suite's rows in table order (name, arch, dataset, overrides,
+    baseline, description); rows follow that order (experiments it omits come after it,
+    sorted); without it they are sorted by name. An experiment in the order but absent from
+    the data is an error.
     """
     out_dir = Path(out_dir)
     summary = read_summary(summary_csv)
     curves = read_curves(curves_csv)
-    order = experiment_order(summary["experiment"].unique().to_list(), experiments_order)
+    requested = [e["name"] for e in experiments] if experiments else None
+    order = experiment_order(summary["experiment"].unique().to_list(), requested)
     figures = [_plot_curves(curves, spec, order, out_dir) for spec in FIGURES]
     main, per_seed = main_table(summary, order), per_seed_table(summary, order)
     warning = leak_warning(leak_status(summary, order))
