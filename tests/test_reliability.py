@@ -142,3 +142,28 @@ def test_causality_at_random_lengths_and_points(arch: str, length: int, data) ->
     changed[0, t + 1 :] = (changed[0, t + 1 :] + 1) % 23
     with torch.no_grad():
         assert torch.equal(model(idx)[:, : t + 1], model(changed)[:, : t + 1])
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_and_exits_then_resumes_identically(
+    tiny_data: Path, tmp_path: Path
+) -> None:
+    """A cluster preemption (SIGTERM) saves a checkpoint at once and exits with 143."""
+    spec = tiny_spec(token_budget=16 * 4 * 400, checkpoint_every=1000, eval_every=100)
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    subprocess.run(_train_command(spec, tiny_data, straight), check=True, capture_output=True)
+    process = subprocess.Popen(
+        _train_command(spec, tiny_data, stopped), stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.monotonic() + 120
+    partial = stopped / "metrics.partial.csv"
+    while (not partial.exists() or partial.stat().st_size < 200) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 143, err
+    assert "stopped by SIGTERM after step" in err
+    assert (stopped / CHECKPOINT).exists() and not (stopped / "model.safetensors").exists()
+    subprocess.run(_train_command(spec, tiny_data, stopped), check=True, capture_output=True)
+    a, b = load_file(straight / "model.safetensors"), load_file(stopped / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -166,3 +166,24 @@ def test_step_flops_are_close_to_the_6nd_estimate() -> None:
     attention = 3 * 2 * 2 * 4 * 32 * 32 * 64 * 2  # fwd+bwd, 2 matmuls, 2 layers, full T x T
     assert flops == pytest.approx(6 * n_params * 4 * 32 + attention, rel=0.15)
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_bf16_autocast_path_trains_on_cpu(tiny_data: Path, tmp_path: Path) -> None:
+    """The GPU suite's precision path (bf16 autocast) runs on the CPU too."""
+    summary = train_run(tiny_spec(precision="bf16"), tiny_data, tmp_path, show_progress=False)
+    assert summary["precision"] == "bf16" and math.isfinite(summary["final_val_loss"])
+
+
+@pytest.mark.slow
+def test_compiled_bf16_training_matches_eager_closely(tiny_data: Path, tmp_path: Path) -> None:
+    """torch.compile (as in the gpu suite) on the CPU gives the eager run's losses."""
+    eager = train_run(
+        tiny_spec(precision="bf16"), tiny_data, tmp_path / "eager", show_progress=False
+    )
+    compiled = train_run(
+        tiny_spec(precision="bf16", compile=True),
+        tiny_data,
+        tmp_path / "compiled",
+        show_progress=False,
+    )
+    assert compiled["final_val_loss"] == pytest.approx(eager["final_val_loss"], abs=0.05)

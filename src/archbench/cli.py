@@ -16,6 +16,8 @@ import yaml
 
 from archbench.errors import ArchbenchError
 
+PREEMPTED_EXIT = 128 + 15  # the conventional status of a process ended by SIGTERM
+
 
 def _cmd_prepare(args: argparse.Namespace) -> None:
     from archbench.data import parse_datasets, prepare_dataset, resolve_mirror
@@ -208,9 +210,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `archbench` command."""
+    from archbench.train import Preempted
+
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
+    except Preempted as err:
+        print(f"archbench: {err}", file=sys.stderr)
+        return PREEMPTED_EXIT
     except ArchbenchError as err:
         print(f"archbench: error: {err}", file=sys.stderr)
         return 2

@@ -9,13 +9,16 @@ ends with the same weights and metrics as one that never stopped.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import hashlib
 import json
 import math
 import random
+import signal
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -38,6 +41,7 @@ from archbench.errors import ArchbenchError, ConfigError
 from archbench.io import atomic_path, write_json
 from archbench.models import build_model
 from archbench.options import coerce_all, option
+from archbench.runtime import Runtime, make_runtime
 
 BASE_COLUMNS = ("step", "tokens", "lr", "train_loss", "val_loss", "elapsed_seconds", "tokens_per_s")
 CHECKPOINT = "checkpoint.safetensors"
@@ -46,6 +50,31 @@ PARTIAL_LOG = "metrics.partial.csv"
 
 class DivergedError(ArchbenchError):
     """A loss became NaN or infinite."""
+
+
+class Preempted(ArchbenchError):
+    """Training stopped on SIGTERM (e.g. a cluster preemption) after saving a checkpoint."""
+
+
+class _StopRequest(contextlib.AbstractContextManager):
+    """While active, SIGTERM sets `requested` instead of killing the process, so the training
+    loop can finish its step and save a checkpoint (main thread only; elsewhere a no-op)."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self) -> _StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        self.requested = True
 
 
 @dataclass(frozen=True)
@@ -75,6 +104,12 @@ class TrainConfig:
         "compute device (auto: cuda, then mps, then cpu)",
         choices=("auto", "cpu", "cuda", "mps"),
     )
+    precision: str = option(
+        "auto",
+        "training precision (auto: bf16 autocast on CUDA, fp32 elsewhere)",
+        choices=("auto", "fp32", "bf16"),
+    )
+    compile: bool = option(False, "torch.compile the training step's loss function")
 
     @property
     def tokens_per_step(self) -> int:
@@ -124,17 +159,6 @@ def batch_at(
     return windows[:, :-1], windows[:, 1:]
 
 
-def pick_device(name: str) -> torch.device:
-    """Resolve 'auto' to the best available device."""
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
 def seed_everything(seed: int) -> None:
     """Seed python, numpy and torch, and ask torch for deterministic kernels."""
     random.seed(seed)
@@ -143,14 +167,16 @@ def seed_everything(seed: int) -> None:
     torch.use_deterministic_algorithms(True, warn_only=True)
 
 
-def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices (dim >= 2) only, as in nanoGPT."""
+def make_optimizer(model: nn.Module, config: TrainConfig, fused: bool = False) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices (dim >= 2) only, as in nanoGPT; fused on CUDA."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": config.weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2))
+    return torch.optim.AdamW(
+        groups, lr=config.lr, betas=(config.beta1, config.beta2), fused=fused or None
+    )
 
 
 def count_parameters(model: nn.Module) -> dict[str, int]:
@@ -189,7 +215,7 @@ def measure_step_flops(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> in
 
 @torch.no_grad()
 def estimate_val_loss(
-    model: nn.Module, tokens: np.ndarray, config: TrainConfig, device: torch.device
+    model: nn.Module, tokens: np.ndarray, config: TrainConfig, runtime: Runtime
 ) -> float:
     """Mean next-token loss on fixed, evenly spaced validation windows."""
     model.eval()
@@ -200,8 +226,9 @@ def estimate_val_loss(
     )
     total = 0.0
     for chunk in windows.split(config.batch_size):
-        chunk = chunk.to(device)
-        logits = model(chunk[:, :-1])
+        chunk = runtime.put(chunk)
+        with runtime.autocast():
+            logits = model(chunk[:, :-1])
         total += torch.nn.functional.cross_entropy(
             logits.flatten(0, 1).float(), chunk[:, 1:].flatten(), reduction="sum"
         ).item()
@@ -268,17 +295,18 @@ def train_run(
                 f"{split} split of '{spec['dataset']}' has {len(tokens)} tokens, fewer than "
                 f"block_size + 2 = {config.block_size + 2}"
             )
-    device = pick_device(config.device)
+    runtime = make_runtime(config.device, config.precision)
     seed = int(spec["seed"])
     seed_everything(seed)
     model = build_model(
         spec["arch"], data_meta["vocab_size"], config.block_size, **spec["model"]
-    ).to(device)
-    optimizer = make_optimizer(model, config)
+    ).to(runtime.device)
+    optimizer = make_optimizer(model, config, fused=runtime.is_cuda)
     x0, y0 = batch_at(train_tokens, seed, 0, config.batch_size, config.block_size)
-    step_flops = measure_step_flops(model, x0.to(device), y0.to(device))
+    step_flops = measure_step_flops(model, runtime.put(x0), runtime.put(y0))
     with torch.no_grad(), torch.random.fork_rng(devices=[]):
-        _, parts0 = model.loss(x0[:1].to(device), y0[:1].to(device))
+        _, parts0 = model.loss(runtime.put(x0[:1]), runtime.put(y0[:1]))
+    loss_fn = torch.compile(model.loss) if config.compile else model.loss
     columns = list(BASE_COLUMNS) + [f"train_{name}" for name in parts0]
     fingerprint = spec_fingerprint(spec, data_meta)
 
@@ -296,41 +324,49 @@ def train_run(
         dynamic_ncols=True,
     )
     model.train()
-    for step in range(progress.step, config.steps):
-        tick = time.perf_counter()
-        lr = lr_at(step, config)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        x, y = batch_at(train_tokens, seed, step, config.batch_size, config.block_size)
-        loss, parts = model.loss(x.to(device), y.to(device))
-        _check_finite(spec, step, loss, parts)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if config.grad_clip > 0:
-            nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-        optimizer.step()
-        progress.add_step(loss, parts, time.perf_counter() - tick)
-        bar.update(1)
-
-        done = progress.step
-        val_loss = None
-        if done % config.eval_every == 0 or done == config.steps:
+    with _StopRequest() as stop:
+        for step in range(progress.step, config.steps):
             tick = time.perf_counter()
-            val_loss = progress.last_val = estimate_val_loss(model, val_tokens, config, device)
-            progress.elapsed += time.perf_counter() - tick
-            bar.set_postfix(val=f"{val_loss:.3f}")
-        if done % config.log_every == 0 or val_loss is not None:
-            log.append(progress.take_row(lr, val_loss, config.tokens_per_step))
-        if (done % config.checkpoint_every == 0 and done < config.steps) or done == stop_after:
-            save_training_state(
-                out_dir / CHECKPOINT,
-                model,
-                optimizer,
-                {"fingerprint": fingerprint, "progress": asdict(progress)},
-            )
-        if done == stop_after:
-            bar.close()
-            return None
+            lr = lr_at(step, config)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            x, y = batch_at(train_tokens, seed, step, config.batch_size, config.block_size)
+            with runtime.autocast():
+                loss, parts = loss_fn(runtime.put(x), runtime.put(y))
+            _check_finite(spec, step, loss, parts)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if config.grad_clip > 0:
+                nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            optimizer.step()
+            progress.add_step(loss, parts, time.perf_counter() - tick)
+            bar.update(1)
+
+            done = progress.step
+            val_loss = None
+            if done % config.eval_every == 0 or done == config.steps:
+                tick = time.perf_counter()
+                val_loss = progress.last_val = estimate_val_loss(model, val_tokens, config, runtime)
+                progress.elapsed += time.perf_counter() - tick
+                bar.set_postfix(val=f"{val_loss:.3f}")
+            if done % config.log_every == 0 or val_loss is not None:
+                log.append(progress.take_row(lr, val_loss, config.tokens_per_step))
+            stopping = done == stop_after or (stop.requested and done < config.steps)
+            if (done % config.checkpoint_every == 0 and done < config.steps) or stopping:
+                save_training_state(
+                    out_dir / CHECKPOINT,
+                    model,
+                    optimizer,
+                    {"fingerprint": fingerprint, "progress": asdict(progress)},
+                )
+            if stopping:
+                bar.close()
+                if stop.requested:
+                    raise Preempted(
+                        f"experiment '{spec['experiment']}' seed {seed}: stopped by SIGTERM "
+                        f"after step {done}; its checkpoint is saved, run the job again to resume"
+                    )
+                return None
     bar.close()
 
     summary = {
@@ -343,7 +379,8 @@ def train_run(
         "train_tokens_per_s": config.steps * config.tokens_per_step / max(progress.elapsed, 1e-9),
         "final_val_loss": progress.last_val,
         "torch_threads": torch.get_num_threads(),
-        "device": str(device),
+        "device": str(runtime.device),
+        "precision": "bf16" if runtime.bf16 else "fp32",
     }
     _write_outputs(out_dir, spec, model, config, log, summary)
     return summary
