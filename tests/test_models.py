@@ -26,6 +26,10 @@ ALTERNATES = {
     "future_loss_weight": (0.0, 0.5),
     "future_dim": (1, 5),
     "future_layers": ("last", "0"),
+    "future_levels": (1, 3),
+    "future_mult": (3, 4),
+    "memory_topk": (1, 3),
+    "pool_slots_n": (1.0, 3.0),
 }
 
 

@@ -9,6 +9,7 @@ from torch import nn
 
 from archbench.errors import ConfigError
 from archbench.models.future_attention import FutureAttentionConfig, FutureAttentionTransformer
+from archbench.models.futureformer import FutureFormer, FutureFormerConfig
 from archbench.models.gpt import GPT, GPTConfig
 from archbench.models.mtp import MTP, MTPConfig
 from archbench.options import Option, coerce_all, options_of, suggest
@@ -27,6 +28,13 @@ class Architecture:
 ARCHITECTURES: dict[str, Architecture] = {
     arch.name: arch
     for arch in (
+        Architecture(
+            "futureformer",
+            FutureFormerConfig,
+            FutureFormer,
+            "body, then future-sight levels that cross-attend to the model's own predictions "
+            "of farther token spans",
+        ),
         Architecture(
             "gpt", GPTConfig, GPT, "baseline pre-norm decoder: RMSNorm, RoPE, SwiGLU, GQA"
         ),
