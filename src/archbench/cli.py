@@ -15,6 +15,7 @@ import torch
 import yaml
 
 from archbench.errors import ArchbenchError
+from archbench.runtime import pick_device
 
 PREEMPTED_EXIT = 128 + 15  # the conventional status of a process ended by SIGTERM
 
@@ -50,7 +51,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
 
     torch.set_num_threads(args.threads)
     run_dir, data_dir = Path(args.run), Path(args.data)
-    model = load_run(run_dir)
+    device = pick_device(args.device)
+    model = load_run(run_dir, device)
     metrics = evaluate_perplexity(
         model,
         load_tokens(data_dir, "val"),
@@ -58,6 +60,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
         block_size=model.config.block_size,
         batch_size=args.batch_size,
         max_tokens=args.max_tokens,
+        device=device,
     )
     write_json(args.out, metrics)
     print(json.dumps(metrics, indent=2), file=sys.stderr)
@@ -70,7 +73,7 @@ def _cmd_leakcheck(args: argparse.Namespace) -> None:
     from archbench.runs import load_run
 
     torch.set_num_threads(args.threads)
-    model = load_run(Path(args.run))
+    model = load_run(Path(args.run), pick_device(args.device))
     result = leak_check(
         model,
         load_tokens(Path(args.data), "val"),
@@ -168,6 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="eval.json to write")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-tokens", type=int, default=None, help="score only this many tokens")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     p.add_argument("--threads", type=int, default=1)
     p.set_defaults(func=_cmd_evaluate)
 
@@ -175,6 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", required=True, help="run directory")
     p.add_argument("--data", required=True, help="prepared data directory")
     p.add_argument("--out", required=True, help="leak_check.json to write")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     p.add_argument("--threads", type=int, default=1)
     p.set_defaults(func=_cmd_leakcheck)
 

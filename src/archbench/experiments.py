@@ -63,6 +63,7 @@ class Suite:
     name: str
     seeds: tuple[int, ...]
     threads: int
+    gpu: bool
     model: dict[str, Any]
     train: dict[str, Any]
     eval: dict[str, Any]
@@ -234,6 +235,7 @@ def load_suite(path: Path, schema: Path) -> Suite:
         name=path.stem,
         seeds=tuple(data["seeds"]),
         threads=data.get("threads", 1),
+        gpu=data.get("gpu", False),
         model=dict(data["model"]),
         train=dict(data["train"]),
         eval=dict(data.get("eval", {})),

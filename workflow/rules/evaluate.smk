@@ -15,6 +15,8 @@ rule evaluate_perplexity:
         max_tokens=(f"--max-tokens {SUITE.eval['max_tokens']}"
                     if SUITE.eval.get("max_tokens") else ""),
     threads: SUITE.threads
+    resources:
+        gpu=int(SUITE.gpu),
     log:
         f"{RUN}/evaluate_perplexity.log",
     shell:

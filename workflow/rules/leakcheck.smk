@@ -13,6 +13,8 @@ rule leak_check:
         data=data_dir,
         run=RUN,
     threads: SUITE.threads
+    resources:
+        gpu=int(SUITE.gpu),
     log:
         f"{RUN}/leak_check.log",
     shell:

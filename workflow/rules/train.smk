@@ -19,6 +19,7 @@ rule train:
     threads: SUITE.threads
     resources:
         runtime=240,
+        gpu=int(SUITE.gpu),
     log:
         f"{RUN}/train.log",
     shell:

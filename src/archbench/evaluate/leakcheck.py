@@ -33,19 +33,20 @@ def leak_check(
     `leak_check_passed` is 1.0 when both stay within TOLERANCE, else 0.0.
     """
     model = copy.deepcopy(model).double().eval()
+    device = next(model.parameters()).device
     rng = np.random.default_rng(seed)
     length = min(block_size, len(tokens))
     starts = np.linspace(0, len(tokens) - length, n_windows).astype(np.int64)
     windows = torch.from_numpy(
         np.asarray(tokens[starts[:, None] + np.arange(length)], dtype=np.int64)
-    )
+    ).to(device)
     reference = model(windows)
     positions = sorted({0, 1, length // 4, length // 2, length - 2} - {-1})
     perturb = 0.0
     for t in (p for p in positions if p < length - 1):
         changed = windows.clone()
         tail = changed[:, t + 1 :]
-        shift = torch.from_numpy(rng.integers(1, vocab_size, size=tail.shape))
+        shift = torch.from_numpy(rng.integers(1, vocab_size, size=tail.shape)).to(device)
         changed[:, t + 1 :] = (tail + shift) % vocab_size  # every later token differs
         diff = (model(changed)[:, : t + 1] - reference[:, : t + 1]).abs().max().item()
         perturb = max(perturb, diff)
