@@ -97,14 +97,11 @@ from torch import nn
 
 from archbench.errors import ConfigError
 from archbench.models.blocks import (
-    MLPS,
     Block,
-    CausalSelfAttention,
     LanguageModel,
     RotaryEmbedding,
     init_weights,
     make_norm,
-    mlp_hidden,
 )
 from archbench.models.gpt import GPTConfig
 from archbench.options import option
@@ -349,12 +346,10 @@ class FutureAttentionTransformer(LanguageModel):
         super().__init__()
         self.config = c = config
         self.embed = nn.Embedding(c.vocab_size, c.d_model)
-        rope = RotaryEmbedding(c.d_model // c.n_head, c.block_size, c.rope_base)
-        hidden = mlp_hidden(c.mlp, c.d_model, c.mlp_ratio)
+        rope = c.make_rope()
         future_ids = c.future_layer_ids
         blocks = []
         for index in range(c.n_layer):
-            mlp = MLPS[c.mlp](c.d_model, hidden)
             if index in future_ids:
                 attn = FutureAttention(
                     c.d_model,
@@ -366,10 +361,9 @@ class FutureAttentionTransformer(LanguageModel):
                     c.dropout,
                     c.init_std,
                 )
-                blocks.append(FutureBlock(c.d_model, attn, mlp, c.norm, c.dropout))
+                blocks.append(FutureBlock(c.d_model, attn, c.make_mlp(), c.norm, c.dropout))
             else:
-                attn = CausalSelfAttention(c.d_model, c.n_head, c.kv_heads, rope, c.dropout)
-                blocks.append(Block(c.d_model, attn, mlp, c.norm, c.dropout))
+                blocks.append(c.make_block(rope))
         self.blocks = nn.ModuleList(blocks)
         self.norm_out = make_norm(c.norm, c.d_model)
         self.unembed = nn.Linear(c.d_model, c.vocab_size, bias=False)

@@ -107,14 +107,9 @@ from torch.utils.checkpoint import checkpoint
 
 from archbench.errors import ConfigError
 from archbench.models.blocks import (
-    MLPS,
-    Block,
-    CausalSelfAttention,
     LanguageModel,
-    RotaryEmbedding,
     init_weights,
     make_norm,
-    mlp_hidden,
 )
 from archbench.models.gpt import GPTConfig
 from archbench.options import option
@@ -416,22 +411,14 @@ class FutureFormer(LanguageModel):
         super().__init__()
         self.config = c = config
         self.embed = nn.Embedding(c.vocab_size, c.d_model)
-        rope = RotaryEmbedding(c.d_model // c.n_head, c.block_size, c.rope_base)
-        hidden = mlp_hidden(c.mlp, c.d_model, c.mlp_ratio)
-
-        def attention() -> CausalSelfAttention:
-            return CausalSelfAttention(c.d_model, c.n_head, c.kv_heads, rope, c.dropout)
-
-        self.body = nn.ModuleList(
-            Block(c.d_model, attention(), MLPS[c.mlp](c.d_model, hidden), c.norm, c.dropout)
-            for _ in range(c.n_layer)
-        )
+        rope = c.make_rope()
+        self.body = nn.ModuleList(c.make_block(rope) for _ in range(c.n_layer))
         self.levels = nn.ModuleList(
             FutureSightBlock(
                 c.d_model,
-                attention(),
+                c.make_attention(rope),
                 MemoryCrossAttention(c.d_model, c.n_head, c.kv_heads, c.dropout),
-                MLPS[c.mlp](c.d_model, hidden),
+                c.make_mlp(),
                 c.norm,
                 c.dropout,
             )

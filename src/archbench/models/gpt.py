@@ -63,6 +63,23 @@ class GPTConfig:
                 f"n_head={self.n_head} is not divisible by n_kv_heads={self.kv_heads}"
             )
 
+    def make_rope(self) -> RotaryEmbedding:
+        """The rotary tables for this shape (one instance is shared by all layers)."""
+        return RotaryEmbedding(self.d_model // self.n_head, self.block_size, self.rope_base)
+
+    def make_attention(self, rope: RotaryEmbedding) -> CausalSelfAttention:
+        """A causal self-attention layer of this shape."""
+        return CausalSelfAttention(self.d_model, self.n_head, self.kv_heads, rope, self.dropout)
+
+    def make_mlp(self) -> nn.Module:
+        """An MLP of the configured kind and width."""
+        return MLPS[self.mlp](self.d_model, mlp_hidden(self.mlp, self.d_model, self.mlp_ratio))
+
+    def make_block(self, rope: RotaryEmbedding, attention: nn.Module | None = None) -> Block:
+        """A pre-norm decoder block (causal self-attention unless `attention` is given)."""
+        attention = attention if attention is not None else self.make_attention(rope)
+        return Block(self.d_model, attention, self.make_mlp(), self.norm, self.dropout)
+
 
 class GPT(LanguageModel):
     """Token embedding → n_layer pre-norm blocks → final norm → (tied) unembedding."""
@@ -72,18 +89,8 @@ class GPT(LanguageModel):
         self.config = config
         c = config
         self.embed = nn.Embedding(c.vocab_size, c.d_model)
-        rope = RotaryEmbedding(c.d_model // c.n_head, c.block_size, c.rope_base)
-        hidden = mlp_hidden(c.mlp, c.d_model, c.mlp_ratio)
-        self.blocks = nn.ModuleList(
-            Block(
-                c.d_model,
-                CausalSelfAttention(c.d_model, c.n_head, c.kv_heads, rope, c.dropout),
-                MLPS[c.mlp](c.d_model, hidden),
-                c.norm,
-                c.dropout,
-            )
-            for _ in range(c.n_layer)
-        )
+        rope = c.make_rope()
+        self.blocks = nn.ModuleList(c.make_block(rope) for _ in range(c.n_layer))
         self.norm_out = make_norm(c.norm, c.d_model)
         self.unembed = nn.Linear(c.d_model, c.vocab_size, bias=False)
         init_weights(self, c.init_std, c.n_layer)

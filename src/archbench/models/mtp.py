@@ -50,14 +50,9 @@ from torch.utils.checkpoint import checkpoint
 
 from archbench.errors import ConfigError
 from archbench.models.blocks import (
-    MLPS,
-    Block,
-    CausalSelfAttention,
     LanguageModel,
-    RotaryEmbedding,
     init_weights,
     make_norm,
-    mlp_hidden,
 )
 from archbench.models.gpt import GPTConfig
 from archbench.options import option
@@ -94,22 +89,10 @@ class MTP(LanguageModel):
         self.config = config
         c = config
         self.embed = nn.Embedding(c.vocab_size, c.d_model)
-        rope = RotaryEmbedding(c.d_model // c.n_head, c.block_size, c.rope_base)
-        hidden = mlp_hidden(c.mlp, c.d_model, c.mlp_ratio)
+        rope = c.make_rope()
 
         def blocks(count: int) -> nn.Sequential:
-            return nn.Sequential(
-                *(
-                    Block(
-                        c.d_model,
-                        CausalSelfAttention(c.d_model, c.n_head, c.kv_heads, rope, c.dropout),
-                        MLPS[c.mlp](c.d_model, hidden),
-                        c.norm,
-                        c.dropout,
-                    )
-                    for _ in range(count)
-                )
-            )
+            return nn.Sequential(*(c.make_block(rope) for _ in range(count)))
 
         self.trunk = blocks(c.n_layer)
         self.heads = nn.ModuleList(blocks(c.head_layers) for _ in range(c.n_future))
