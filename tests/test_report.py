@@ -1,43 +1,80 @@
-"""Tests for archbench.report: aggregation into long tables, seed statistics and rendering."""
+"""Tests for archbench.report: aggregation, seed statistics, tests against baselines, Holm,
+power, ablation axes, figures, samples and the rendered pages (also in headless Chromium)."""
 
 from __future__ import annotations
 
 import math
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 import pytest
+from scipy import stats as sps
 
 from archbench.errors import ArchbenchError
-from archbench.io import write_json, write_text
-from archbench.report import RunRef, aggregate, mean_ci, read_curves, render_report, summarize
-from archbench.report.render import (
+from archbench.io import read_json, write_json, write_text
+from archbench.report import (
+    RunRef,
+    ablation_axes,
+    aggregate,
+    compare,
+    holm,
+    mean_ci,
+    minimum_detectable_effect,
+    read_curves,
+    read_samples,
+    render_report,
+    summarize,
+)
+from archbench.report.document import (
+    Paragraph,
+    Preformatted,
+    Section,
     Table,
-    curve_bands,
     escape_markdown,
-    format_count,
-    format_scientific,
     html_page,
     html_table,
+    markdown_fence,
+    markdown_page,
     markdown_table,
 )
+from archbench.report.figures import curve_bands, pareto_front
+from archbench.report.stats import (
+    PAIRED,
+    WELCH,
+    paired_test,
+    seeds_needed,
+    t_test_power,
+    welch_test,
+)
+from archbench.report.tables import format_count, format_p, format_scientific
 
+ROOT = Path(__file__).resolve().parents[1]
+CHECK_SCRIPT = ROOT / "scripts" / "check_report_html.py"
 T_975_2 = 4.302652729749462  # scipy.stats.t.ppf(0.975, 2), the 95% two-sided quantile for n = 3
 HW_SD1_N3 = T_975_2 / math.sqrt(3)  # 2.4841 for values [1, 2, 3]
+SUITE_DEFAULTS = {"n_layer": 4, "n_head": 4, "d_model": 128, "block_size": 128}
 
-# experiment -> (arch, dataset, final val_loss per seed)
-EXPERIMENTS = {
-    "base": ("transformer", "tinystories", [1.0, 2.0, 3.0]),
-    "wide": ("transformer_wide", "tinystories", [1.5, 1.6, 1.7]),
-    "moe": ("moe", "enwik8", [1.2, 1.3, 1.4]),
-    "solo": ("rnn", "enwik8", [2.5]),
+# name -> (arch, dataset, overrides, baseline, final val_loss per seed, parameter count)
+ROWS: dict[str, tuple[str, str, dict[str, str], str | None, list[float], int]] = {
+    "gpt": ("gpt", "tiny", {}, None, [1.70, 1.71, 1.69], 812_000),
+    "gpt_gelu": ("gpt", "tiny", {"mlp": "gelu"}, "gpt", [1.60, 1.62, 1.58], 812_000),
+    "gpt_mqa": ("gpt", "tiny", {"n_kv_heads": "1"}, "gpt", [1.705, 1.700, 1.702], 790_000),
+    "gpt_l6": ("gpt", "tiny", {"n_layer": "6"}, "gpt", [1.80, 1.82, 1.81], 1_200_000),
+    "leaky": ("future_attention", "tiny", {}, "gpt", [0.50, 0.52, 0.51], 830_000),
+    "solo": ("rnn", "enwik8", {}, None, [2.5], 400_000),
 }
+LEAKY_SEED = 1
 STEPS = [0, 10, 20, 30, 40]
 VAL_STEPS = {20, 40}
+NASTY = "a <b>&amp; `x` ``` | *y* _z_\x00\x1b[31m \u202eevil</pre><script>alert(1)</script>"
 
 
-def _eval(experiment: str, val_loss: float) -> dict[str, float]:
-    metrics = {
+def _eval(val_loss: float) -> dict[str, float]:
+    return {
         "val_loss": val_loss,
         "val_ppl": math.exp(val_loss),
         "val_bpb": val_loss / math.log(2),
@@ -46,17 +83,14 @@ def _eval(experiment: str, val_loss: float) -> dict[str, float]:
         "val_tokens": 111000,
         "val_bytes": 111000,
     }
-    if experiment == "moe":
-        del metrics["val_top5"]
-    return metrics
 
 
-def _train_summary(seed: int) -> dict[str, object]:
+def _train_summary(seed: int, n_params: int) -> dict[str, object]:
     return {
-        "n_params": 812000,
-        "n_params_non_embedding": 770000,
-        "train_flops": 1.2e13,
-        "train_tokens": 3072000,
+        "n_params": n_params,
+        "n_params_non_embedding": n_params - 42_000,
+        "train_flops": 15 * n_params * 3_072_000,
+        "train_tokens": 3_072_000,
         "train_steps": 1500,
         "train_seconds": 410.0 + seed,
         "train_tokens_per_s": 7480.0,
@@ -66,32 +100,68 @@ def _train_summary(seed: int) -> dict[str, object]:
     }
 
 
-def _metrics_csv(experiment: str, seed: int, val_loss: float) -> str:
-    aux = experiment == "moe"
-    header = "step,tokens,lr,train_loss,val_loss,elapsed_seconds,tokens_per_s"
-    lines = [header + (",train_router" if aux else "")]
+def _metrics_csv(name: str, seed: int, val_loss: float) -> str:
+    aux = name == "leaky"
+    header = "step,tokens,lr,train_loss,val_loss,elapsed_seconds,tokens_per_s,train_next_token"
+    lines = [header + (",train_future" if aux else "")]
     for step in STEPS:
         val = f"{val_loss + (40 - step) / 100}" if step in VAL_STEPS else ""
-        line = f"{step},{step * 2048},0.001,{3 - step / 100 + seed / 100},{val},{step / 10},7480"
+        train = 3 - step / 100 + seed / 100
+        line = f"{step},{step * 2048},0.001,{train},{val},{step / 10},7480,{train}"
         if aux:
             line += "," if step == 0 else f",{0.01 * step}"
         lines.append(line)
     return "\n".join(lines) + "\n"
 
 
-def make_runs(root: Path) -> list[RunRef]:
-    """Write synthetic run directories under `root` and return their references."""
+def make_runs(root: Path, samples: bool = True) -> list[RunRef]:
+    """Write synthetic run directories of every kind of result under `root`."""
     runs = []
-    for experiment, (arch, dataset, losses) in EXPERIMENTS.items():
+    for name, (arch, dataset, _, _, losses, n_params) in ROWS.items():
         for seed, val_loss in enumerate(losses):
-            run_dir = root / "results" / "test" / experiment / f"seed{seed}"
-            write_json(run_dir / "eval.json", _eval(experiment, val_loss))
-            write_json(run_dir / "train_summary.json", _train_summary(seed))
-            leaked = experiment == "moe" and seed == 1
+            run_dir = root / "results" / "test" / name / f"seed{seed}"
+            evaluation = _eval(val_loss)
+            if arch == "gpt":  # lm-eval-style and BLiMP scores (fields, a paradigm, pairs)
+                evaluation |= {"hellaswag_acc": 0.25 + seed / 100, "blimp_syntax": 0.6}
+                evaluation |= {"blimp_morphology": 0.55 + 0.01 * seed, "blimp_overall": 0.58}
+                evaluation |= {"blimp_adjunct_island": 0.7, "blimp_pairs": 67000}
+            write_json(run_dir / "eval.json", evaluation)
+            write_json(run_dir / "train_summary.json", _train_summary(seed, n_params))
+            leaked = name == "leaky" and seed == LEAKY_SEED
             write_json(run_dir / "leak_check.json", {"leak_check_passed": 0.0 if leaked else 1.0})
-            write_text(run_dir / "metrics.csv", _metrics_csv(experiment, seed, val_loss))
-            runs.append(RunRef(experiment, arch, dataset, seed, run_dir))
+            write_text(run_dir / "metrics.csv", _metrics_csv(name, seed, val_loss))
+            if samples and seed == 0:
+                text = NASTY if name == "gpt" else f"sampled by {name}"
+                sample = {"prompt": "ROMEO:\n", "length": 20, "temperature": 0.8}
+                sample |= {"top_k": 40, "sample_seed": 0, "greedy": f"greedy {name}"}
+                sample["sampled"] = text
+                if name == "leaky":
+                    sample["submodels"] = {"L1.0": {"greedy": "small g", "sampled": "small s"}}
+                write_json(run_dir / "samples.json", sample)
+            runs.append(RunRef(name, arch, dataset, seed, run_dir))
     return runs
+
+
+def experiment_rows(names: list[str] | None = None) -> list[dict]:
+    """The `experiments` argument of render_report, as the workflow passes it."""
+    return [
+        {"name": name, "arch": arch, "dataset": dataset, "overrides": overrides,
+         "baseline": baseline, "description": f"row {name} <with> | markup *chars*"}
+        for name, (arch, dataset, overrides, baseline, _, _) in ROWS.items()
+        if names is None or name in names
+    ]  # fmt: skip
+
+
+def _render(root: Path, out: Path) -> list[Path]:
+    return render_report(
+        root / "summary.csv",
+        root / "curves.csv",
+        out,
+        "test",
+        experiment_rows(),
+        samples_json=root / "samples.json",
+        defaults=SUITE_DEFAULTS,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -99,20 +169,30 @@ def report(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
     """Aggregate and render the synthetic suite once for all rendering tests."""
     root = tmp_path_factory.mktemp("suite")
     runs = make_runs(root)
-    summary_csv, curves_csv = root / "summary.csv", root / "curves.csv"
-    aggregate(runs, summary_csv, curves_csv)
-    paths = render_report(
-        summary_csv, curves_csv, root / "report", "test", [{"name": "wide"}, {"name": "base"}]
-    )
+    aggregate(runs, root / "summary.csv", root / "curves.csv", root / "samples.json")
+    paths = _render(root, root / "report")
     return {
         "root": root,
         "runs": runs,
-        "summary_csv": summary_csv,
-        "curves_csv": curves_csv,
+        "summary_csv": root / "summary.csv",
+        "curves_csv": root / "curves.csv",
         "paths": paths,
         "md": (root / "report" / "index.md").read_text(encoding="utf-8"),
         "html": (root / "report" / "index.html").read_text(encoding="utf-8"),
     }
+
+
+def _section(md: str, title: str) -> str:
+    """The Markdown between heading `title` and the next level-2 heading."""
+    return md.split(f"## {title}\n")[1].split("\n## ")[0]
+
+
+def _table_row(md: str, title: str, first_cell: str) -> list[str]:
+    """The cells of the row starting with `first_cell` in section `title`."""
+    line = next(
+        line for line in _section(md, title).splitlines() if line.startswith(f"| {first_cell} |")
+    )
+    return [cell.strip() for cell in line.strip("|").split(" | ")]
 
 
 # ---------------------------------------------------------------- aggregate
@@ -121,37 +201,77 @@ def report(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
 def test_summary_csv_is_long_and_complete(report: dict) -> None:
     summary = pl.read_csv(report["summary_csv"])
     assert summary.columns == ["experiment", "arch", "dataset", "seed", "metric", "value"]
-    # 7 eval + 8 numeric train metrics + 1 leak check per run; moe lacks val_top5; 10 runs
-    assert summary.height == 3 * 16 + 3 * 16 + 3 * 15 + 1 * 16
+    # 7 eval + 8 numeric train metrics + 1 leak check per run; gpt rows add 6 scores
+    n_runs = sum(len(row[4]) for row in ROWS.values())
+    n_gpt_runs = sum(len(row[4]) for row in ROWS.values() if row[0] == "gpt")
+    assert summary.height == 16 * n_runs + 6 * n_gpt_runs
     assert summary.filter(pl.col("metric").is_in(["device", "compiled"])).height == 0
     assert summary.equals(summary.sort("experiment", "seed", "metric"))
-    base = summary.filter((pl.col("experiment") == "base") & (pl.col("metric") == "val_loss"))
-    assert base["value"].to_list() == [1.0, 2.0, 3.0]
+    gpt = summary.filter((pl.col("experiment") == "gpt") & (pl.col("metric") == "val_loss"))
+    assert gpt["value"].to_list() == [1.70, 1.71, 1.69]
 
 
 def test_curves_csv_is_long_without_empty_cells(report: dict) -> None:
     curves = read_curves(report["curves_csv"])
     assert curves.columns == ["experiment", "seed", "step", "tokens", "metric", "value"]
     assert curves["value"].null_count() == 0
-    # per run: 5 train_loss + 5 lr + 2 val_loss; moe adds 4 non-empty train_router cells
-    assert curves.height == 10 * 12 + 3 * 4
-    moe = curves.filter(pl.col("experiment") == "moe")
-    assert set(moe["metric"]) == {"train_loss", "val_loss", "lr", "train_router"}
+    n_runs = sum(len(row[4]) for row in ROWS.values())
+    # per run: 5 train_loss + 5 lr + 5 train_next_token + 2 val_loss; leaky: 4 train_future
+    assert curves.height == n_runs * 17 + 3 * 4
+    leaky = curves.filter(pl.col("experiment") == "leaky")
+    assert set(leaky["metric"]) == {"train_loss", "val_loss", "lr", "train_next_token",
+                                    "train_future"}  # fmt: skip
     assert curves.filter(pl.col("metric") == "val_loss")["step"].unique().sort().to_list() == [
         20,
         40,
     ]
     assert (curves["tokens"] == curves["step"] * 2048).all()
+    assert curves.equals(curves.sort("experiment", "seed", "metric", "step"))
 
 
 def test_aggregate_is_deterministic(report: dict, tmp_path: Path) -> None:
-    aggregate(list(reversed(report["runs"])), tmp_path / "s.csv", tmp_path / "c.csv")
+    runs = list(reversed(report["runs"]))
+    aggregate(runs, tmp_path / "s.csv", tmp_path / "c.csv", tmp_path / "samples.json")
     assert (tmp_path / "s.csv").read_bytes() == report["summary_csv"].read_bytes()
     assert (tmp_path / "c.csv").read_bytes() == report["curves_csv"].read_bytes()
+    samples = report["root"] / "samples.json"
+    assert (tmp_path / "samples.json").read_bytes() == samples.read_bytes()
+
+
+def test_aggregate_reads_logs_with_different_columns_and_relative_paths(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    runs = make_runs(tmp_path, samples=False)
+    monkeypatch.chdir(tmp_path)
+    relative = [
+        RunRef(r.experiment, r.arch, r.dataset, r.seed, r.run_dir.relative_to(tmp_path))
+        for r in runs
+    ]
+    aggregate(relative, Path("s.csv"), Path("c.csv"))
+    curves = read_curves(tmp_path / "c.csv")
+    per_run = curves.group_by("experiment", "seed").len()
+    assert per_run.height == len(runs)
+    assert curves["experiment"].null_count() == 0
+
+
+def test_collect_samples_keeps_each_experiments_first_seed(report: dict) -> None:
+    entries = read_json(report["root"] / "samples.json")
+    assert [(e["experiment"], e["seed"]) for e in entries] == sorted((name, 0) for name in ROWS)
+    chosen = read_samples(report["root"] / "samples.json")
+    assert chosen["gpt"]["sampled"] == NASTY and chosen["gpt"]["sample_seed"] == 0
+    assert read_samples(None) == {}
+
+
+def test_corrupt_sample_file_is_named(tmp_path: Path) -> None:
+    runs = make_runs(tmp_path)
+    bad = runs[0].run_dir / "samples.json"
+    write_json(bad, {"prompt": "x"})
+    with pytest.raises(ArchbenchError, match="corrupt sample file.*samples.json"):
+        aggregate(runs, tmp_path / "s.csv", tmp_path / "c.csv", tmp_path / "samples.json")
 
 
 def test_missing_eval_json_names_the_file(tmp_path: Path) -> None:
-    runs = make_runs(tmp_path)
+    runs = make_runs(tmp_path, samples=False)
     missing = runs[4].run_dir / "eval.json"
     missing.unlink()
     with pytest.raises(ArchbenchError, match="missing result file.*eval.json") as info:
@@ -171,19 +291,20 @@ def test_missing_eval_json_names_the_file(tmp_path: Path) -> None:
     ],
 )
 def test_corrupt_files_raise(tmp_path: Path, name: str, content: str, pattern: str) -> None:
-    runs = make_runs(tmp_path)
-    (runs[0].run_dir / name).write_text(content, encoding="utf-8")
-    with pytest.raises(ArchbenchError, match=pattern):
+    runs = make_runs(tmp_path, samples=False)
+    (runs[3].run_dir / name).write_text(content, encoding="utf-8")
+    with pytest.raises(ArchbenchError, match=pattern) as info:
         aggregate(runs, tmp_path / "s.csv", tmp_path / "c.csv")
+    assert str(runs[3].run_dir) in str(info.value)
 
 
 def test_duplicate_runs_raise(tmp_path: Path) -> None:
-    runs = make_runs(tmp_path)
+    runs = make_runs(tmp_path, samples=False)
     with pytest.raises(ArchbenchError, match="more than once"):
         aggregate([*runs, runs[0]], tmp_path / "s.csv", tmp_path / "c.csv")
 
 
-# ---------------------------------------------------------------- stats
+# ---------------------------------------------------------------- summary statistics
 
 
 def test_mean_ci_matches_hand_computed_t_interval() -> None:
@@ -208,32 +329,29 @@ def test_mean_ci_rejects_bad_confidence() -> None:
         mean_ci([1.0, 2.0], confidence=1.0)
 
 
-def test_summarize_one_row_per_experiment_and_metric(report: dict) -> None:
-    summary = pl.read_csv(report["summary_csv"])
-    stats = summarize(summary)
-    assert stats.columns == [
-        "experiment",
-        "arch",
-        "dataset",
-        "metric",
-        "n",
-        "mean",
-        "sd",
-        "ci_low",
-        "ci_high",
-        "half_width",
-    ]
-    assert stats.height == summary.select("experiment", "metric").unique().height
-    base = stats.filter((pl.col("experiment") == "base") & (pl.col("metric") == "val_loss")).row(
-        0, named=True
+def _long(values: dict[str, list[float]], metric: str = "val_loss") -> pl.DataFrame:
+    rows = [(e, "a", "d", s, metric, v) for e, vs in values.items() for s, v in enumerate(vs)]
+    return pl.DataFrame(
+        rows, schema=["experiment", "arch", "dataset", "seed", "metric", "value"], orient="row"
     )
-    assert (base["arch"], base["dataset"], base["n"]) == ("transformer", "tinystories", 3)
-    assert base["mean"] == pytest.approx(2.0)
-    assert base["sd"] == pytest.approx(1.0)
-    assert base["ci_low"] == pytest.approx(2.0 - HW_SD1_N3)
-    assert base["ci_high"] == pytest.approx(2.0 + HW_SD1_N3)
-    solo = stats.filter((pl.col("experiment") == "solo") & (pl.col("metric") == "val_loss"))
-    assert solo["n"].item() == 1 and math.isnan(solo["half_width"].item())
+
+
+def test_summarize_known_means_and_intervals() -> None:
+    stats = summarize(_long({"x": [1.0, 2.0, 3.0], "y": [4.0, 4.0, 4.0, 4.0], "z": [7.0]}))
+    assert stats.columns == ["experiment", "arch", "dataset", "metric", "n", "mean", "sd",
+                             "ci_low", "ci_high", "half_width"]  # fmt: skip
+    x, y, z = stats.iter_rows(named=True)
+    assert (x["n"], x["mean"], x["sd"]) == (3, 2.0, 1.0)
+    assert (x["ci_low"], x["ci_high"]) == pytest.approx((2.0 - HW_SD1_N3, 2.0 + HW_SD1_N3))
+    assert (y["mean"], y["sd"], y["half_width"]) == (4.0, 0.0, 0.0)
+    assert z["n"] == 1 and math.isnan(z["half_width"])
+
+
+def test_summarize_of_the_fixture(report: dict) -> None:
+    stats = summarize(pl.read_csv(report["summary_csv"]))
+    row = stats.filter((pl.col("experiment") == "gpt_gelu") & (pl.col("metric") == "val_loss"))
+    assert row["mean"].item() == pytest.approx(1.60)
+    assert row["half_width"].item() == pytest.approx(T_975_2 * 0.02 / math.sqrt(3))
 
 
 def test_summarize_rejects_inconsistent_arch() -> None:
@@ -253,14 +371,129 @@ def test_summarize_rejects_inconsistent_arch() -> None:
 
 def test_curve_bands_use_t_interval_or_min_max(report: dict) -> None:
     bands = curve_bands(read_curves(report["curves_csv"]), "val_loss")
-    base = bands.filter((pl.col("experiment") == "base") & (pl.col("step") == 40)).row(
-        0, named=True
-    )
-    assert (base["n"], base["tokens"]) == (3, 40 * 2048)
-    assert base["low"] == pytest.approx(2.0 - HW_SD1_N3)
-    assert base["high"] == pytest.approx(2.0 + HW_SD1_N3)
+    gpt = bands.filter((pl.col("experiment") == "gpt") & (pl.col("step") == 40)).row(0, named=True)
+    assert (gpt["n"], gpt["tokens"]) == (3, 40 * 2048)
+    half = T_975_2 * 0.01 / math.sqrt(3)
+    assert (gpt["low"], gpt["high"]) == pytest.approx((1.70 - half, 1.70 + half))
     solo = bands.filter(pl.col("experiment") == "solo")
     assert (solo["low"] == solo["mean"]).all() and (solo["high"] == solo["mean"]).all()
+
+
+# ---------------------------------------------------------------- tests, Holm, power
+
+
+def test_welch_and_paired_tests_match_scipy() -> None:
+    row, base = [1.60, 1.62, 1.58, 1.61], [1.70, 1.71, 1.69]
+    delta, p, se, df = welch_test(row, base)
+    expected = sps.ttest_ind(row, base, equal_var=False)
+    assert delta == pytest.approx(np.mean(row) - np.mean(base))
+    assert p == pytest.approx(expected.pvalue, rel=1e-10)
+    assert df == pytest.approx(expected.df, rel=1e-10)
+    differences = [r - b for r, b in zip(row, base, strict=False)]
+    delta, p, se, df = paired_test(differences)
+    assert p == pytest.approx(sps.ttest_rel(row[:3], base).pvalue, rel=1e-10)
+    assert df == 2 and se == pytest.approx(np.std(differences, ddof=1) / math.sqrt(3))
+
+
+def test_compare_pairs_by_seed_and_falls_back_to_welch() -> None:
+    base = {0: 1.70, 1: 1.75, 2: 1.65}
+    row = {seed: value - 0.01 for seed, value in base.items()}  # same shift on every seed
+    row[1] += 0.001
+    paired = compare(row, base)
+    assert paired.test == PAIRED and paired.n_pairs == 3
+    assert paired.p_value == paired.p_paired < 0.01 < 0.5 < paired.p_welch  # pairing removes spread
+    unpaired = compare({5: 1.69, 6: 1.74, 7: 1.64}, base)
+    assert unpaired.test == WELCH and unpaired.n_pairs == 0
+    assert unpaired.p_value == unpaired.p_welch and math.isnan(unpaired.p_paired)
+    single = compare({0: 1.6}, base)
+    assert single.test == "" and math.isnan(single.p_value) and math.isnan(single.mde)
+    assert single.delta == pytest.approx(1.6 - 1.70)
+
+
+def test_holm_on_a_known_case() -> None:
+    # sorted: 0.005*4 = 0.02, 0.01*3 = 0.03, 0.03*2 = 0.06, 0.04*1 -> max(0.06, 0.04) = 0.06
+    assert holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    adjusted = holm([0.5, float("nan"), 0.02])  # NaN is not part of the family
+    assert adjusted[0] == pytest.approx(0.5) and math.isnan(adjusted[1])
+    assert adjusted[2] == pytest.approx(0.04)
+    assert holm([0.9, 0.8]) == [1.0, 1.0]  # 0.8 * 2 capped at 1; monotone
+    assert holm([]) == []
+
+
+def test_power_reproduces_the_issues_numbers() -> None:
+    """sd 0.011 over 3 seeds per row: the normal approximation says ~0.025 nats; the exact
+    t-based answer is larger, 0.0338 (Welch, df 4)."""
+    sd, n = 0.011, 3
+    se = sd * math.sqrt(2 / n)
+    normal = (sps.norm.ppf(0.975) + sps.norm.ppf(0.8)) * se
+    assert normal == pytest.approx(0.025, abs=5e-4)
+    exact = minimum_detectable_effect(se, 2 * n - 2)
+    assert exact == pytest.approx(0.0338, abs=1e-4)
+    assert t_test_power(exact, se, 2 * n - 2) == pytest.approx(0.8)
+    assert seeds_needed(0.025, sd, paired=False) == 5
+    assert seeds_needed(exact * 1.001, sd, paired=False) == 3
+    assert seeds_needed(0.01, sd, paired=False) == 21
+    assert seeds_needed(1e-5, sd, paired=False) == math.inf
+    assert math.isnan(minimum_detectable_effect(0.0, 4))
+
+
+def test_pareto_front() -> None:
+    points = [(1.0, 3.0, "a"), (2.0, 2.0, "b"), (3.0, 2.5, "c"), (4.0, 1.0, "d")]
+    assert pareto_front([*points, (5.0, math.nan, "e")]) == ["a", "b", "d"]
+
+
+# ---------------------------------------------------------------- ablation axes
+
+
+def _axes_summary(experiments: list[dict]) -> list[tuple[str, str, list[tuple[str, str]]]]:
+    return [
+        (axis.key, " ".join(axis.fixed), [(p.experiment, p.label) for p in axis.points])
+        for axis in ablation_axes(experiments, SUITE_DEFAULTS)
+    ]
+
+
+def _row(name: str, arch: str = "gpt", dataset: str = "tiny", **overrides: str) -> dict:
+    return {"name": name, "arch": arch, "dataset": dataset, "overrides": overrides}
+
+
+def test_ablation_axes_group_rows_differing_in_one_key() -> None:
+    rows = [
+        _row("base"),
+        _row("gelu", mlp="gelu"),
+        _row("kv1", n_kv_heads="1"),
+        _row("kv2", n_kv_heads="2"),
+        _row("kv0", n_kv_heads="0"),  # equals the default: same value as base
+        _row("gelu_kv1", mlp="gelu", n_kv_heads="1"),
+        _row("l2", n_layer="2"),
+        _row("other_data", dataset="other", mlp="gelu"),
+        _row("mtp", arch="mtp", n_future="2"),
+    ]
+    assert _axes_summary(rows) == [
+        ("mlp", "", [("base", "swiglu (default)"), ("gelu", "gelu"), ("kv0", "swiglu (default)")]),
+        ("mlp", "n_kv_heads=1", [("kv1", "swiglu (default)"), ("gelu_kv1", "gelu")]),
+        ("n_kv_heads", "", [("base", "0 (default)"), ("kv0", "0"), ("kv1", "1"), ("kv2", "2")]),
+        ("n_kv_heads", "mlp=gelu", [("gelu", "0 (default)"), ("gelu_kv1", "1")]),
+        ("n_layer", "", [("l2", "2"), ("base", "4 (default)"), ("kv0", "4 (default)")]),
+    ]
+
+
+def test_a_new_row_with_a_new_value_joins_its_axis() -> None:
+    rows = [_row("fa", "future_attention"), _row("fa32", "future_attention", future_dim="32")]
+    (axis,) = ablation_axes(rows)
+    assert axis.numeric and [p.value for p in axis.points] == [0, 32]
+    (axis,) = ablation_axes([*rows, _row("fa8", "future_attention", future_dim="8")])
+    assert [p.experiment for p in axis.points] == ["fa", "fa8", "fa32"]
+    assert axis.title == "future_attention on tiny: future_dim"
+
+
+def test_ablation_axes_of_training_options_and_unknown_architectures() -> None:
+    rows = [_row("a"), _row("b", lr="0.003"), _row("c", lr="3e-3")]
+    (axis,) = ablation_axes(rows)
+    assert axis.key == "lr" and [p.label for p in axis.points] == ["0.001 (default)", "0.003",
+                                                                   "0.003"]  # fmt: skip
+    unknown = [_row("r1", "rnn"), _row("r2", "rnn", cell="gru"), _row("r3", "rnn", cell="lstm")]
+    (axis,) = ablation_axes(unknown)
+    assert [p.label for p in axis.points] == ["(default)", "gru", "lstm"] and not axis.numeric
 
 
 # ---------------------------------------------------------------- render
@@ -268,54 +501,131 @@ def test_curve_bands_use_t_interval_or_min_max(report: dict) -> None:
 
 def test_render_writes_pages_and_png_figures(report: dict) -> None:
     out = report["root"] / "report"
-    expected = ["index.md", "index.html", "figures/val_loss.png", "figures/train_loss.png"]
-    assert report["paths"] == [out / name for name in expected]
+    names = [path.relative_to(out).as_posix() for path in report["paths"]]
+    assert names[:4] == ["index.md", "index.html", "figures/val_loss.png",
+                         "figures/train_loss.png"]  # fmt: skip
+    assert names[4:] == [
+        "figures/axis00-gpt_tiny_mlp.png",
+        "figures/axis01-gpt_tiny_n_kv_heads.png",
+        "figures/axis02-gpt_tiny_n_layer.png",
+        "figures/pareto.png",
+        "figures/aux-future_attention.png",
+        "figures/blimp.png",
+    ]
     for path in report["paths"][2:]:
         data = path.read_bytes()
         assert data.startswith(b"\x89PNG\r\n\x1a\n") and len(data) > 1000
-    assert 'src="figures/val_loss.png"' in report["html"]
-    assert "](figures/train_loss.png)" in report["md"]
+        name = path.relative_to(out).as_posix()
+        assert f'src="{name}"' in report["html"] and f"]({name})" in report["md"]
 
 
 def test_render_is_deterministic(report: dict, tmp_path: Path) -> None:
-    paths = render_report(
-        report["summary_csv"],
-        report["curves_csv"],
-        tmp_path,
-        "test",
-        [{"name": "wide"}, {"name": "base"}],
-    )
+    paths = _render(report["root"], tmp_path)
     for again, first in zip(paths, report["paths"], strict=True):
-        assert again.read_bytes() == first.read_bytes()
+        assert again.read_bytes() == first.read_bytes(), again.name
 
 
 def test_report_tables_show_the_same_numbers(report: dict) -> None:
     md, page = report["md"], report["html"]
     assert md.startswith("# archbench report — suite test\n")
     assert "<title>archbench report — suite test</title>" in page
+    hw = T_975_2 * 0.01 / math.sqrt(3)
     for text in (md, page):
         assert "How to read this report" in text and "Per-seed values" in text
-        assert "2.0000 ± 2.4841" in text  # base val_loss
-        assert "1.6000 ± 0.2484" in text  # wide val_loss
-        assert "49.000 ± 0.000" in text and "0.81M" in text and "1.2e13" in text
-        for experiment in EXPERIMENTS:
+        assert f"1.7000 ± {hw:.4f}" in text  # gpt val_loss
+        assert "49.000 ± 0.000" in text and "0.81M" in text and "3.07M" in text
+        for experiment in ("gpt", "gpt\\_gelu" if text is md else "gpt_gelu", "solo"):
             assert experiment in text
-    row = next(line for line in md.splitlines() if line.startswith("| solo |"))
-    assert "| 1 |" in row and "| 2.5000 |" in row and "±" not in row.split("|")[8]
-    moe = next(line for line in md.splitlines() if line.startswith("| moe |"))
-    assert moe.split(" | ")[11] == "—"  # moe has no val_top5
+    row = _table_row(md, "Results", "solo")
+    assert row[3] == "1" and row[8] == "2.5000"  # one seed: no interval
 
 
 def test_report_follows_experiment_order(report: dict) -> None:
-    results = report["md"].split("## Results")[1].split("## Curves")[0]
+    results = _section(report["md"], "Results")
     rows = [line.split(" | ")[0][2:] for line in results.splitlines() if line.startswith("| ")]
-    assert rows == ["experiment", "wide", "base", "moe", "solo"]
+    assert rows == ["experiment", "gpt", "gpt\\_gelu", "gpt\\_mqa", "gpt\\_l6", "leaky", "solo"]
 
 
-def test_per_seed_section_lists_every_run(report: dict) -> None:
-    per_seed = report["md"].split("## Per-seed values")[1]
-    assert "| base | 2 | 3.0000 | 4.3281 |" in per_seed
-    assert sum(line.startswith("| ") for line in per_seed.splitlines()) == 1 + 10
+def test_comparisons_mark_wins_losses_noise_and_size(report: dict) -> None:
+    md = report["md"]
+    header = _table_row(md, "Comparisons with baselines", "experiment")
+    column = {name: i for i, name in enumerate(header)}
+    gelu = _table_row(md, "Comparisons with baselines", "gpt\\_gelu")
+    mqa = _table_row(md, "Comparisons with baselines", "gpt\\_mqa")
+    deep = _table_row(md, "Comparisons with baselines", "gpt\\_l6")
+    leaky = _table_row(md, "Comparisons with baselines", "leaky")
+    assert gelu[column["verdict"]] == "✔ significantly better"
+    assert deep[column["verdict"]] == "✘ significantly worse"
+    assert mqa[column["verdict"]] == "within noise"
+    assert leaky[column["verdict"]] == "EXCLUDED: failed the leak check"
+    assert gelu[column["deciding test"]] == "paired t"
+    # gelu: differences -0.10, -0.09, -0.11 -> paired p = 0.0027; Holm over 3 tests
+    p_gelu = sps.ttest_rel([1.60, 1.62, 1.58], [1.70, 1.71, 1.69]).pvalue
+    assert gelu[column["p (paired t)"]] == f"{p_gelu:.3f}"
+    assert gelu[column["Δ val loss (95% CI)"]].startswith("-0.1000 ± ")
+    assert deep[column["size"]] == "⚠ not size-matched (+47.8% parameters)"
+    assert mqa[column["size"]] == "matched" and mqa[column["parameters (vs baseline)"]] == (
+        "0.79M (-2.7%)"
+    )
+    assert "Power: " in md and "seeds cannot tell a real effect from noise" in md
+    assert 'class="win"' in report["html"] and 'class="loss"' in report["html"]
+
+
+def test_holm_is_applied_across_the_reports_comparisons(report: dict) -> None:
+    md = report["md"]
+    header = _table_row(md, "Comparisons with baselines", "experiment")
+    column = {name: i for i, name in enumerate(header)}
+    names = ["gpt\\_gelu", "gpt\\_mqa", "gpt\\_l6"]
+    rows = [_table_row(md, "Comparisons with baselines", name) for name in names]
+    base = ROWS["gpt"][4]
+    raw = [sps.ttest_rel(ROWS[n.replace("\\", "")][4], base).pvalue for n in names]
+    for row, adjusted in zip(rows, holm(raw), strict=True):
+        assert row[column["Holm p"]] == format_p(adjusted)
+
+
+def test_ablation_views_have_a_table_and_a_figure_per_axis(report: dict) -> None:
+    md = report["md"]
+    views = md.split("## Ablation views\n")[1].split("\n## Curves")[0]
+    assert "3 ablation axes" in views
+    assert "### gpt on tiny: n\\_layer" in views
+    assert "| 4 (default) | gpt |" in views and "| 6 | gpt\\_l6 |" in views
+    assert "| gelu | gpt\\_gelu |" in views
+    assert "](figures/axis02-gpt_tiny_n_layer.png)" in views
+
+
+def test_leak_check_failures_are_excluded_loudly(report: dict) -> None:
+    for page in (report["md"], report["html"]):
+        assert "Future leak detected" in page
+        assert "leaky (1 of 3 seeds)" in page
+        assert "FAIL (1 of 3 seeds)" in page
+        assert "excluded from every comparison" in page
+    assert "Left out (failed the leak check): leaky." in report["md"]
+
+
+def test_other_metrics_and_samples_are_shown(report: dict) -> None:
+    md = report["md"]
+    other = _section(md, "Other metrics")
+    assert "| metric | gpt | gpt\\_gelu | gpt\\_mqa | gpt\\_l6 |\n" in other
+    assert "| hellaswag\\_acc | 0.2600 ± 0.0248 | 0.2600 ± 0.0248 |" in other
+    assert "| blimp\\_morphology | 0.5600 ± 0.0248 |" in other
+    assert "blimp\\_adjunct\\_island" in other and "blimp\\_pairs" not in other
+    samples = md.split("## Samples\n")[1].split("\n## ")[0]
+    assert "### gpt\\_gelu (seed 0)" in samples and "sampled by gpt_gelu" in samples
+    assert "greedy gpt\\_mqa" not in samples  # verbatim inside a code fence, not escaped
+    assert "ROMEO:\ngreedy gpt_mqa" in samples
+    assert "sub-model L1.0, greedy:\n\n```text\nROMEO:\nsmall g\n```" in samples
+
+
+def test_samples_are_escaped_in_html_and_markdown(report: dict) -> None:
+    md, page = report["md"], report["html"]
+    assert "<script>" not in page and "\x00" not in page and "\u202e" not in page
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+    assert "⟨U+0000⟩⟨U+001B⟩[31m ⟨U+202E⟩evil" in page
+    fenced = md.split("### gpt (seed 0)")[1].split("###")[0]
+    assert "\n````text\nROMEO:\na <b>&amp; `x` ``` | *y* _z_⟨U+0000⟩" in fenced  # 4-tick fence
+    assert "\x00" not in md and "\u202e" not in md
+    description = "row gpt &lt;with&gt; \\| markup \\*chars\\*"
+    assert description in md and "row gpt &lt;with&gt; | markup *chars*" in page
 
 
 def test_unknown_experiment_in_order_raises(report: dict, tmp_path: Path) -> None:
@@ -325,26 +635,75 @@ def test_unknown_experiment_in_order_raises(report: dict, tmp_path: Path) -> Non
         )
 
 
+def test_declared_arch_must_match_results(report: dict, tmp_path: Path) -> None:
+    rows = experiment_rows()
+    rows[0] = {**rows[0], "arch": "mtp"}
+    with pytest.raises(ArchbenchError, match="'gpt'.*table says arch 'mtp'"):
+        render_report(report["summary_csv"], report["curves_csv"], tmp_path, "t", rows)
+
+
+def test_minimal_report_without_metadata_or_samples(tmp_path: Path) -> None:
+    runs = [r for r in make_runs(tmp_path, samples=False) if r.experiment in ("gpt", "solo")]
+    aggregate(runs, tmp_path / "s.csv", tmp_path / "c.csv")
+    paths = render_report(tmp_path / "s.csv", tmp_path / "c.csv", tmp_path / "r", "mini")
+    names = [p.name for p in paths]
+    assert names == ["index.md", "index.html", "val_loss.png", "train_loss.png", "pareto.png",
+                     "blimp.png"]  # fmt: skip
+    md = paths[0].read_text(encoding="utf-8")
+    assert "No row declares a baseline" in md and "## Samples" not in md
+    assert "## Ablation views" not in md and "## Experiments" not in md
+
+
 def test_escaping_of_special_characters() -> None:
     nasty = "a<b & c|d"
     assert escape_markdown(nasty) == "a&lt;b &amp; c\\|d"
+    assert escape_markdown("x_y *z* `q` [l](u)\n2") == "x\\_y \\*z\\* \\`q\\` \\[l\\](u) 2"
     table = Table(["h|x"], [[nasty]])
     assert markdown_table(table).splitlines() == ["| h\\|x |", "|---|", "| a&lt;b &amp; c\\|d |"]
     assert "<td>a&lt;b &amp; c|d</td>" in html_table(table)
-    page = html_page("s<&", table, table, ["figures/val_loss.png", "figures/train_loss.png"])
-    assert "suite s&lt;&amp;</h1>" in page and "a<b" not in page
+    sections = [Section("t<i>", [Paragraph("p <b>"), table, Preformatted("l", "</pre>")])]
+    page = html_page("s<&", sections)
+    assert "<h1>s&lt;&amp;</h1>" in page and "a<b" not in page and "<b>" not in page
+    assert '<pre class="sample">&lt;/pre&gt;</pre>' in page
+    md = markdown_page("s<&", sections)
+    assert md.startswith("# s\\<\\&\n") and "## t\\<i\\>" in md and "p \\<b\\>" in md
+    assert markdown_fence("``` x ````") == "`````text\n``` x ````\n`````"
 
 
 def test_number_formats() -> None:
     assert format_count(812000) == "0.81M"
     assert format_count(1.5e9) == "1.50B"
+    assert format_count(35_472) == "35.5k"
     assert format_scientific(1.2e13) == "1.2e13"
     assert format_scientific(3.0e-4) == "3.0e-4"
+    assert format_p(0.01234) == "0.012" and format_p(0.00012) == "1.2e-4"
 
 
-def test_leak_check_failures_are_marked_and_explained(report: dict) -> None:
-    for page in (report["md"], report["html"]):
-        assert "Future leak detected" in page
-        assert "moe (1 of 3 seeds)" in page
-        assert "FAIL (1 of 3 seeds)" in page
-        assert page.count("| pass |") == 3 or page.count("<td>pass</td>") == 3
+# ---------------------------------------------------------------- headless browser
+
+
+def _check_html(page: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(CHECK_SCRIPT), str(page), "--table", "results",
+         "--table", "comparisons"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+
+
+@pytest.mark.skipif(
+    not any(shutil.which(name) for name in ("chromium", "chromium-browser", "google-chrome")),
+    reason="headless Chromium is not installed (Debian: apt-get install chromium)",
+)
+def test_html_report_renders_in_headless_chromium(report: dict, tmp_path: Path) -> None:
+    done = _check_html(report["root"] / "report" / "index.html")
+    assert done.returncode == 0, done.stderr
+    assert "8 images loaded" in done.stdout and "#results (6 rows)" in done.stdout
+    broken = tmp_path / "broken"
+    shutil.copytree(report["root"] / "report", broken)
+    (broken / "figures" / "pareto.png").write_bytes(b"not a png")
+    page = (broken / "index.html").read_text(encoding="utf-8")
+    (broken / "index.html").write_text(page.replace('id="comparisons"', ""), encoding="utf-8")
+    done = _check_html(broken / "index.html")
+    assert done.returncode == 1
+    assert "broken image: figures/pareto.png" in done.stderr
+    assert "missing table: #comparisons" in done.stderr

@@ -1,52 +1,60 @@
-"""Render a suite report: Markdown and HTML pages with tables and loss-curve figures."""
+"""Render a suite report: report/<suite>/index.md, index.html and figures/*.png.
+
+The pages say, for every experiment, its mean ± 95% CI over seeds; for every row with a baseline,
+whether its difference is real (paired or Welch t-test, Holm-corrected across the report) and how
+large a difference these seeds could detect at all; for every ablation axis found in the table, a
+figure and a small table; then Pareto fronts, auxiliary-loss curves, BLiMP by field when present,
+and a generated sample per experiment.
+"""
 
 from __future__ import annotations
 
-import html
-import math
-from collections.abc import Callable
-from dataclasses import dataclass
+import re
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import polars as pl
-import seaborn as sns
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-from matplotlib.ticker import EngFormatter
 
 from archbench.errors import ArchbenchError
-from archbench.io import atomic_path, write_text
-from archbench.report.aggregate import read_curves, read_summary
-from archbench.report.stats import summarize, t_half_width
-
-CONFIDENCE = 0.95
-MISSING = "—"
-PALETTE = "colorblind"
-SMOOTHING_POINTS = 25  # train-loss curves are smoothed to about this many independent points
-
-Formatter = Callable[[float, float], str]
-
-
-@dataclass(frozen=True)
-class Table:
-    """A table of already formatted cells; the Markdown and HTML pages render the same one."""
-
-    headers: list[str]
-    rows: list[list[str]]
-
-
-@dataclass(frozen=True)
-class FigureSpec:
-    """One curve figure: the metric (also the file stem), its title and y-axis label."""
-
-    metric: str
-    title: str
-    ylabel: str
-
-
-FIGURES = (
-    FigureSpec("val_loss", "Validation loss", "validation loss (nats/token)"),
-    FigureSpec("train_loss", "Training loss", "training loss (nats/token)"),
+from archbench.io import write_text
+from archbench.report.aggregate import read_curves, read_samples, read_summary
+from archbench.report.axes import Axis, ablation_axes
+from archbench.report.document import (
+    Image,
+    Paragraph,
+    Preformatted,
+    Section,
+    html_page,
+    markdown_page,
+)
+from archbench.report.figures import (
+    FigureFile,
+    experiment_colours,
+    plot_aux,
+    plot_axis,
+    plot_blimp,
+    plot_curves,
+    plot_pareto,
+)
+from archbench.report.stats import ALPHA, MAX_SEEDS, PAIRED, POWER, WELCH, summarize
+from archbench.report.tables import (
+    CONFIDENCE,
+    MISSING,
+    PRIMARY,
+    SIZE_TOLERANCE,
+    axis_table,
+    comparison_table,
+    comparisons,
+    experiments_table,
+    leak_status,
+    leak_warning,
+    main_table,
+    metric_cells,
+    other_metrics_table,
+    per_seed_table,
+    per_seed_values,
+    power_summary,
 )
 
 
@@ -56,35 +64,106 @@ def render_report(
     out_dir: Path,
     suite: str,
     experiments: list[dict] | None = None,
+    samples_json: Path | None = None,
+    defaults: Mapping[str, Any] | None = None,
 ) -> list[Path]:
-    """Write index.md, index.html and figures/<metric>.png under `out_dir`; return their paths.
+    """Write index.md, index.html and figures/*.png under `out_dir`; return their paths.
 
     `experiments` describes the suite's rows in table order (name, arch, dataset, overrides,
     baseline, description); rows follow that order (experiments it omits come after it,
-    sorted); without it they are sorted by name. An experiment in the order but absent from
-    the data is an error.
+    sorted); without it they are sorted by name and nothing is compared. An experiment in the
+    order but absent from the data is an error. `samples_json` is the file written by
+    `collect_samples`; `defaults` the option values rows start from (the suite's model and
+    train sections), used to place rows without an override on their ablation axes.
     """
     out_dir = Path(out_dir)
     summary = read_summary(summary_csv)
     curves = read_curves(curves_csv)
-    requested = [e["name"] for e in experiments] if experiments else None
-    order = experiment_order(summary["experiment"].unique().to_list(), requested)
-    figures = [_plot_curves(curves, spec, order, out_dir) for spec in FIGURES]
-    main, per_seed = main_table(summary, order), per_seed_table(summary, order)
-    warning = leak_warning(leak_status(summary, order))
-    relative = [path.relative_to(out_dir).as_posix() for path in figures]
+    rows = list(experiments or [])
+    order = experiment_order(summary["experiment"].unique().to_list(), [e["name"] for e in rows])
+    identity = _identity(summary)
+    _check_rows(rows, identity)
+    rows = [
+        {"arch": identity[e["name"]][0], "dataset": identity[e["name"]][1], "overrides": {}, **e}
+        for e in rows
+    ]
+    stats = summarize(summary, CONFIDENCE)
+    cells = metric_cells(stats)
+    leaks = leak_status(summary, order)
+    excluded = {name for name, state in leaks.items() if state.startswith("FAIL")}
+    baselines = {e["name"]: e.get("baseline") for e in rows}
+    compared = comparisons(summary, order, baselines, leaks)
+    axes = ablation_axes(rows, defaults)
+    curve_figures, axis_figures, extra_figures = _draw_figures(
+        summary, curves, stats, order, identity, axes, excluded, out_dir / "figures"
+    )
+    seeds = {
+        name: n
+        for name, n in summary.group_by("experiment").agg(pl.col("seed").n_unique()).iter_rows()
+    }
+    sections = [
+        Section("How to read this report", [Paragraph(text) for text in how_to_read()]),
+        *_leak_section(leaks),
+        *([Section("Experiments", [experiments_table(rows)])] if rows else []),
+        Section("Results", [main_table(summary, order, cells, leaks)]),
+        _comparison_section(compared, cells),
+        *_axis_sections(axes, axis_figures, cells, leaks, seeds, out_dir),
+        Section("Curves", [_image(f, out_dir) for f in curve_figures + extra_figures]),
+        *_sample_sections(read_samples(samples_json), order),
+        *_other_metrics_section(stats, order),
+        Section("Per-seed values", [per_seed_table(summary, order)]),
+    ]
+    title = f"archbench report — suite {suite}"
     pages = [
-        (out_dir / "index.md", markdown_page(suite, main, per_seed, relative, warning)),
-        (out_dir / "index.html", html_page(suite, main, per_seed, relative, warning)),
+        (out_dir / "index.md", markdown_page(title, sections)),
+        (out_dir / "index.html", html_page(title, sections)),
     ]
     for path, text in pages:
         write_text(path, text)
-    return [path for path, _ in pages] + figures
+    figures = [*curve_figures, *axis_figures, *extra_figures]
+    return [path for path, _ in pages] + [figure.path for figure in figures]
+
+
+def _draw_figures(
+    summary: pl.DataFrame,
+    curves: pl.DataFrame,
+    stats: pl.DataFrame,
+    order: list[str],
+    identity: dict[str, tuple[str, str]],
+    axes: list[Axis],
+    excluded: set[str],
+    figures_dir: Path,
+) -> tuple[list[FigureFile], list[FigureFile], list[FigureFile]]:
+    """Draw every figure: (loss curves, one per ablation axis, Pareto / auxiliary / BLiMP)."""
+    colours = experiment_colours(order)
+    cells = metric_cells(stats)
+    curve_figures = [
+        plot_curves(curves, "val_loss", order, colours, figures_dir / "val_loss.png",
+                    "Validation loss", "validation loss (nats/token)"),
+        plot_curves(curves, "train_loss", order, colours, figures_dir / "train_loss.png",
+                    "Training loss (total, including auxiliary parts)",
+                    "training loss (nats/token)"),
+    ]  # fmt: skip
+    per_seed = per_seed_values(summary, PRIMARY)
+    axis_figures = [
+        plot_axis(axis, per_seed, cells, curves, colours, excluded,
+                  figures_dir / f"axis{index:02d}-{axis.slug}.png")
+        for index, axis in enumerate(axes)
+    ]  # fmt: skip
+    datasets = {e: identity[e][1] for e in order}
+    extra = [plot_pareto(cells, datasets, order, colours, excluded, figures_dir / "pareto.png")]
+    for arch in dict.fromkeys(identity[e][0] for e in order):
+        rows = [e for e in order if identity[e][0] == arch]
+        extra.append(
+            plot_aux(curves, arch, rows, colours, figures_dir / f"aux-{safe_name(arch)}.png")
+        )
+    extra.append(plot_blimp(stats, order, figures_dir / "blimp.png"))
+    return curve_figures, axis_figures, [f for f in extra if f is not None]
 
 
 def experiment_order(present: list[str], requested: list[str] | None) -> list[str]:
     """Order the experiments: `requested` first (unknown names are an error), the rest sorted."""
-    if requested is None:
+    if not requested:
         return sorted(present)
     unknown = [name for name in requested if name not in present]
     if unknown:
@@ -93,360 +172,152 @@ def experiment_order(present: list[str], requested: list[str] | None) -> list[st
     return first + sorted(set(present) - set(first))
 
 
-# ---------------------------------------------------------------- number formatting
+def _identity(summary: pl.DataFrame) -> dict[str, tuple[str, str]]:
+    """{experiment: (arch, dataset)} from the results."""
+    info = summary.group_by("experiment").agg(pl.col("arch").first(), pl.col("dataset").first())
+    return {name: (arch, dataset) for name, arch, dataset in info.iter_rows()}
 
 
-def format_interval(mean: float, half_width: float, decimals: int, scale: float = 1.0) -> str:
-    """Format "mean ± half-width" with fixed decimals; only the mean without a finite interval."""
-    if math.isnan(mean):
-        return MISSING
-    if math.isnan(half_width):
-        return f"{mean * scale:.{decimals}f}"
-    return f"{mean * scale:.{decimals}f} ± {half_width * scale:.{decimals}f}"
+def _check_rows(rows: list[dict], identity: dict[str, tuple[str, str]]) -> None:
+    """Raise when a row's declared arch or data set disagrees with its results."""
+    for row in rows:
+        found = identity.get(row["name"])
+        for index, key in enumerate(("arch", "dataset")):
+            if found and key in row and row[key] != found[index]:
+                raise ArchbenchError(
+                    f"experiment '{row['name']}': the table says {key} '{row[key]}', its "
+                    f"results say '{found[index]}'"
+                )
 
 
-def format_count(value: float) -> str:
-    """Format a parameter count in millions (or billions), e.g. 812000 -> "0.81M"."""
-    if math.isnan(value):
-        return MISSING
-    if value >= 1e9:
-        return f"{value / 1e9:.2f}B"
-    return f"{value / 1e6:.2f}M"
+def safe_name(text: str) -> str:
+    """`text` reduced to a file-name-safe form."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-") or "x"
 
 
-def format_scientific(value: float) -> str:
-    """Format a large number compactly with two significant digits, e.g. 1.2e13."""
-    if math.isnan(value):
-        return MISSING
-    mantissa, exponent = f"{value:.1e}".split("e")
-    return f"{mantissa}e{int(exponent)}"
+def _image(figure: FigureFile, out_dir: Path) -> Image:
+    """A page image for a written figure (path relative to the page)."""
+    return Image(figure.path.relative_to(out_dir).as_posix(), figure.title, figure.caption)
 
 
-def _interval(decimals: int, scale: float = 1.0) -> Formatter:
-    """A cell formatter for mean ± half-width."""
-    return lambda mean, half_width: format_interval(mean, half_width, decimals, scale)
+# ---------------------------------------------------------------- sections
 
 
-def _mean_only(format_value: Callable[[float], str]) -> Formatter:
-    """A cell formatter that shows the mean only (for quantities that do not vary by seed)."""
-    return lambda mean, _half_width: format_value(mean)
-
-
-METRIC_COLUMNS: tuple[tuple[str, str, Formatter], ...] = (
-    ("parameters", "n_params", _mean_only(format_count)),
-    ("train FLOPs", "train_flops", _mean_only(format_scientific)),
-    ("val loss", "val_loss", _interval(4)),
-    ("val bpb", "val_bpb", _interval(4)),
-    ("val ppl", "val_ppl", _interval(4)),
-    ("top-1 (%)", "val_top1", _interval(3, scale=100.0)),
-    ("top-5 (%)", "val_top5", _interval(3, scale=100.0)),
-    ("train seconds", "train_seconds", _interval(1)),
-    ("tokens/s", "train_tokens_per_s", _interval(0)),
-)
-PER_SEED_METRICS = ("val_loss", "val_bpb")
-
-
-# ---------------------------------------------------------------- tables
-
-
-def leak_status(summary: pl.DataFrame, order: list[str]) -> dict[str, str]:
-    """Per experiment: 'pass', 'FAIL (k of n seeds)' from `leak_check_passed`, or MISSING."""
-    checks = summary.filter(pl.col("metric") == "leak_check_passed")
-    failed = dict(
-        checks.group_by("experiment")
-        .agg((pl.col("value") < 1).sum().alias("failed"), pl.len().alias("n"))
-        .select("experiment", pl.struct("failed", "n"))
-        .iter_rows()
-    )
-    status = {}
-    for experiment in order:
-        counts = failed.get(experiment)
-        if counts is None:
-            status[experiment] = MISSING
-        elif counts["failed"]:
-            status[experiment] = f"FAIL ({counts['failed']} of {counts['n']} seeds)"
-        else:
-            status[experiment] = "pass"
-    return status
-
-
-def leak_warning(status: dict[str, str]) -> str | None:
-    """The warning paragraph naming experiments that failed the leak check, or None."""
-    failed = [
-        f"{name} ({state.removeprefix('FAIL (').rstrip(')')})"
-        for name, state in status.items()
-        if state.startswith("FAIL")
-    ]
-    if not failed:
-        return None
-    return (
-        "These experiments failed the automatic future-leak check: their logits at position t "
-        "changed when tokens after t changed, or the full-sequence logits differ from those of "
-        "the prefixes run alone. Their losses are not valid language-model scores and must not "
-        "be compared with the others: " + "; ".join(failed) + "."
-    )
-
-
-def main_table(summary: pl.DataFrame, order: list[str]) -> Table:
-    """One row per experiment: identity, seed count, size and mean ± half-width of metrics."""
-    stats = summarize(summary, CONFIDENCE)
-    cells = {
-        (experiment, metric): (mean, half_width)
-        for experiment, metric, mean, half_width in stats.select(
-            "experiment", "metric", "mean", "half_width"
-        ).iter_rows()
-    }
-    info = summary.group_by("experiment").agg(
-        pl.col("arch").first(), pl.col("dataset").first(), pl.col("seed").n_unique()
-    )
-    identity = {row[0]: row[1:] for row in info.iter_rows()}
-    leaks = leak_status(summary, order)
-    rows = []
-    for experiment in order:
-        arch, dataset, seeds = identity[experiment]
-        values = [
-            fmt(*cells.get((experiment, metric), (math.nan, math.nan)))
-            for _, metric, fmt in METRIC_COLUMNS
-        ]
-        rows.append([experiment, arch, dataset, str(seeds), leaks[experiment], *values])
-    headers = [
-        "experiment",
-        "arch",
-        "dataset",
-        "seeds (n)",
-        "leak check",
-        *(h for h, _, _ in METRIC_COLUMNS),
-    ]
-    return Table(headers, rows)
-
-
-def per_seed_table(summary: pl.DataFrame, order: list[str]) -> Table:
-    """One row per experiment × seed with the raw validation metrics behind the means."""
-    values = {
-        (experiment, seed, metric): value
-        for experiment, seed, metric, value in summary.filter(
-            pl.col("metric").is_in(PER_SEED_METRICS)
-        )
-        .select("experiment", "seed", "metric", "value")
-        .iter_rows()
-    }
-    seeds = summary.group_by("experiment").agg(pl.col("seed").unique().sort())
-    seeds_of = dict(seeds.iter_rows())
-    rows = [
-        [
-            experiment,
-            str(seed),
-            *(
-                format_interval(values.get((experiment, seed, metric), math.nan), math.nan, 4)
-                for metric in PER_SEED_METRICS
-            ),
-        ]
-        for experiment in order
-        for seed in seeds_of[experiment]
-    ]
-    return Table(["experiment", "seed", *PER_SEED_METRICS], rows)
-
-
-# ---------------------------------------------------------------- pages
-
-
-def _how_to_read() -> str:
-    """The explanatory paragraph shared by both pages (plain text, no markup)."""
+def how_to_read() -> list[str]:
+    """The explanatory paragraphs at the top of both pages (plain text)."""
     percent = f"{CONFIDENCE:.0%}"
-    return (
-        f"Each metric cell shows the mean over the n seeds of an experiment ± the half-width "
-        f"of a two-sided {percent} Student-t confidence interval for that mean; with n = 1 "
-        f"there is no interval and only the value is shown. Lower loss, bits per byte (bpb) "
-        f"and perplexity (ppl) are better; higher top-1/top-5 accuracy is better. Parameter "
-        f"counts and training FLOPs are listed so that architectures can be compared at "
-        f"matched size and compute. 'leak check' says whether every seed's checkpoint passed "
-        f"the automatic future-leak test (logits at position t unchanged when later tokens "
-        f"change; full-sequence logits equal to prefix logits). {MISSING} marks a metric that "
-        f"was not recorded. The "
-        f"curves show the mean across seeds with a band of ± the same t half-width (min–max "
-        f"where fewer than two seeds logged a step)."
-    )
-
-
-def escape_markdown(text: str) -> str:
-    """Escape text for a GitHub Markdown table cell.
-
-    `|` is backslash-escaped, `&`, `<` and `>` become entities (so no raw HTML gets through)
-    and line breaks become spaces.
-    """
-    text = text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
-    return text.replace("|", "\\|").replace("\r", " ").replace("\n", " ")
-
-
-def markdown_table(table: Table) -> str:
-    """Render `table` as a GitHub pipe table."""
-
-    def line(cells: list[str]) -> str:
-        return "| " + " | ".join(escape_markdown(cell) for cell in cells) + " |"
-
-    rule = "|" + "|".join("---" for _ in table.headers) + "|"
-    return "\n".join([line(table.headers), rule, *(line(row) for row in table.rows)])
-
-
-def html_table(table: Table) -> str:
-    """Render `table` as an HTML table; every cell is HTML-escaped."""
-    head = "".join(f"<th>{html.escape(cell)}</th>" for cell in table.headers)
-    body = "\n".join(
-        "<tr>" + "".join(f"<td>{html.escape(cell)}</td>" for cell in row) + "</tr>"
-        for row in table.rows
-    )
-    return f"<table>\n<thead><tr>{head}</tr></thead>\n<tbody>\n{body}\n</tbody>\n</table>"
-
-
-def markdown_page(
-    suite: str, main: Table, per_seed: Table, figures: list[str], warning: str | None = None
-) -> str:
-    """The whole report as Markdown; `figures` are image paths relative to the page."""
-    images = [
-        f"![{escape_markdown(spec.title)}]({path})"
-        for spec, path in zip(FIGURES, figures, strict=True)
+    return [
+        f"Results: each metric cell is the mean over the n seeds of an experiment ± the "
+        f"half-width of a two-sided {percent} Student-t confidence interval for that mean "
+        f"(n = 1: the value alone). Lower loss, bits per byte (bpb) and perplexity (ppl) are "
+        f"better; higher top-1/top-5 accuracy is better. Parameters, training tokens, FLOPs "
+        f"and wall time stand beside the scores because comparisons are only fair at matched "
+        f"size and compute. 'leak check' says whether every seed's checkpoint passed the "
+        f"automatic future-leak test; rows that failed are excluded from every comparison. "
+        f"{MISSING} marks a value that was not recorded.",
+        f"Comparisons: each row with a baseline is compared on validation loss (Δ = row − "
+        f"baseline, negative is better). Every seed gives every row the same data order, so "
+        f"rows are paired by seed and the {PAIRED}-test on per-seed differences decides when "
+        f"at least two seeds are shared; otherwise {WELCH}-test (unequal variances) decides. "
+        f"Both p-values are listed and the 'deciding test' column names the one used. Holm's "
+        f"correction across all comparisons of this report keeps the chance of any false "
+        f"'significant' at {ALPHA:.0%}: a row is 'significantly better/worse' only when its "
+        f"Holm p < {ALPHA}, else 'within noise'. Rows whose parameter count differs from the "
+        f"baseline's by more than {SIZE_TOLERANCE:.0%} are flagged as not size-matched.",
+        f"Power: 'detectable Δ' is the smallest true difference the deciding test would find "
+        f"with {POWER:.0%} probability at these seeds and the observed spread (exact, from the "
+        f"noncentral t distribution); a smaller observed Δ cannot be told from noise. 'seeds "
+        f"to detect this Δ' is how many seeds per row would find the observed Δ with "
+        f"{POWER:.0%} power (> {MAX_SEEDS}: practically never).",
+        "Ablation views: rows with the same architecture and data set that differ in exactly "
+        "one option form an axis; each axis has a table, the final validation loss against "
+        "the option's value (mean with 95% CI, dots = seeds) and the rows' validation curves. "
+        "Curves show the mean over seeds with a 95% t-interval band (min–max where fewer than "
+        "two seeds logged a step). Samples are continuations of a fixed prompt by the first "
+        "seed's checkpoint, greedy and sampled, shown verbatim.",
     ]
-    parts = [
-        f"# archbench report — suite {escape_markdown(suite)}",
-        "## How to read this report",
-        _how_to_read(),
-        *([f"## ⚠ Future leak detected\n\n**{escape_markdown(warning)}**"] if warning else []),
-        "## Results",
-        markdown_table(main),
-        "## Curves",
-        *images,
-        "## Per-seed values",
-        markdown_table(per_seed),
-    ]
-    return "\n\n".join(parts) + "\n"
 
 
-_CSS = """
-body { font-family: system-ui, sans-serif; max-width: 80rem; margin: 2rem auto;
-       padding: 0 1rem; color: #222; line-height: 1.45; }
-table { border-collapse: collapse; font-size: 0.9rem; margin: 1rem 0; }
-th, td { border: 1px solid #ccc; padding: 0.25rem 0.6rem; }
-th { background: #f2f2f2; }
-td { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
-td:first-child { text-align: left; }
-img { max-width: 100%; height: auto; }
-.warning { color: #a50000; }
-"""
-
-
-def html_page(
-    suite: str, main: Table, per_seed: Table, figures: list[str], warning: str | None = None
-) -> str:
-    """The whole report as one self-contained HTML page (inline CSS, relative image paths)."""
-    title = html.escape(f"archbench report — suite {suite}")
-    images = "\n".join(
-        f'<figure><img src="{html.escape(path)}" alt="{html.escape(spec.title)}"></figure>'
-        for spec, path in zip(FIGURES, figures, strict=True)
-    )
-    return f"""<!DOCTYPE html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<title>{title}</title>
-<style>{_CSS}</style>
-</head>
-<body>
-<h1>{title}</h1>
-<h2>How to read this report</h2>
-<p>{html.escape(_how_to_read())}</p>
-{_html_warning(warning)}<h2>Results</h2>
-{html_table(main)}
-<h2>Curves</h2>
-{images}
-<h2>Per-seed values</h2>
-{html_table(per_seed)}
-</body>
-</html>
-"""
-
-
-def _html_warning(warning: str | None) -> str:
-    """The leak warning as an HTML section, or nothing."""
+def _leak_section(leaks: dict[str, str]) -> list[Section]:
+    """The loud warning about failed leak checks, if any."""
+    warning = leak_warning(leaks)
     if warning is None:
-        return ""
-    return (
-        f'<h2 class="warning">⚠ Future leak detected</h2>\n'
-        f'<p class="warning"><strong>{html.escape(warning)}</strong></p>\n'
+        return []
+    return [Section("Future leak detected", [Paragraph(warning, warning=True)], warning=True)]
+
+
+def _comparison_section(compared: list, cells: dict) -> Section:
+    """Comparisons with baselines, the power summary, or why there are none."""
+    if not compared:
+        text = "No row declares a baseline in this suite, so nothing is compared."
+        return Section("Comparisons with baselines", [Paragraph(text)])
+    blocks: list = [comparison_table(compared, cells)]
+    power = power_summary(compared)
+    if power:
+        blocks.append(Paragraph(power))
+    return Section("Comparisons with baselines", blocks)
+
+
+def _axis_sections(
+    axes: list[Axis],
+    figures: list[FigureFile],
+    cells: dict,
+    leaks: dict[str, str],
+    seeds: dict[str, int],
+    out_dir: Path,
+) -> list[Section]:
+    """An overview section and one sub-section (table + figure) per ablation axis."""
+    if not axes:
+        return []
+    intro = Paragraph(
+        f"{len(axes)} ablation axes were found in the experiments table (rows of one "
+        f"architecture and data set that differ in exactly one option)."
     )
+    return [
+        Section("Ablation views", [intro]),
+        *(
+            Section(axis.title, [axis_table(axis, cells, leaks, seeds), _image(figure, out_dir)], 3)
+            for axis, figure in zip(axes, figures, strict=True)
+        ),
+    ]
 
 
-# ---------------------------------------------------------------- figures
-
-
-def smoothing_window(curves: pl.DataFrame, metric: str) -> int:
-    """Rolling-mean window giving the longest run's `metric` curve ~SMOOTHING_POINTS points."""
-    lengths = curves.filter(pl.col("metric") == metric).group_by("experiment", "seed").len()
-    longest = int(lengths["len"].max() or 0)
-    return max(1, longest // SMOOTHING_POINTS)
-
-
-def curve_bands(curves: pl.DataFrame, metric: str, window: int = 1) -> pl.DataFrame:
-    """Per experiment and step: mean over seeds and a band (mean ± t half-width, or min–max
-    where fewer than two seeds logged the step), after a per-seed trailing rolling mean of
-    `window` logged steps. NaN values are ignored. Columns: experiment, step, tokens, n,
-    mean, low, high; sorted by experiment and step.
-    """
-    points = (
-        curves.filter((pl.col("metric") == metric) & pl.col("value").is_not_nan())
-        .sort("experiment", "seed", "step")
-        .with_columns(
-            pl.col("value").rolling_mean(window, min_samples=1).over("experiment", "seed")
-        )
-        .group_by("experiment", "step")
-        .agg(
-            pl.col("tokens").mean(),
-            pl.len().alias("n"),
-            pl.col("value").mean().alias("mean"),
-            pl.col("value").std().alias("sd"),
-            pl.col("value").min().alias("min"),
-            pl.col("value").max().alias("max"),
-        )
-        .sort("experiment", "step")
+def _sample_sections(samples: dict[str, dict], order: list[str]) -> list[Section]:
+    """One generated sample per experiment (greedy and sampled), verbatim."""
+    present = [name for name in order if name in samples]
+    if not present:
+        return []
+    first = samples[present[0]]
+    intro = Paragraph(
+        f"Each experiment's first seed continues the prompt {first.get('prompt', '')!r} by "
+        f"{first.get('length', '?')} tokens through the same forward pass that evaluation "
+        f"scores: greedy (most likely token) and sampled (temperature "
+        f"{first.get('temperature', '?')}, top-k {first.get('top_k', '?')}, sampling seed "
+        f"{first.get('sample_seed', '?')})."
     )
-    half = [t_half_width(sd, n, CONFIDENCE) for sd, n in points.select("sd", "n").iter_rows()]
-    band = pl.Series("half", half, dtype=pl.Float64)
-    two = pl.col("n") >= 2
-    return points.with_columns(band).select(
-        "experiment",
-        "step",
-        "tokens",
-        "n",
-        "mean",
-        pl.when(two).then(pl.col("mean") - pl.col("half")).otherwise("min").alias("low"),
-        pl.when(two).then(pl.col("mean") + pl.col("half")).otherwise("max").alias("high"),
-    )
+    sections = [Section("Samples", [intro])]
+    for name in present:
+        sample = samples[name]
+        prompt = str(sample.get("prompt", ""))
+        sources = [("", sample), *((f"sub-model {k}, ", v) for k, v in _nested(sample))]
+        blocks = [
+            Preformatted(f"{source}{kind}:", prompt + str(texts.get(kind, "")))
+            for source, texts in sources
+            for kind in ("greedy", "sampled")
+        ]
+        sections.append(Section(f"{name} (seed {sample.get('seed', '?')})", blocks, level=3))
+    return sections
 
 
-def _plot_curves(curves: pl.DataFrame, spec: FigureSpec, order: list[str], out_dir: Path) -> Path:
-    """Draw one curve figure (one colour per experiment, fixed by `order`) and save it."""
-    window = smoothing_window(curves, spec.metric) if spec.metric == "train_loss" else 1
-    bands = curve_bands(curves, spec.metric, window)
-    title = spec.title + (f" (rolling mean over {window} logged steps)" if window > 1 else "")
-    colours = dict(zip(order, sns.color_palette(PALETTE, n_colors=len(order)), strict=True))
-    path = out_dir / "figures" / f"{spec.metric}.png"
-    with sns.axes_style("whitegrid"):
-        figure = Figure(figsize=(8, 4.8), layout="constrained")
-        FigureCanvasAgg(figure)
-        axes = figure.add_subplot()
-        for experiment in order:
-            band = bands.filter(pl.col("experiment") == experiment)
-            if band.height:
-                tokens = band["tokens"].to_numpy()
-                colour = colours[experiment]
-                axes.plot(tokens, band["mean"].to_numpy(), color=colour, label=experiment)
-                low, high = band["low"].to_numpy(), band["high"].to_numpy()
-                axes.fill_between(tokens, low, high, color=colour, alpha=0.2)
-        if bands.height:
-            axes.legend(title="experiment", fontsize="small")
-            axes.xaxis.set_major_formatter(EngFormatter())
-        else:
-            axes.text(0.5, 0.5, "no data recorded", ha="center", transform=axes.transAxes)
-        axes.set(title=title, xlabel="training tokens", ylabel=spec.ylabel)
-        with atomic_path(path) as tmp:
-            figure.savefig(tmp, format="png", dpi=110)
-    return path
+def _nested(sample: dict) -> list[tuple[str, dict]]:
+    """The (name, texts) of a sample's sub-models, if it has any."""
+    nested = sample.get("submodels")
+    if not isinstance(nested, dict):
+        return []
+    return [(str(k), v) for k, v in nested.items() if isinstance(v, dict)]
+
+
+def _other_metrics_section(stats: pl.DataFrame, order: list[str]) -> list[Section]:
+    """Every other recorded metric (lm-eval, synthetic tasks, BLiMP fields), if any."""
+    table = other_metrics_table(stats, order)
+    return [Section("Other metrics", [table])] if table else []

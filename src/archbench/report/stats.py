@@ -1,12 +1,20 @@
-"""Summary statistics over seeds: means with two-sided Student-t confidence intervals."""
+"""Statistics over seeds: t confidence intervals, tests against a baseline, Holm, and power.
+
+Seeds are few (typically three), so every number here is exact for small samples: Student-t
+intervals, Welch's and the paired t-test, Holm's step-down correction across a report's
+comparisons, and power from the noncentral t distribution (not the normal approximation, which
+at three seeds overstates what can be resolved by about a third).
+"""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import numpy as np
 import polars as pl
+from scipy import optimize
 from scipy import stats as sps
 
 from archbench.errors import ArchbenchError, ConfigError
@@ -82,3 +90,188 @@ def summarize(summary: pl.DataFrame, confidence: float = 0.95) -> pl.DataFrame:
         low, high = mean - half_width, mean + half_width
         rows.append((experiment, arch, dataset, metric, n, mean, sd, low, high, half_width))
     return pl.DataFrame(rows, schema=SUMMARY_STATS_SCHEMA, orient="row")
+
+
+# ---------------------------------------------------------------- comparisons with a baseline
+
+ALPHA = 0.05  # two-sided significance level after the Holm correction
+POWER = 0.8  # the power at which minimum detectable effects and seed counts are quoted
+MAX_SEEDS = 1000  # seed counts above this are reported as "more than MAX_SEEDS"
+PAIRED = "paired t"
+WELCH = "Welch t"
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """A row against its baseline on one metric (row − baseline; NaN where undefined).
+
+    `test` is the test whose p-value decides (PAIRED when at least two seeds are shared, else
+    WELCH, else "" when there are too few seeds); `p_welch` and `p_paired` are both kept.
+    `mde` is the smallest |Δ| that test would detect with probability POWER at level ALPHA,
+    given the observed spread and seeds; `seeds_needed` is the seed count (per row) at which the
+    observed |Δ| would be detected with that power (inf when Δ = 0 or beyond MAX_SEEDS).
+    """
+
+    n_row: int
+    n_base: int
+    n_pairs: int
+    delta: float
+    half_width: float
+    test: str
+    p_value: float
+    p_welch: float
+    p_paired: float
+    mde: float
+    seeds_needed: float
+
+
+def _finite(values: Iterable[float]) -> np.ndarray:
+    """The finite values as a float array."""
+    array = np.asarray(list(values), dtype=float)
+    return array[np.isfinite(array)]
+
+
+def welch_test(row: Iterable[float], base: Iterable[float]) -> tuple[float, float, float, float]:
+    """Welch's unequal-variance t-test of mean(row) − mean(base).
+
+    Returns (delta, p, standard error, Welch–Satterthwaite df); p, se and df are NaN with fewer
+    than two values on either side, and p is NaN when both sides have zero spread.
+    """
+    a, b = _finite(row), _finite(base)
+    delta = float(a.mean() - b.mean()) if a.size and b.size else math.nan
+    if a.size < 2 or b.size < 2:
+        return delta, math.nan, math.nan, math.nan
+    va, vb = a.var(ddof=1) / a.size, b.var(ddof=1) / b.size
+    se = math.sqrt(va + vb)
+    if se == 0.0:
+        return delta, math.nan, 0.0, math.nan
+    df = (va + vb) ** 2 / (va**2 / (a.size - 1) + vb**2 / (b.size - 1))
+    p = 2.0 * float(sps.t.sf(abs(delta) / se, df))
+    return delta, p, se, df
+
+
+def paired_test(differences: Iterable[float]) -> tuple[float, float, float, float]:
+    """Paired t-test on per-seed differences (row − baseline at the same seed).
+
+    Returns (mean difference, p, standard error, df = n − 1); NaN where undefined (fewer than
+    two pairs; p also when the differences have zero spread).
+    """
+    d = _finite(differences)
+    delta = float(d.mean()) if d.size else math.nan
+    if d.size < 2:
+        return delta, math.nan, math.nan, math.nan
+    se = float(d.std(ddof=1)) / math.sqrt(d.size)
+    if se == 0.0:
+        return delta, math.nan, 0.0, math.nan
+    df = d.size - 1
+    return delta, 2.0 * float(sps.t.sf(abs(delta) / se, df)), se, df
+
+
+def holm(p_values: Iterable[float]) -> list[float]:
+    """Holm's step-down adjusted p-values, in the input order; NaN entries stay NaN and are
+    not counted in the family.
+
+    The k-th smallest of m p-values is multiplied by m − k + 1; adjusted values are made
+    monotone (a running maximum) and capped at 1. Rejecting where adjusted p < alpha controls
+    the family-wise error rate at alpha.
+    """
+    values = [float(p) for p in p_values]
+    ranked = sorted((p, i) for i, p in enumerate(values) if not math.isnan(p))
+    adjusted = [math.nan] * len(values)
+    running = 0.0
+    for k, (p, i) in enumerate(ranked):
+        running = max(running, min(1.0, (len(ranked) - k) * p))
+        adjusted[i] = running
+    return adjusted
+
+
+def t_test_power(effect: float, se: float, df: float, alpha: float = ALPHA) -> float:
+    """Power of a two-sided level-`alpha` t-test with standard error `se` and `df` degrees of
+    freedom against a true difference `effect` (exact, via the noncentral t distribution)."""
+    critical = float(sps.t.ppf(1.0 - alpha / 2.0, df))
+    noncentrality = abs(effect) / se
+    upper = float(sps.nct.sf(critical, df, noncentrality))
+    lower = float(sps.nct.cdf(-critical, df, noncentrality))  # < alpha/2; NaN on underflow
+    return upper + (0.0 if math.isnan(lower) else lower)
+
+
+def minimum_detectable_effect(
+    se: float, df: float, alpha: float = ALPHA, power: float = POWER
+) -> float:
+    """The smallest |difference| a two-sided t-test (`se`, `df`) detects with `power`.
+
+    NaN when se or df is not a positive finite number.
+    """
+    if not (math.isfinite(se) and se > 0 and math.isfinite(df) and df > 0):
+        return math.nan
+    upper = 1.0
+    while t_test_power(upper, 1.0, df, alpha) < power:
+        upper *= 2.0
+    nc = optimize.brentq(lambda x: t_test_power(x, 1.0, df, alpha) - power, 0.0, upper)
+    return float(nc) * se
+
+
+def seeds_needed(
+    effect: float, sd: float, paired: bool, alpha: float = ALPHA, power: float = POWER
+) -> float:
+    """Seeds per row for a t-test to detect `effect` with `power`; inf beyond MAX_SEEDS.
+
+    Paired: `sd` is the sd of per-seed differences, se = sd/√n, df = n − 1. Unpaired: `sd` is
+    the per-run sd (taken equal for both rows), se = sd·√(2/n), df = 2n − 2. NaN when sd is not
+    a positive finite number; inf when effect is 0.
+    """
+    if not (math.isfinite(sd) and sd > 0 and math.isfinite(effect)):
+        return math.nan
+    if effect == 0:
+        return math.inf
+
+    def enough(n: int) -> bool:
+        se = sd / math.sqrt(n) if paired else sd * math.sqrt(2.0 / n)
+        return t_test_power(effect, se, n - 1 if paired else 2 * n - 2, alpha) >= power
+
+    if not enough(MAX_SEEDS):
+        return math.inf
+    low, high = 1, MAX_SEEDS  # enough(high) holds; find the smallest such n
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (low, middle) if enough(middle) else (middle, high)
+    return float(high)
+
+
+def compare(row: dict[int, float], base: dict[int, float], confidence: float = 0.95) -> Comparison:
+    """Compare a row's per-seed values with its baseline's (both keyed by seed).
+
+    The same seed gives both rows the same data order, so when at least two seeds are shared
+    the paired t-test on per-seed differences decides; otherwise Welch's test on all seeds.
+    `half_width` is the t half-width of Δ from the deciding test's se and df.
+    """
+    row = {s: v for s, v in row.items() if math.isfinite(v)}
+    base = {s: v for s, v in base.items() if math.isfinite(v)}
+    shared = sorted(row.keys() & base.keys())
+    differences = [row[s] - base[s] for s in shared]
+    welch = welch_test(row.values(), base.values())
+    paired = paired_test(differences)
+    if len(shared) >= 2:
+        test, (delta, p, se, df) = PAIRED, paired
+        spread = float(np.std(differences, ddof=1))
+    elif len(row) >= 2 and len(base) >= 2:
+        test, (delta, p, se, df) = WELCH, welch
+        spread = math.sqrt(
+            (np.var(list(row.values()), ddof=1) + np.var(list(base.values()), ddof=1)) / 2
+        )
+    else:
+        test, (delta, p, se, df), spread = "", welch, math.nan
+    quantile = float(sps.t.ppf(0.5 + confidence / 2.0, df)) if df == df else math.nan
+    return Comparison(
+        n_row=len(row),
+        n_base=len(base),
+        n_pairs=len(shared),
+        delta=delta,
+        half_width=quantile * se if test else math.nan,
+        test=test,
+        p_value=p if test else math.nan,
+        p_welch=welch[1],
+        p_paired=paired[1],
+        mde=minimum_detectable_effect(se, df) if test else math.nan,
+        seeds_needed=seeds_needed(delta, spread, paired=test == PAIRED) if test else math.nan,
+    )

@@ -1,0 +1,150 @@
+"""Ablation axes, derived from the experiments table itself.
+
+Rows that share an architecture and a data set and differ in exactly one option form an ablation
+axis along that option: for example `future_attention` (no overrides), `future_attention_f32`
+(`future_dim=32`) and `future_attention_f64` (`future_dim=64`) form the `future_dim` axis. A row
+without the key counts as having the default value: the suite's value when `defaults` gives one,
+else the option's registry default (model options of the architecture, then training options).
+Values are compared after conversion to the option's type, so `future_dim=0` and an absent key
+whose default is 0 are the same point. A new row with a new value joins its axis with no code
+change.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from archbench.errors import ArchbenchError, ConfigError
+from archbench.models import ARCHITECTURES, list_options
+from archbench.options import Option, options_of
+from archbench.train import TrainConfig
+
+UNKNOWN_DEFAULT = "(default)"  # the value of an absent key whose default is not known
+
+
+@dataclass(frozen=True)
+class AxisPoint:
+    """One row on an axis: its value of the axis key (typed), and whether that is the default."""
+
+    experiment: str
+    value: Any
+    is_default: bool
+
+    @property
+    def label(self) -> str:
+        """The value as shown in tables and on the x axis ("32", "mse", "4 (default)")."""
+        text = str(self.value)
+        return f"{text} (default)" if self.is_default and text != UNKNOWN_DEFAULT else text
+
+
+@dataclass(frozen=True)
+class Axis:
+    """Rows of one (arch, dataset) that agree on every option except `key`.
+
+    `fixed` lists the other overrides the rows share (key=value, sorted); `points` are in
+    increasing value order when every value is a number, else in table order.
+    """
+
+    arch: str
+    dataset: str
+    key: str
+    fixed: tuple[str, ...]
+    points: tuple[AxisPoint, ...]
+
+    @property
+    def numeric(self) -> bool:
+        """Whether every value is an int or float (then the axis is drawn on a number line)."""
+        return all(_is_number(p.value) for p in self.points)
+
+    @property
+    def title(self) -> str:
+        """A heading such as "future_attention on shakespeare_char: future_dim"."""
+        context = f" (with {' '.join(self.fixed)})" if self.fixed else ""
+        return f"{self.arch} on {self.dataset}: {self.key}{context}"
+
+    @property
+    def slug(self) -> str:
+        """A file-name-safe identifier, unique within a report."""
+        parts = [self.arch, self.dataset, self.key, *self.fixed]
+        return re.sub(r"[^A-Za-z0-9_.-]+", "-", "_".join(parts)).strip("-")
+
+
+def _is_number(value: Any) -> bool:
+    """True for int and float values (bool excluded)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _option(arch: str, key: str) -> Option | None:
+    """The declared option `key` of `arch` (model first, then training), or None if unknown."""
+    model = list_options(arch) if arch in ARCHITECTURES else {}
+    return model.get(key) or options_of(TrainConfig).get(key)
+
+
+def _value(arch: str, key: str, raw: Any, defaults: Mapping[str, Any]) -> tuple[Any, bool]:
+    """(typed value, is_default) of `key` for a row whose override is `raw` (None if absent)."""
+    option = _option(arch, key)
+    is_default = raw is None
+    if raw is None:
+        if key in defaults:
+            raw = defaults[key]
+        elif option is not None:
+            return option.default, True
+        else:
+            return UNKNOWN_DEFAULT, True
+    if option is None:
+        return str(raw), is_default
+    try:
+        return option.coerce(raw), is_default
+    except ConfigError:
+        return str(raw), is_default
+
+
+def ablation_axes(experiments: list[dict], defaults: Mapping[str, Any] | None = None) -> list[Axis]:
+    """Every ablation axis of `experiments` (dicts with name, arch, dataset, overrides).
+
+    `defaults` are the option values every row starts from before its overrides (a suite's
+    model and train sections). Axes come in the table order of their first row, then key order.
+    """
+    defaults = dict(defaults or {})
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for experiment in experiments:
+        if not {"name", "arch", "dataset"} <= experiment.keys():
+            raise ArchbenchError(f"experiment entry lacks name/arch/dataset: {experiment}")
+        groups.setdefault((experiment["arch"], experiment["dataset"]), []).append(experiment)
+    axes = []
+    for (arch, dataset), rows in groups.items():
+        keys = list(dict.fromkeys(k for row in rows for k in (row.get("overrides") or {})))
+        values = {
+            row["name"]: {
+                key: _value(arch, key, (row.get("overrides") or {}).get(key), defaults)
+                for key in keys
+            }
+            for row in rows
+        }
+        for key in keys:
+            buckets: dict[tuple, list[AxisPoint]] = {}
+            for row in rows:
+                rest = tuple((k, repr(values[row["name"]][k][0])) for k in keys if k != key)
+                value, is_default = values[row["name"]][key]
+                buckets.setdefault(rest, []).append(AxisPoint(row["name"], value, is_default))
+            for rest, points in buckets.items():
+                if len({repr(p.value) for p in points}) < 2:
+                    continue
+                shared = values[points[0].experiment]
+                fixed = tuple(
+                    f"{k}={shared[k][0]}"
+                    for k in sorted(k for k, _ in rest)
+                    if shared[k][0] != _value(arch, k, None, defaults)[0]
+                )
+                axes.append(Axis(arch, dataset, key, fixed, _ordered(points)))
+    return axes
+
+
+def _ordered(points: list[AxisPoint]) -> tuple[AxisPoint, ...]:
+    """Points by increasing value when all are numbers (stable), else as given."""
+    if all(_is_number(p.value) for p in points):
+        return tuple(sorted(points, key=lambda p: p.value))
+    return tuple(points)

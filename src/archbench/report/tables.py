@@ -1,0 +1,446 @@
+"""The report's tables: results over seeds, comparisons with baselines, ablation axes, the rest.
+
+Every table is built from the long summary (one row per experiment × seed × metric) and returned
+as a `Table` of formatted cells, so the Markdown and HTML pages show identical numbers.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import polars as pl
+
+from archbench.report.axes import Axis
+from archbench.report.document import Table
+from archbench.report.stats import (
+    ALPHA,
+    MAX_SEEDS,
+    PAIRED,
+    WELCH,
+    Comparison,
+    compare,
+    holm,
+)
+
+CONFIDENCE = 0.95
+MISSING = "—"
+PRIMARY = "val_loss"  # the metric of the comparisons (nats/token; lower is better)
+SIZE_TOLERANCE = 0.05  # parameter counts further apart than this are not a fair comparison
+
+Formatter = Callable[[float, float], str]
+Cells = dict[tuple[str, str], tuple[float, float]]
+
+
+# ---------------------------------------------------------------- number formatting
+
+
+def format_interval(mean: float, half_width: float, decimals: int, scale: float = 1.0) -> str:
+    """Format "mean ± half-width" with fixed decimals; only the mean without a finite interval."""
+    if math.isnan(mean):
+        return MISSING
+    if math.isnan(half_width):
+        return f"{mean * scale:.{decimals}f}"
+    return f"{mean * scale:.{decimals}f} ± {half_width * scale:.{decimals}f}"
+
+
+def format_count(value: float) -> str:
+    """Format a count in millions, billions or (below 100k) thousands: 812000 -> "0.81M"."""
+    if math.isnan(value):
+        return MISSING
+    if value >= 1e9:
+        return f"{value / 1e9:.2f}B"
+    if value < 1e5:
+        return f"{value / 1e3:.1f}k"
+    return f"{value / 1e6:.2f}M"
+
+
+def format_scientific(value: float) -> str:
+    """Format a large number compactly with two significant digits, e.g. 1.2e13."""
+    if math.isnan(value):
+        return MISSING
+    mantissa, exponent = f"{value:.1e}".split("e")
+    return f"{mantissa}e{int(exponent)}"
+
+
+def format_p(p: float) -> str:
+    """A p-value: three decimals, or scientific below 0.001."""
+    if math.isnan(p):
+        return MISSING
+    return format_scientific(p) if p < 0.001 else f"{p:.3f}"
+
+
+def format_relative(ratio: float) -> str:
+    """A ratio as a signed percentage difference, e.g. 1.041 -> "+4.1%"."""
+    return MISSING if math.isnan(ratio) else f"{(ratio - 1) * 100:+.1f}%"
+
+
+def format_seeds(n: float) -> str:
+    """A seed count, "> MAX_SEEDS" for inf."""
+    if math.isnan(n):
+        return MISSING
+    return f"> {MAX_SEEDS}" if math.isinf(n) else str(int(n))
+
+
+def _interval(decimals: int, scale: float = 1.0) -> Formatter:
+    """A cell formatter for mean ± half-width."""
+    return lambda mean, half_width: format_interval(mean, half_width, decimals, scale)
+
+
+def _mean_only(format_value: Callable[[float], str]) -> Formatter:
+    """A cell formatter that shows the mean only (for quantities that do not vary by seed)."""
+    return lambda mean, _half_width: format_value(mean)
+
+
+METRIC_COLUMNS: tuple[tuple[str, str, Formatter], ...] = (
+    ("parameters", "n_params", _mean_only(format_count)),
+    ("train tokens", "train_tokens", _mean_only(format_count)),
+    ("train FLOPs", "train_flops", _mean_only(format_scientific)),
+    ("val loss", "val_loss", _interval(4)),
+    ("val bpb", "val_bpb", _interval(4)),
+    ("val ppl", "val_ppl", _interval(4)),
+    ("top-1 (%)", "val_top1", _interval(3, scale=100.0)),
+    ("top-5 (%)", "val_top5", _interval(3, scale=100.0)),
+    ("train seconds", "train_seconds", _interval(1)),
+    ("tokens/s", "train_tokens_per_s", _interval(0)),
+)
+PER_SEED_METRICS = ("val_loss", "val_bpb")
+# Bookkeeping numbers that are not scores: never listed under "other metrics".
+BOOKKEEPING = frozenset(
+    {
+        "n_params_non_embedding",
+        "flops_per_step",
+        "train_steps",
+        "final_val_loss",
+        "final_train_loss",
+        "torch_threads",
+        "val_tokens",
+        "val_bytes",
+        "blimp_pairs",
+    }
+)
+
+
+def metric_cells(stats: pl.DataFrame) -> Cells:
+    """{(experiment, metric): (mean, half-width)} from `summarize`'s output."""
+    return {
+        (experiment, metric): (mean, half_width)
+        for experiment, metric, mean, half_width in stats.select(
+            "experiment", "metric", "mean", "half_width"
+        ).iter_rows()
+    }
+
+
+def _cell(cells: Cells, experiment: str, metric: str) -> tuple[float, float]:
+    """(mean, half-width), NaN where not recorded."""
+    return cells.get((experiment, metric), (math.nan, math.nan))
+
+
+# ---------------------------------------------------------------- leak check
+
+
+def leak_status(summary: pl.DataFrame, order: list[str]) -> dict[str, str]:
+    """Per experiment: 'pass', 'FAIL (k of n seeds)' from `leak_check_passed`, or MISSING."""
+    checks = summary.filter(pl.col("metric") == "leak_check_passed")
+    failed = dict(
+        checks.group_by("experiment")
+        .agg((pl.col("value") < 1).sum().alias("failed"), pl.len().alias("n"))
+        .select("experiment", pl.struct("failed", "n"))
+        .iter_rows()
+    )
+    status = {}
+    for experiment in order:
+        counts = failed.get(experiment)
+        if counts is None:
+            status[experiment] = MISSING
+        elif counts["failed"]:
+            status[experiment] = f"FAIL ({counts['failed']} of {counts['n']} seeds)"
+        else:
+            status[experiment] = "pass"
+    return status
+
+
+def leak_warning(status: dict[str, str]) -> str | None:
+    """The warning naming experiments that failed the leak check, or None."""
+    failed = [
+        f"{name} ({state.removeprefix('FAIL (').rstrip(')')})"
+        for name, state in status.items()
+        if state.startswith("FAIL")
+    ]
+    if not failed:
+        return None
+    return (
+        "These experiments failed the automatic future-leak check: their logits at position t "
+        "changed when tokens after t changed, or the full-sequence logits differ from those of "
+        "the prefixes run alone. Their losses are not valid language-model scores; they are "
+        "excluded from every comparison, ablation view and Pareto front: " + "; ".join(failed) + "."
+    )
+
+
+# ---------------------------------------------------------------- tables
+
+
+def experiments_table(rows: list[dict]) -> Table:
+    """The suite's rows as declared: name, arch, data set, overrides, baseline, description."""
+    return Table(
+        ["experiment", "arch", "dataset", "overrides", "baseline", "description"],
+        [
+            [
+                row["name"],
+                row.get("arch", MISSING),
+                row.get("dataset", MISSING),
+                " ".join(f"{k}={v}" for k, v in (row.get("overrides") or {}).items()),
+                row.get("baseline") or MISSING,
+                row.get("description") or "",
+            ]
+            for row in rows
+        ],
+        id="experiments",
+    )
+
+
+def main_table(
+    summary: pl.DataFrame, order: list[str], cells: Cells, leaks: dict[str, str]
+) -> Table:
+    """One row per experiment: identity, seed count, size and mean ± half-width of metrics."""
+    info = summary.group_by("experiment").agg(
+        pl.col("arch").first(), pl.col("dataset").first(), pl.col("seed").n_unique()
+    )
+    identity = {row[0]: row[1:] for row in info.iter_rows()}
+    rows = []
+    for experiment in order:
+        arch, dataset, seeds = identity[experiment]
+        values = [fmt(*_cell(cells, experiment, metric)) for _, metric, fmt in METRIC_COLUMNS]
+        rows.append([experiment, arch, dataset, str(seeds), leaks[experiment], *values])
+    headers = [
+        "experiment",
+        "arch",
+        "dataset",
+        "seeds (n)",
+        "leak check",
+        *(h for h, _, _ in METRIC_COLUMNS),
+    ]
+    classes = ["excluded" if leaks[e].startswith("FAIL") else "" for e in order]
+    return Table(headers, rows, id="results", row_classes=classes)
+
+
+def per_seed_values(summary: pl.DataFrame, metric: str) -> dict[str, dict[int, float]]:
+    """{experiment: {seed: value}} of one metric."""
+    values: dict[str, dict[int, float]] = {}
+    for experiment, seed, value in (
+        summary.filter(pl.col("metric") == metric).select("experiment", "seed", "value").iter_rows()
+    ):
+        values.setdefault(experiment, {})[seed] = value
+    return values
+
+
+def per_seed_table(summary: pl.DataFrame, order: list[str]) -> Table:
+    """One row per experiment × seed with the raw validation metrics behind the means."""
+    values = {metric: per_seed_values(summary, metric) for metric in PER_SEED_METRICS}
+    seeds_of = dict(summary.group_by("experiment").agg(pl.col("seed").unique().sort()).iter_rows())
+    rows = [
+        [
+            experiment,
+            str(seed),
+            *(
+                format_interval(values[m].get(experiment, {}).get(seed, math.nan), math.nan, 4)
+                for m in PER_SEED_METRICS
+            ),
+        ]
+        for experiment in order
+        for seed in seeds_of[experiment]
+    ]
+    return Table(["experiment", "seed", *PER_SEED_METRICS], rows, id="per-seed")
+
+
+def other_metrics_table(stats: pl.DataFrame, order: list[str]) -> Table | None:
+    """Mean ± half-width of every metric not shown elsewhere (lm-eval, synthetic tasks, BLiMP
+    fields and paradigms, ...): one row per metric, one column per experiment; None if none."""
+    shown = {metric for _, metric, _ in METRIC_COLUMNS} | BOOKKEEPING
+    rest = stats.filter(
+        ~pl.col("metric").is_in(list(shown)) & ~pl.col("metric").str.starts_with("leak_")
+    )
+    if not rest.height:
+        return None
+    cells = metric_cells(rest)
+    columns = [e for e in order if e in set(rest["experiment"])]
+    rows = [
+        [metric, *(format_interval(*_cell(cells, e, metric), 4) for e in columns)]
+        for metric in sorted(set(rest["metric"]))
+    ]
+    return Table(["metric", *columns], rows, id="other-metrics")
+
+
+# ---------------------------------------------------------------- comparisons
+
+
+@dataclass(frozen=True)
+class ComparisonRow:
+    """A row against its baseline on PRIMARY: the test (None if not run), Holm p and verdict."""
+
+    experiment: str
+    baseline: str
+    result: Comparison | None
+    holm_p: float
+    verdict: str
+
+
+def verdict_of(result: Comparison, holm_p: float) -> str:
+    """ "✔ significantly better", "✘ significantly worse", "within noise", or why untested."""
+    if not result.test:
+        return "not tested: needs ≥ 2 seeds of both rows"
+    if math.isnan(holm_p):
+        return "not tested: no seed-to-seed spread"
+    if holm_p >= ALPHA:
+        return "within noise"
+    return "✔ significantly better" if result.delta < 0 else "✘ significantly worse"
+
+
+def comparisons(
+    summary: pl.DataFrame,
+    order: list[str],
+    baselines: dict[str, str | None],
+    leaks: dict[str, str],
+) -> list[ComparisonRow]:
+    """Compare every row that has a baseline, on PRIMARY, with Holm across the whole report.
+
+    Rows (or baselines) that failed the leak check are excluded and say so; a baseline that is
+    not in this suite's results is reported, not an error.
+    """
+    values = per_seed_values(summary, PRIMARY)
+    pending: list[tuple[str, str, Comparison | None, str]] = []
+    for experiment in order:
+        baseline = baselines.get(experiment)
+        if not baseline:
+            continue
+        if baseline not in leaks:
+            pending.append((experiment, baseline, None, "baseline not in this suite's results"))
+        elif leaks[experiment].startswith("FAIL"):
+            pending.append((experiment, baseline, None, "EXCLUDED: failed the leak check"))
+        elif leaks[baseline].startswith("FAIL"):
+            pending.append((experiment, baseline, None, "EXCLUDED: baseline failed the leak check"))
+        else:
+            result = compare(values.get(experiment, {}), values.get(baseline, {}), CONFIDENCE)
+            pending.append((experiment, baseline, result, ""))
+    adjusted = holm(r.p_value if r is not None else math.nan for _, _, r, _ in pending)
+    return [
+        ComparisonRow(e, b, r, p, verdict_of(r, p) if r is not None else why)
+        for (e, b, r, why), p in zip(pending, adjusted, strict=True)
+    ]
+
+
+def _against_baseline(cells: Cells, row: ComparisonRow, metric: str) -> tuple[float, float]:
+    """(the row's mean of `metric`, its ratio to the baseline's mean; NaN if unknown)."""
+    value, base = (_cell(cells, name, metric)[0] for name in (row.experiment, row.baseline))
+    return value, (value / base if base else math.nan)
+
+
+def comparison_table(rows: list[ComparisonRow], cells: Cells) -> Table:
+    """The comparisons with size, compute, Δ, both tests, Holm p, verdict and power."""
+    out, classes = [], []
+    for row in rows:
+        params, size_ratio = _against_baseline(cells, row, "n_params")
+        flops, flops_ratio = _against_baseline(cells, row, "train_flops")
+        if math.isnan(size_ratio):
+            fair = MISSING
+        elif abs(size_ratio - 1) > SIZE_TOLERANCE:
+            fair = f"⚠ not size-matched ({format_relative(size_ratio)} parameters)"
+        else:
+            fair = "matched"
+        r = row.result
+        out.append(
+            [
+                row.experiment,
+                row.baseline,
+                f"{format_count(params)} ({format_relative(size_ratio)})",
+                f"{format_scientific(flops)} ({format_relative(flops_ratio)})",
+                fair,
+                format_interval(*_cell(cells, row.experiment, PRIMARY), 4),
+                format_interval(*_cell(cells, row.baseline, PRIMARY), 4),
+                MISSING if r is None else f"{r.n_row}/{r.n_base} ({r.n_pairs})",
+                MISSING if r is None else format_interval(r.delta, r.half_width, 4),
+                MISSING if r is None else format_p(r.p_paired),
+                MISSING if r is None else format_p(r.p_welch),
+                (r.test if r is not None and r.test else MISSING),
+                format_p(row.holm_p),
+                row.verdict,
+                MISSING if r is None else format_interval(r.mde, math.nan, 4),
+                MISSING if r is None else format_seeds(r.seeds_needed),
+            ]
+        )
+        verdict = row.verdict
+        classes.append(
+            "win"
+            if verdict.startswith("✔")
+            else "loss"
+            if verdict.startswith("✘")
+            else "excluded"
+            if verdict.startswith("EXCLUDED")
+            else ""
+        )
+    headers = [
+        "experiment",
+        "baseline",
+        "parameters (vs baseline)",
+        "train FLOPs (vs baseline)",
+        "size",
+        "val loss",
+        "baseline val loss",
+        "seeds row/baseline (pairs)",
+        "Δ val loss (95% CI)",
+        f"p ({PAIRED})",
+        f"p ({WELCH})",
+        "deciding test",
+        "Holm p",
+        "verdict",
+        "detectable Δ (80% power)",
+        "seeds to detect this Δ",
+    ]
+    return Table(headers, out, id="comparisons", row_classes=classes)
+
+
+def power_summary(rows: list[ComparisonRow]) -> str | None:
+    """A paragraph on what these seeds can resolve, or None when nothing was tested."""
+    tested = [r for r in rows if r.result is not None and not math.isnan(r.result.mde)]
+    if not tested:
+        return None
+    mdes = sorted(r.result.mde for r in tested)
+    median = statistics.median(mdes)
+    significant = sum(r.verdict.startswith(("✔", "✘")) for r in tested)
+    hidden = sum(abs(r.result.delta) < r.result.mde for r in tested)
+    return (
+        f"Power: with the seeds used and the observed seed-to-seed spread, the smallest "
+        f"difference in validation loss that these tests detect with 80% probability ranges "
+        f"from {mdes[0]:.4f} to {mdes[-1]:.4f} nats (median {median:.4f}). "
+        f"{significant} of {len(tested)} tested differences are significant after the Holm "
+        f"correction; {hidden} of {len(tested)} observed differences are smaller than their "
+        f"detectable Δ, so for those rows these seeds cannot tell a real effect from noise — "
+        f"the last column says how many seeds each would need."
+    )
+
+
+def axis_table(axis: Axis, cells: Cells, leaks: dict[str, str], seeds: dict[str, int]) -> Table:
+    """One ablation axis: each value's row with its seeds, scores, size and compute."""
+    rows = [
+        [
+            point.label,
+            point.experiment,
+            str(seeds.get(point.experiment, 0)),
+            format_interval(*_cell(cells, point.experiment, "val_loss"), 4),
+            format_interval(*_cell(cells, point.experiment, "val_bpb"), 4),
+            format_count(_cell(cells, point.experiment, "n_params")[0]),
+            format_scientific(_cell(cells, point.experiment, "train_flops")[0]),
+            leaks.get(point.experiment, MISSING),
+        ]
+        for point in axis.points
+    ]
+    classes = [
+        "excluded" if leaks.get(p.experiment, "").startswith("FAIL") else "" for p in axis.points
+    ]
+    headers = [
+        *(axis.key, "experiment", "seeds (n)", "val loss", "val bpb"),
+        *("parameters", "train FLOPs", "leak check"),
+    ]
+    return Table(headers, rows, id=f"axis-{axis.slug}", row_classes=classes)
