@@ -85,6 +85,39 @@ def _cmd_leakcheck(args: argparse.Namespace) -> None:
     print(f"leak check {verdict}: {json.dumps(result)}", file=sys.stderr)
 
 
+def _cmd_sample(args: argparse.Namespace) -> None:
+    from archbench.generate import write_samples
+
+    torch.set_num_threads(args.threads)
+    sample = write_samples(Path(args.run), Path(args.data), Path(args.out))
+    print(f"greedy: {sample['greedy']!r}", file=sys.stderr)
+
+
+def _cmd_generate(args: argparse.Namespace) -> None:
+    from archbench.generate import generate_from_run, locate_run
+
+    torch.set_num_threads(args.threads)
+    if args.run:
+        if not args.data:
+            raise ArchbenchError("--run needs --data (the prepared-data directory)")
+        run_dir, data_dir = Path(args.run), Path(args.data)
+    else:
+        if not args.experiment:
+            raise ArchbenchError("name a run: --experiment NAME [--suite --seed], or --run/--data")
+        run_dir, data_dir = locate_run(Path(args.results), args.suite, args.experiment, args.seed)
+    text = generate_from_run(
+        run_dir,
+        data_dir,
+        args.prompt,
+        length=args.length,
+        temperature=args.temperature,
+        top_k=args.top_k or None,
+        seed=args.sample_seed,
+        submodel=args.submodel,
+    )
+    print(args.prompt + text)
+
+
 def _cmd_aggregate(args: argparse.Namespace) -> None:
     from archbench.report.aggregate import RunRef, aggregate
 
@@ -92,20 +125,28 @@ def _cmd_aggregate(args: argparse.Namespace) -> None:
         RunRef(r["experiment"], r["arch"], r["dataset"], int(r["seed"]), Path(r["run_dir"]))
         for r in json.loads(args.runs)
     ]
-    aggregate(runs, Path(args.summary), Path(args.curves))
+    aggregate(
+        runs,
+        Path(args.summary),
+        Path(args.curves),
+        samples_json=Path(args.samples) if args.samples else None,
+    )
 
 
 def _cmd_report(args: argparse.Namespace) -> None:
     from archbench.report.render import render_report
 
     experiments = json.loads(args.experiments) if args.experiments else None
-    for path in render_report(
+    paths = render_report(
         Path(args.summary),
         Path(args.curves),
         Path(args.out_dir),
         args.suite,
         experiments=experiments,
-    ):
+        samples_json=Path(args.samples) if args.samples else None,
+        defaults=json.loads(args.defaults) if args.defaults else None,
+    )
+    for path in paths:
         print(f"wrote {path}", file=sys.stderr)
 
 
@@ -183,10 +224,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=1)
     p.set_defaults(func=_cmd_leakcheck)
 
+    p = sub.add_parser("sample", help="greedy and sampled text of one run, for the report")
+    p.add_argument("--run", required=True, help="run directory")
+    p.add_argument("--data", required=True, help="prepared data directory")
+    p.add_argument("--out", required=True, help="samples.json to write")
+    p.add_argument("--threads", type=int, default=1)
+    p.set_defaults(func=_cmd_sample)
+
+    p = sub.add_parser("generate", help="generate text from a trained run")
+    p.add_argument("--experiment", help="experiment row name (with --suite and --seed)")
+    p.add_argument("--suite", default="default")
+    p.add_argument("--seed", type=int, default=0, help="which training seed's run")
+    p.add_argument("--results", default="results", help="results directory")
+    p.add_argument("--run", help="a run directory instead of --experiment")
+    p.add_argument("--data", help="its prepared-data directory (with --run)")
+    p.add_argument("--prompt", default="\n", help="text to continue")
+    p.add_argument("--length", type=int, default=200, help="tokens to generate")
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=40, help="sample from the k likeliest (0 = all)")
+    p.add_argument("--sample-seed", type=int, default=0, help="seed of the sampling")
+    p.add_argument("--submodel", default=None, help="a nested sub-model, e.g. L1.0")
+    p.add_argument("--threads", type=int, default=1)
+    p.set_defaults(func=_cmd_generate)
+
     p = sub.add_parser("aggregate", help="collect run results into summary.csv / curves.csv")
     p.add_argument("--runs", required=True, help="JSON list of runs (written by the workflow)")
     p.add_argument("--summary", required=True)
     p.add_argument("--curves", required=True)
+    p.add_argument("--samples", default="", help="samples.json to collect the runs' samples into")
     p.set_defaults(func=_cmd_aggregate)
 
     p = sub.add_parser("report", help="render the Markdown / HTML report")
@@ -200,6 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="JSON list of the suite's rows (name, arch, dataset, overrides, baseline, "
         "description), in table order",
     )
+    p.add_argument("--samples", default="", help="collected samples.json")
+    p.add_argument("--defaults", default="", help="JSON of the suite's model/training values")
     p.set_defaults(func=_cmd_report)
 
     p = sub.add_parser("options", help="list architectures and their options (Markdown)")

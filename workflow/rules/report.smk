@@ -1,4 +1,7 @@
-# Aggregate every run of the suite with polars, then render tables and figures.
+# A text sample per experiment (first seed), then aggregate every run of the suite with polars
+# and render tables and figures.
+
+SAMPLE_SEED = SEEDS[0]
 
 
 def run_refs():
@@ -11,38 +14,60 @@ def run_refs():
     ])
 
 
+rule sample:
+    input:
+        weights=f"{RUN}/model.safetensors",
+        model_config=f"{RUN}/model_config.json",
+        tokenizer=lambda w: f"{data_dir(w)}/tokenizer.json",
+    output:
+        f"{RUN}/samples.json",
+    params:
+        data=data_dir,
+        run=RUN,
+    threads: 1
+    log:
+        f"{RUN}/sample.log",
+    shell:
+        "{ARCHBENCH} sample --run {params.run} --data {params.data} --out {output} "
+        "--threads {threads} 2> {log}"
+
+
 rule aggregate:
     input:
         results=[f"{RUN}/{name}".format(experiment=e, seed=s)
                  for e, s in all_runs() for name in RESULT_FILES],
         metrics=[f"{RUN}/metrics.csv".format(experiment=e, seed=s) for e, s in all_runs()],
+        samples=[f"{RUN}/samples.json".format(experiment=e, seed=SAMPLE_SEED)
+                 for e in EXPERIMENTS],
     output:
         summary=f"{RESULTS}/summary.csv",
         curves=f"{RESULTS}/curves.csv",
+        samples=f"{RESULTS}/samples.json",
     params:
         runs=run_refs(),
     log:
         f"{RESULTS}/logs/aggregate.log",
     shell:
         "{ARCHBENCH} aggregate --runs {params.runs:q} --summary {output.summary} "
-        "--curves {output.curves} 2> {log}"
+        "--curves {output.curves} --samples {output.samples} 2> {log}"
 
 
 rule report:
     input:
         summary=f"{RESULTS}/summary.csv",
         curves=f"{RESULTS}/curves.csv",
+        samples=f"{RESULTS}/samples.json",
     output:
         md=f"{REPORT}/index.md",
         html=f"{REPORT}/index.html",
-        val_loss=report(f"{REPORT}/figures/val_loss.png", caption="../report/val_loss.rst",
-                        category="Curves"),
-        train_loss=report(f"{REPORT}/figures/train_loss.png",
-                          caption="../report/train_loss.rst", category="Curves"),
+        figures=report(directory(f"{REPORT}/figures"), patterns=["{name}.png"],
+                       caption="../report/figures.rst", category="Figures"),
     params:
         experiments=json.dumps([e.describe() for e in EXPERIMENTS.values()]),
+        defaults=json.dumps({**SUITE.model, **SUITE.train}),
     log:
         f"{RESULTS}/logs/report.log",
     shell:
         "{ARCHBENCH} report --summary {input.summary} --curves {input.curves} "
-        "--out-dir {REPORT} --suite {SUITE.name} --experiments {params.experiments:q} 2> {log}"
+        "--samples {input.samples} --out-dir {REPORT} --suite {SUITE.name} "
+        "--experiments {params.experiments:q} --defaults {params.defaults:q} 2> {log}"
