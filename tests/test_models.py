@@ -31,6 +31,23 @@ ALTERNATES = {
     "memory_topk": (1, 3),
     "pool_slots_n": (1.0, 3.0),
 }
+# Per architecture: values replacing ALTERNATES where the shared ones do not fit its shape.
+ARCH_ALTERNATES = {
+    "fractalformer": {
+        "n_head": (2,),
+        "d_model": (64, 96),
+        "levels": (1, 2),
+        "mlp_hidden": (48, 64),
+    },
+}
+# Options that are only valid together with others, tried as a set.
+COMBINED = {
+    "fractalformer": (
+        {"split": 4, "levels": 2},
+        {"split": 3, "levels": 2, "d_model": 24, "mlp_hidden": 48},
+        {"loss_reduction": "weighted", "level_weights": "1,0.5,0.25"},
+    ),
+}
 
 
 def ablation_cases() -> list[tuple[str, dict]]:
@@ -38,14 +55,19 @@ def ablation_cases() -> list[tuple[str, dict]]:
     cases = []
     for arch in sorted(ARCHITECTURES):
         cases.append((arch, {}))
+        combined = COMBINED.get(arch, ())
+        cases += [(arch, dict(overrides)) for overrides in combined]
+        in_combined = {key for overrides in combined for key in overrides}
         for name, opt in list_options(arch).items():
             if opt.choices is not None:
                 values = opt.choices
             elif opt.type == "bool":
                 values = (True, False)
             else:
-                values = ALTERNATES.get(name, ())
-                assert values, f"add test values for option '{name}' of '{arch}' to ALTERNATES"
+                values = ARCH_ALTERNATES.get(arch, {}).get(name) or ALTERNATES.get(name, ())
+                assert values or name in in_combined, (
+                    f"add test values for option '{name}' of '{arch}' to ALTERNATES"
+                )
             cases += [(arch, {name: v}) for v in values if v != opt.default]
     return cases
 

@@ -8,6 +8,7 @@ from typing import Any
 from torch import nn
 
 from archbench.errors import ConfigError
+from archbench.models.fractalformer import FractalFormer, FractalFormerConfig
 from archbench.models.future_attention import FutureAttentionConfig, FutureAttentionTransformer
 from archbench.models.futureformer import FutureFormer, FutureFormerConfig
 from archbench.models.gpt import GPT, GPTConfig
@@ -37,6 +38,13 @@ ARCHITECTURES: dict[str, Architecture] = {
         ),
         Architecture(
             "gpt", GPTConfig, GPT, "baseline pre-norm decoder: RMSNorm, RoPE, SwiGLU, GQA"
+        ),
+        Architecture(
+            "fractalformer",
+            FractalFormerConfig,
+            FractalFormer,
+            "FractalFormer (seed 001): split**l nested sub-models per level, each trained by "
+            "its own loss and runnable alone",
         ),
         Architecture(
             "future_attention",
