@@ -30,6 +30,15 @@ ALTERNATES = {
     "future_mult": (3, 4),
     "memory_topk": (1, 3),
     "pool_slots_n": (1.0, 3.0),
+    "group_len": (6, 12),
+    "latents": ("4", "6,3,1"),
+    "widths": ("16,24", "64,48"),
+    "compress_layers": (2,),
+    "level_layers": (0, 2),
+    "multichannel_every": (0, 2),
+    "channels": (1, 4),
+    "shared_channels": (0, 2),
+    "channel_mlp_multiple": (0.5, 2.0),
 }
 # Per architecture: values replacing ALTERNATES where the shared ones do not fit its shape.
 ARCH_ALTERNATES = {

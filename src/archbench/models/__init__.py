@@ -12,6 +12,7 @@ from archbench.models.fractalformer import FractalFormer, FractalFormerConfig
 from archbench.models.future_attention import FutureAttentionConfig, FutureAttentionTransformer
 from archbench.models.futureformer import FutureFormer, FutureFormerConfig
 from archbench.models.gpt import GPT, GPTConfig
+from archbench.models.hourglass import Hourglass, HourglassConfig
 from archbench.models.mtp import MTP, MTPConfig
 from archbench.options import Option, coerce_all, options_of, suggest
 
@@ -52,6 +53,13 @@ ARCHITECTURES: dict[str, Architecture] = {
             FutureAttentionTransformer,
             "future attention (seed 002): heads also attend to learned future slots, "
             "trained to match the masked attention output",
+        ),
+        Architecture(
+            "hourglass",
+            HourglassConfig,
+            Hourglass,
+            "hourglass (seed 003): grouped compression to latents, multi-channel latent "
+            "attention, repeat/attention upsampling",
         ),
         Architecture(
             "mtp",
