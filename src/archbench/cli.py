@@ -85,6 +85,24 @@ def _cmd_leakcheck(args: argparse.Namespace) -> None:
     print(f"leak check {verdict}: {json.dumps(result)}", file=sys.stderr)
 
 
+def _cmd_lm_eval(args: argparse.Namespace) -> None:
+    from archbench.evaluate.lm_eval_adapter import run_lm_eval
+
+    torch.set_num_threads(args.threads)
+    result = run_lm_eval(
+        Path(args.run),
+        Path(args.data),
+        args.tasks,
+        Path(args.out),
+        batch_size=args.batch_size,
+        limit=args.limit,
+        device=args.device,
+        stride=args.stride,
+        max_tokens=args.max_tokens,
+    )
+    print(json.dumps(result, indent=2), file=sys.stderr)
+
+
 def _cmd_sample(args: argparse.Namespace) -> None:
     from archbench.generate import write_samples
 
@@ -223,6 +241,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     p.add_argument("--threads", type=int, default=1)
     p.set_defaults(func=_cmd_leakcheck)
+
+    p = sub.add_parser("lm-eval", help="lm-evaluation-harness tasks (offline) on one run")
+    p.add_argument("--run", required=True, help="run directory")
+    p.add_argument("--data", required=True, help="prepared data directory")
+    p.add_argument("--tasks", required=True, choices=("blimp", "rolling_ppl"))
+    p.add_argument("--out", required=True, help="results JSON to write")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--limit", type=int, default=None, help="BLiMP pairs per paradigm")
+    p.add_argument("--max-tokens", type=int, default=None, help="rolling: held-out prefix")
+    p.add_argument("--stride", type=int, default=None, help="rolling: window stride")
+    p.add_argument("--device", default="cpu", help="auto, cpu, cuda or mps")
+    p.add_argument("--threads", type=int, default=1)
+    p.set_defaults(func=_cmd_lm_eval)
 
     p = sub.add_parser("sample", help="greedy and sampled text of one run, for the report")
     p.add_argument("--run", required=True, help="run directory")
