@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from archbench.experiments import load_experiments, load_suite, run_spec
 
 ROOT = Path(__file__).resolve().parents[1]
-NEW_ROW = "gpt_kv1_gelu\tgpt\tshakespeare_char\tn_kv_heads=1 mlp=gelu\tsmoke\tnew row\n"
+NEW_ROW = "gpt_kv1_gelu\tgpt\tshakespeare_char\tn_kv_heads=1 mlp=gelu\tsmoke\t\tnew row\n"
 
 pytestmark = pytest.mark.slow
 
@@ -97,6 +97,7 @@ def test_a_new_row_schedules_only_its_own_jobs_and_reaches_the_report(project: P
         "train": 2,
         "evaluate_perplexity": 2,
         "leak_check": 2,
+        "sample": 1,
         "aggregate": 1,
         "report": 1,
         "all": 1,
@@ -104,7 +105,8 @@ def test_a_new_row_schedules_only_its_own_jobs_and_reaches_the_report(project: P
     assert "gpt_kv1_gelu" in dry.stdout and "experiment=gpt_mqa" not in dry.stdout
     result = snakemake(project)
     assert result.returncode == 0, result.stderr[-4000:]
-    assert "gpt_kv1_gelu" in (project / "report/smoke/index.md").read_text()
+    assert "gpt_kv1_gelu" in (project / "report/smoke/index.html").read_text()
+    assert "gpt\\_kv1\\_gelu" in (project / "report/smoke/index.md").read_text()
 
 
 def test_a_bad_row_stops_before_any_job(project: Path, tmp_path: Path) -> None:
