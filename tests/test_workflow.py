@@ -57,6 +57,7 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     counts = job_counts(planned.stdout + planned.stderr)
     assert counts["prepare_data"] == 1  # every row shares one tokenized copy of the data
     assert counts["train"] == counts["evaluate_perplexity"] == counts["leak_check"] >= 2
+    assert counts["lm_eval"] == 2 * counts["train"]  # BLiMP and rolling perplexity per run
     result = snakemake(root)
     assert result.returncode == 0, result.stderr[-4000:]
     return root
@@ -76,6 +77,9 @@ def test_smoke_suite_produces_results_and_report(project: Path) -> None:
         assert (run / name).stat().st_size > 0
     passed = [float(r["value"]) for r in rows if r["metric"] == "leak_check_passed"]
     assert passed == [1.0] * len(experiments) * 2
+    for metric in ("blimp_overall", "blimp_morphology", "lm_eval_rolling_bpb"):
+        values = [float(r["value"]) for r in rows if r["metric"] == metric]
+        assert len(values) == len(experiments) * 2 and all(0 <= v < 10 for v in values), metric
     for name in ("index.md", "index.html", "figures/val_loss.png"):
         assert (project / "report/smoke" / name).stat().st_size > 0
     assert "gpt_mqa" in (project / "report/smoke/index.html").read_text()
@@ -97,6 +101,7 @@ def test_a_new_row_schedules_only_its_own_jobs_and_reaches_the_report(project: P
         "train": 2,
         "evaluate_perplexity": 2,
         "leak_check": 2,
+        "lm_eval": 4,
         "sample": 1,
         "aggregate": 1,
         "report": 1,

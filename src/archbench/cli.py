@@ -99,6 +99,7 @@ def _cmd_lm_eval(args: argparse.Namespace) -> None:
         device=args.device,
         stride=args.stride,
         max_tokens=args.max_tokens,
+        data_mirror=args.data_mirror or None,
     )
     print(json.dumps(result, indent=2), file=sys.stderr)
 
@@ -138,9 +139,17 @@ def _cmd_generate(args: argparse.Namespace) -> None:
 
 def _cmd_aggregate(args: argparse.Namespace) -> None:
     from archbench.report.aggregate import RunRef, aggregate
+    from archbench.runs import RESULT_FILES
 
     runs = [
-        RunRef(r["experiment"], r["arch"], r["dataset"], int(r["seed"]), Path(r["run_dir"]))
+        RunRef(
+            r["experiment"],
+            r["arch"],
+            r["dataset"],
+            int(r["seed"]),
+            Path(r["run_dir"]),
+            tuple(r.get("result_files", RESULT_FILES)),
+        )
         for r in json.loads(args.runs)
     ]
     aggregate(
@@ -251,6 +260,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, help="BLiMP pairs per paradigm")
     p.add_argument("--max-tokens", type=int, default=None, help="rolling: held-out prefix")
     p.add_argument("--stride", type=int, default=None, help="rolling: window stride")
+    p.add_argument(
+        "--data-mirror", default="", help="directory with blimp/ (default: embedded BLiMP)"
+    )
     p.add_argument("--device", default="cpu", help="auto, cpu, cuda or mps")
     p.add_argument("--threads", type=int, default=1)
     p.set_defaults(func=_cmd_lm_eval)

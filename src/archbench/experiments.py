@@ -11,7 +11,7 @@ from __future__ import annotations
 import csv
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +68,7 @@ class Suite:
     train: dict[str, Any]
     eval: dict[str, Any]
     description: str
+    lm_eval: dict[str, Any] = field(default_factory=dict)
 
 
 def parse_overrides(text: str) -> dict[str, str]:
@@ -240,6 +241,7 @@ def load_suite(path: Path, schema: Path) -> Suite:
         train=dict(data["train"]),
         eval=dict(data.get("eval", {})),
         description=data.get("description", ""),
+        lm_eval=dict(data.get("lm_eval", {})),
     )
 
 

@@ -15,6 +15,11 @@ from archbench.models import build_model
 RESULT_FILES = ("train_summary.json", "eval.json", "leak_check.json")
 
 
+def lm_eval_result(task_group: str) -> str:
+    """File name, in a run directory, of the flat JSON that one lm-eval task group writes."""
+    return f"lm_eval_{task_group}.json"
+
+
 def load_run(run_dir: Path, device: str | torch.device = "cpu") -> nn.Module:
     """Rebuild the model of a finished run from `model_config.json` and `model.safetensors`."""
     config = read_json(run_dir / "model_config.json")

@@ -11,7 +11,7 @@ from snakemake.exceptions import WorkflowError
 from archbench.data import check_local_copy, parse_datasets, resolve_mirror
 from archbench.errors import ArchbenchError
 from archbench.experiments import load_experiments, load_suite, run_spec
-from archbench.runs import RESULT_FILES
+from archbench.runs import RESULT_FILES, lm_eval_result
 
 SCHEMAS = Path(workflow.basedir) / "workflow" / "schemas"
 # The rules call the CLI with the Python that runs Snakemake, so an un-activated venv works too.
@@ -48,8 +48,13 @@ DATA = "results/data/{dataset}"
 DATA_FILES = ("train.bin", "val.bin", "tokenizer.json", "token_bytes.npy", "meta.json")
 
 
+LM_EVAL = SUITE.lm_eval
+LM_EVAL_TASKS = tuple(LM_EVAL.get("tasks", ()))
+
+
 wildcard_constraints:
     experiment="|".join(sorted(EXPERIMENTS)),
+    lm_eval_task="|".join(LM_EVAL_TASKS) or "(?!)",
     seed=r"\d+",
     dataset=r"[A-Za-z0-9_.-]+",
 
@@ -62,6 +67,12 @@ def data_dir(wildcards):
 def data_inputs(wildcards):
     """The prepared-data files a run of this experiment reads."""
     return [f"{data_dir(wildcards)}/{name}" for name in DATA_FILES]
+
+
+def result_files(experiment):
+    """Names of the flat JSON result files in each run directory of `experiment` that the
+    aggregate step reads: training, perplexity, leak check and every lm-eval task group."""
+    return [*RESULT_FILES, *(lm_eval_result(task) for task in LM_EVAL_TASKS)]
 
 
 def all_runs():

@@ -22,3 +22,30 @@ rule evaluate_perplexity:
     shell:
         "{ARCHBENCH} evaluate --run {params.run} --data {params.data} --out {output} "
         "--batch-size {params.batch_size} {params.max_tokens} --threads {threads} 2> {log}"
+
+
+rule lm_eval:
+    input:
+        data_inputs,
+        weights=f"{RUN}/model.safetensors",
+        model_config=f"{RUN}/model_config.json",
+    output:
+        RUN + "/lm_eval_{lm_eval_task}.json",
+    params:
+        data=data_dir,
+        run=RUN,
+        batch_size=LM_EVAL.get("batch_size", 64),
+        limit=(f"--limit {LM_EVAL['blimp_limit']}" if LM_EVAL.get("blimp_limit") else ""),
+        max_tokens=(f"--max-tokens {LM_EVAL['rolling_max_tokens']}"
+                    if LM_EVAL.get("rolling_max_tokens") else ""),
+        mirror=f"--data-mirror {shlex.quote(MIRROR)}" if MIRROR else "",
+    threads: SUITE.threads
+    resources:
+        gpu=int(SUITE.gpu),
+    log:
+        RUN + "/lm_eval_{lm_eval_task}.log",
+    shell:
+        "{ARCHBENCH} lm-eval --run {params.run} --data {params.data} "
+        "--tasks {wildcards.lm_eval_task} --out {output} --batch-size {params.batch_size} "
+        "{params.limit} {params.max_tokens} {params.mirror} --device auto --threads {threads} "
+        "2> {log}"

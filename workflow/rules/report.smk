@@ -9,7 +9,8 @@ def run_refs():
     return json.dumps([
         {"experiment": name, "arch": EXPERIMENTS[name].arch,
          "dataset": EXPERIMENTS[name].dataset, "seed": seed,
-         "run_dir": RUN.format(experiment=name, seed=seed)}
+         "run_dir": RUN.format(experiment=name, seed=seed),
+         "result_files": result_files(name)}
         for name, seed in all_runs()
     ])
 
@@ -35,7 +36,7 @@ rule sample:
 rule aggregate:
     input:
         results=[f"{RUN}/{name}".format(experiment=e, seed=s)
-                 for e, s in all_runs() for name in RESULT_FILES],
+                 for e, s in all_runs() for name in result_files(e)],
         metrics=[f"{RUN}/metrics.csv".format(experiment=e, seed=s) for e, s in all_runs()],
         samples=[f"{RUN}/samples.json".format(experiment=e, seed=SAMPLE_SEED)
                  for e in EXPERIMENTS],

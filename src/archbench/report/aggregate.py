@@ -53,6 +53,7 @@ class RunRef:
     dataset: str
     seed: int
     run_dir: Path
+    result_files: tuple[str, ...] = RESULT_FILES  # flat JSON files of metrics in run_dir
 
 
 def aggregate(
@@ -60,9 +61,9 @@ def aggregate(
 ) -> None:
     """Write summary.csv (final metrics) and curves.csv (logged curves) for `runs`, long format.
 
-    summary.csv: experiment, arch, dataset, seed, metric, value, from the RESULT_FILES of
-    each run. curves.csv: experiment, seed, step, tokens, metric, value, from
-    metrics.csv (train_loss, val_loss, lr and train_<aux> columns; empty cells dropped).
+    summary.csv: experiment, arch, dataset, seed, metric, value, from the result files of
+    each run (`RunRef.result_files`). curves.csv: experiment, seed, step, tokens, metric,
+    value, from metrics.csv (train_loss, val_loss, lr and train_<aux> columns; empty cells dropped).
     Both are sorted by experiment, seed, metric (and step). With `samples_json`, the
     samples.json of every run that has one is collected there (see `collect_samples`).
     A missing or corrupt input file raises ArchbenchError naming it.
@@ -166,9 +167,9 @@ def _read_numbers(path: Path) -> dict[str, float]:
 
 
 def _summary_rows(run: RunRef) -> pl.DataFrame:
-    """Long rows for the result files (RESULT_FILES) of one run."""
+    """Long rows for the result files of one run."""
     metrics: dict[str, float] = {}
-    for name in RESULT_FILES:
+    for name in run.result_files:
         numbers = _read_numbers(run.run_dir / name)
         clash = sorted(metrics.keys() & numbers.keys())
         if clash:
