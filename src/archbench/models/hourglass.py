@@ -306,15 +306,6 @@ def perceiver_mask(k_in: int, k_out: int, device: torch.device | None = None) ->
     return cols <= k_in - k_out + rows
 
 
-def rotate(x: torch.Tensor, rope: RotaryEmbedding, positions: torch.Tensor) -> torch.Tensor:
-    """Apply RoPE to x (…, T, head_dim) at explicit `positions` (T,) (same rotation as
-    RotaryEmbedding, which only rotates by 0 … T-1)."""
-    cos = rope.cos[positions].to(x.dtype)
-    sin = rope.sin[positions].to(x.dtype)
-    x1, x2 = x[..., 0::2], x[..., 1::2]
-    return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
-
-
 class CrossAttention(nn.Module):
     """Multi-head attention from queries (width d_q) to a key/value source (width d_kv) under an
     explicit boolean mask, RoPE at given positions; output width d_q, with residual dropout."""
@@ -343,7 +334,7 @@ class CrossAttention(nn.Module):
         q = self.q(queries).view(n, tq, self.n_head, self.head_dim).transpose(1, 2)
         k, v = self.kv(source).view(n, tk, 2, self.n_head, self.head_dim).unbind(2)
         k, v = k.transpose(1, 2), v.transpose(1, 2)
-        q, k = rotate(q, self.rope, q_pos), rotate(k, self.rope, k_pos)
+        q, k = self.rope(q, q_pos), self.rope(k, k_pos)
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=allowed, dropout_p=self.dropout if self.training else 0.0
         )
