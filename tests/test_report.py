@@ -607,8 +607,11 @@ def test_other_metrics_and_samples_are_shown(report: dict) -> None:
     other = _section(md, "Other metrics")
     assert "| metric | gpt | gpt\\_gelu | gpt\\_mqa | gpt\\_l6 |\n" in other
     assert "| hellaswag\\_acc | 0.2600 ± 0.0248 | 0.2600 ± 0.0248 |" in other
-    assert "| blimp\\_morphology | 0.5600 ± 0.0248 |" in other
-    assert "blimp\\_adjunct\\_island" in other and "blimp\\_pairs" not in other
+    assert "blimp" not in other  # BLiMP has its own section; paradigms stay in summary.csv
+    lm_eval = _section(md, "lm-eval")
+    assert "| experiment | BLiMP (%) | morphology (%) | syntax (%) |" in lm_eval
+    # morphology 0.55, 0.56, 0.57 over three seeds: 56.00 ± t(0.975, 2) * 1.0 / sqrt(3)
+    assert "| gpt | 58.00 ± 0.00 | 56.00 ± 2.48 | 60.00 ± 0.00 | — | — | — | 67.0k |" in lm_eval
     samples = md.split("## Samples\n")[1].split("\n## ")[0]
     assert "### gpt\\_gelu (seed 0)" in samples and "sampled by gpt_gelu" in samples
     assert "greedy gpt\\_mqa" not in samples  # verbatim inside a code fence, not escaped

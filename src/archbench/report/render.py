@@ -49,6 +49,7 @@ from archbench.report.tables import (
     experiments_table,
     leak_status,
     leak_warning,
+    lm_eval_table,
     main_table,
     metric_cells,
     other_metrics_table,
@@ -110,6 +111,7 @@ def render_report(
         *_axis_sections(axes, axis_figures, cells, leaks, seeds, out_dir),
         Section("Curves", [_image(f, out_dir) for f in curve_figures + extra_figures]),
         *_sample_sections(read_samples(samples_json), order),
+        *_lm_eval_section(stats, order),
         *_other_metrics_section(stats, order),
         Section("Per-seed values", [per_seed_table(summary, order)]),
     ]
@@ -315,6 +317,22 @@ def _nested(sample: dict) -> list[tuple[str, dict]]:
     if not isinstance(nested, dict):
         return []
     return [(str(k), v) for k, v in nested.items() if isinstance(v, dict)]
+
+
+def _lm_eval_section(stats: pl.DataFrame, order: list[str]) -> list[Section]:
+    """BLiMP by field and the harness's rolling bits-per-byte, if any run has them."""
+    table = lm_eval_table(stats, order)
+    if table is None:
+        return []
+    intro = Paragraph(
+        "lm-evaluation-harness, offline, on every checkpoint: BLiMP accuracy (a pair counts 1 "
+        "when the grammatical sentence is more likely, 0.5 on a tie; chance is 50%) overall and "
+        "by linguistic field, over the pairs per paradigm the suite sets (`BLiMP pairs` in all); "
+        "and rolling-window bits-per-byte of the held-out split through the harness, which "
+        "should agree with `val bpb` above. Mean ± 95% t-interval over seeds; per-paradigm "
+        "accuracies are in summary.csv."
+    )
+    return [Section("lm-eval", [intro, table])]
 
 
 def _other_metrics_section(stats: pl.DataFrame, order: list[str]) -> list[Section]:

@@ -107,6 +107,15 @@ METRIC_COLUMNS: tuple[tuple[str, str, Formatter], ...] = (
     ("tokens/s", "train_tokens_per_s", _interval(0)),
 )
 PER_SEED_METRICS = ("val_loss", "val_bpb")
+LM_EVAL_COLUMNS: tuple[tuple[str, str, Formatter], ...] = (
+    ("BLiMP (%)", "blimp_overall", _interval(2, scale=100.0)),
+    ("morphology (%)", "blimp_morphology", _interval(2, scale=100.0)),
+    ("syntax (%)", "blimp_syntax", _interval(2, scale=100.0)),
+    ("semantics (%)", "blimp_semantics", _interval(2, scale=100.0)),
+    ("syntax-semantics (%)", "blimp_syntax_semantics", _interval(2, scale=100.0)),
+    ("rolling bpb", "lm_eval_rolling_bpb", _interval(4)),
+    ("BLiMP pairs", "blimp_pairs", _mean_only(format_count)),
+)
 # Bookkeeping numbers that are not scores: never listed under "other metrics".
 BOOKKEEPING = frozenset(
     {
@@ -255,12 +264,31 @@ def per_seed_table(summary: pl.DataFrame, order: list[str]) -> Table:
     return Table(["experiment", "seed", *PER_SEED_METRICS], rows, id="per-seed")
 
 
+def lm_eval_table(stats: pl.DataFrame, order: list[str]) -> Table | None:
+    """BLiMP accuracy (overall and by field) and the harness's rolling bits-per-byte, mean ±
+    half-width, one row per experiment that has them; None when no run recorded any."""
+    metrics = {metric for _, metric, _ in LM_EVAL_COLUMNS}
+    present = stats.filter(pl.col("metric").is_in(list(metrics)))
+    if not present.height:
+        return None
+    cells = metric_cells(present)
+    rows = [
+        [e, *(fmt(*_cell(cells, e, metric)) for _, metric, fmt in LM_EVAL_COLUMNS)]
+        for e in order
+        if e in set(present["experiment"])
+    ]
+    return Table(["experiment", *(h for h, _, _ in LM_EVAL_COLUMNS)], rows, id="lm-eval")
+
+
 def other_metrics_table(stats: pl.DataFrame, order: list[str]) -> Table | None:
-    """Mean ± half-width of every metric not shown elsewhere (lm-eval, synthetic tasks, BLiMP
-    fields and paradigms, ...): one row per metric, one column per experiment; None if none."""
-    shown = {metric for _, metric, _ in METRIC_COLUMNS} | BOOKKEEPING
+    """Mean ± half-width of every metric not shown elsewhere (synthetic tasks, lm-eval extras,
+    ...): one row per metric, one column per experiment; None if none. The 67 per-paradigm BLiMP
+    accuracies stay in summary.csv only."""
+    shown = {metric for _, metric, _ in (*METRIC_COLUMNS, *LM_EVAL_COLUMNS)} | BOOKKEEPING
     rest = stats.filter(
-        ~pl.col("metric").is_in(list(shown)) & ~pl.col("metric").str.starts_with("leak_")
+        ~pl.col("metric").is_in(list(shown))
+        & ~pl.col("metric").str.starts_with("leak_")
+        & ~pl.col("metric").str.starts_with("blimp_")
     )
     if not rest.height:
         return None
