@@ -26,24 +26,32 @@ from archbench.options import option
 
 
 @dataclass(frozen=True)
-class GPTConfig:
-    """Shape and options of the baseline decoder."""
+class LayerOptions:
+    """The vocabulary, block size and shape, and the options of the shared building blocks (MLP,
+    norm, RoPE, embeddings, dropout, init) that every architecture made from `blocks.py` accepts.
+    A subclass may declare a shape option again to explain what it means there."""
 
     vocab_size: int
     block_size: int
     n_layer: int = option(4, "number of decoder blocks", min=1)
     n_head: int = option(4, "number of query heads", min=1)
     d_model: int = option(128, "width of the residual stream", min=2)
-    n_kv_heads: int = option(0, "key/value heads (0 = n_head: MHA; 1: MQA)", min=0)
     mlp: str = option("swiglu", "MLP type", choices=tuple(MLPS))
     mlp_ratio: float = option(
-        4.0, "MLP hidden width / d_model (SwiGLU uses 2/3 of it)", min=0.0, min_exclusive=True
+        4.0, "MLP hidden width / model width (SwiGLU uses 2/3 of it)", min=0.0, min_exclusive=True
     )
     norm: str = option("rmsnorm", "normalisation layer", choices=("rmsnorm", "layernorm"))
     rope_base: float = option(10000.0, "RoPE base frequency", min=1.0)
     tie_embeddings: bool = option(True, "share the input embedding and output projection")
     dropout: float = option(0.0, "dropout probability", min=0.0, max=0.9)
     init_std: float = option(0.02, "std of the normal weight init", min=0.0, min_exclusive=True)
+
+
+@dataclass(frozen=True)
+class GPTConfig(LayerOptions):
+    """Shape and options of the baseline decoder."""
+
+    n_kv_heads: int = option(0, "key/value heads (0 = n_head: MHA; 1: MQA)", min=0)
 
     @property
     def kv_heads(self) -> int:

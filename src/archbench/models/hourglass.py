@@ -137,6 +137,7 @@ from archbench.models.blocks import (
     make_norm,
     mlp_hidden,
 )
+from archbench.models.gpt import LayerOptions
 from archbench.options import option
 
 
@@ -151,11 +152,9 @@ def parse_sizes(spec: str, name: str) -> tuple[int, ...]:
 
 
 @dataclass(frozen=True)
-class HourglassConfig:
+class HourglassConfig(LayerOptions):
     """Shape and options of the hourglass (see the module docstring for the mechanism)."""
 
-    vocab_size: int
-    block_size: int
     n_layer: int = option(4, "global layers in the latent (innermost) block", min=1)
     n_head: int = option(4, "attention heads at every level", min=1)
     d_model: int = option(128, "width of the innermost (latent) level", min=2)
@@ -208,15 +207,6 @@ class HourglassConfig:
         "channel merge: per-element softmax convex combination, mean, or max",
         choices=("softmax", "mean", "max"),
     )
-    mlp: str = option("swiglu", "MLP type", choices=tuple(MLPS))
-    mlp_ratio: float = option(
-        4.0, "MLP hidden width / width (SwiGLU uses 2/3 of it)", min=0.0, min_exclusive=True
-    )
-    norm: str = option("rmsnorm", "normalisation layer", choices=("rmsnorm", "layernorm"))
-    rope_base: float = option(10000.0, "RoPE base frequency", min=1.0)
-    tie_embeddings: bool = option(True, "share the input embedding and output projection")
-    dropout: float = option(0.0, "dropout probability", min=0.0, max=0.9)
-    init_std: float = option(0.02, "std of the normal weight init", min=0.0, min_exclusive=True)
 
     @property
     def sizes(self) -> tuple[int, ...]:
