@@ -87,6 +87,8 @@ SHAPES = {
     for shape in (
         # The CPU shape, also the one nanoGPT was measured at (vocab: char-level + bytes).
         Shape("tiny", 4, 4, 128, block_size=64, batch_size=12, vocab_size=321),
+        # The default CPU suite's training shape (configs/suites/default.yaml).
+        Shape("cpu_suite", 4, 4, 128, block_size=128, batch_size=16, vocab_size=321),
         # nanoGPT's shakespeare_char config (the gpu suite's shape).
         Shape("shakespeare_char", 6, 6, 384, block_size=256, batch_size=64, vocab_size=321),
         # GPT-2 small (~124M parameters), GPU only.
