@@ -60,6 +60,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # with other jobs leaves out the time spent waiting for a core (with one torch thread it is the
 # step's own compute; with several it is their sum).
 CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.process_time}
+CPU_CLOCK_ONLY = "--clock cpu measures CPU work; GPU steps need --clock wall"
 MATCH_TOLERANCE = 0.005  # relative parameter difference below which `gpt` itself is the baseline
 
 
@@ -509,7 +510,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     args = parser.parse_args(argv)
     if args.clock == "cpu" and args.device not in ("auto", "cpu"):
-        parser.error("--clock cpu measures CPU work; GPU steps need --clock wall")
+        parser.error(CPU_CLOCK_ONLY)
     args.archs = args.archs.split(",") if args.archs else sorted(ARCHITECTURES)
     if args.warmup is None:
         args.warmup = 10 if args.compile else 5
@@ -525,6 +526,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     runtime = make_runtime(args.device, args.precision)
+    if args.clock == "cpu" and runtime.device.type != "cpu":
+        sys.exit(f"throughput.py: error: {CPU_CLOCK_ONLY} (auto picked {runtime.device})")
     names = args.shapes.split(",") if args.shapes else ["tiny"]
     if not args.shapes and runtime.is_cuda:
         names = list(SHAPES)

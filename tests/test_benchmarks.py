@@ -1,0 +1,48 @@
+"""The throughput benchmark script runs end to end and writes what docs/performance.md quotes."""
+
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "throughput.py"
+
+
+def run_benchmark(tmp_path: Path, *extra: str) -> subprocess.CompletedProcess:
+    """One round of one step per model at the tiny shape (seconds, not a measurement)."""
+    command = [sys.executable, str(SCRIPT), "--threads", "1", "--warmup", "1", "--steps", "1"]
+    command += ["--rounds", "2", "--csv", str(tmp_path / "out.csv")]
+    command += ["--markdown", str(tmp_path / "out.md"), *extra]
+    return subprocess.run(command, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("clock", ["wall", "cpu"])
+def test_throughput_writes_rows_against_a_parameter_matched_baseline(
+    tmp_path: Path, clock: str
+) -> None:
+    result = run_benchmark(tmp_path, "--archs", "gpt,mtp", "--clock", clock)
+    assert result.returncode == 0, result.stderr[-3000:]
+    with open(tmp_path / "out.csv", newline="") as handle:
+        rows = {row["model"]: row for row in csv.DictReader(handle)}
+    assert set(rows) == {"gpt", "mtp", "gpt mlp_ratio=7.0312"}
+    mtp, matched = rows["mtp"], rows["gpt mlp_ratio=7.0312"]
+    assert mtp["baseline"] == "gpt mlp_ratio=7.0312"
+    assert abs(int(mtp["n_params"]) / int(matched["n_params"]) - 1) < 0.005
+    for row in rows.values():
+        n_params, step_ms = int(row["n_params"]), float(row["step_ms"])
+        assert step_ms > 0 and float(row["tokens_per_s"]) == pytest.approx(
+            768 / (step_ms / 1000), rel=0.01
+        )
+        assert float(row["peak_mib"]) * 2**20 > 4 * 4 * n_params  # weights, grads, AdamW moments
+    assert float(mtp["time_vs_baseline"]) > 0
+    assert f"step clock: {clock}" in (tmp_path / "out.md").read_text()
+
+
+def test_throughput_refuses_a_cpu_clock_on_a_gpu(tmp_path: Path) -> None:
+    result = run_benchmark(tmp_path, "--archs", "gpt", "--clock", "cpu", "--device", "cuda")
+    assert result.returncode == 2 and "--clock cpu" in result.stderr
