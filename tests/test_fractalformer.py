@@ -21,7 +21,7 @@ from archbench.models.fractalformer import (
     SubModelView,
     check_merge_source,
     merge_init,
-    parse_merge_spec,
+    parse_merge_targets,
 )
 from archbench.models.gpt import GPT, GPTConfig
 from archbench.models.mtp import MTPConfig
@@ -570,23 +570,21 @@ def test_merge_errors() -> None:
         merge_init(model, {(1, 2): medium}, freeze=False)
 
 
-def test_parse_merge_spec() -> None:
+def test_parse_merge_targets() -> None:
     config = configure()
-    spec = parse_merge_spec("L1.0=small_a, L1.1=small_a+1", config)
-    assert spec == {(1, 0): ("small_a", 0), (1, 1): ("small_a", 1)}
-    assert parse_merge_spec("L2.3=x", config) == {(2, 3): ("x", 0)}
-    for text, message in [
-        ("", "merge spec is empty"),
-        ("L1.0", "not of the form"),
-        ("L1.0=a b", "not of the form"),
-        ("M1.0=a", "not a sub-model name"),
-        ("L1.2=a", "no sub-model L1.2"),
-        ("L3.0=a", "no sub-model L3.0"),
-        ("L1.0=a,L2.1=b", "L2.1 and L1.0 overlap"),
-        ("L1.0=a,L1.0=b", "overlap"),
+    assert parse_merge_targets(["L1.0", " L1.1"], config) == [(1, 0), (1, 1)]
+    assert parse_merge_targets(["L2.3", "L1.0", "L2.2"], config) == [(2, 3), (1, 0), (2, 2)]
+    for names, message in [
+        (["M1.0"], "not a sub-model name"),
+        (["L1.2"], "no sub-model L1.2"),
+        (["L3.0"], "no sub-model L3.0"),
+        (["L1.0", "L2.1"], "L2.1 and L1.0 overlap"),
+        (["L2.2", "L1.1"], "L1.1 and L2.2 overlap"),
+        (["L0.0", "L2.3"], "L2.3 and L0.0 overlap"),
+        (["L1.0", "L1.0"], "overlap"),
     ]:
         with pytest.raises(ConfigError, match=message):
-            parse_merge_spec(text, config)
+            parse_merge_targets(names, config)
 
 
 def test_check_merge_source() -> None:

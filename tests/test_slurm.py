@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PROFILE = ROOT / "workflow/profiles/slurm"
 LOCAL_CLUSTER = PROFILE / "local-cluster.sh"
 # The rules whose jobs request `gpu=1` in the gpu suite.
-COMPUTE_RULES = {"train", "evaluate_perplexity", "leak_check", "lm_eval"}
+COMPUTE_RULES = {"train", "evaluate_perplexity", "leak_check", "lm_eval", "evaluate_task"}
 TIMING = ("time", "seconds", "tokens_per_s")
 # Without an accounting database `sacct` fails and the executor would never see a job finish.
 LOCAL_CLUSTER_ARGS = (

@@ -56,8 +56,11 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     planned = snakemake(root, "--dry-run")
     counts = job_counts(planned.stdout + planned.stderr)
     assert counts["prepare_data"] == 1  # every row shares one tokenized copy of the data
-    assert counts["train"] == counts["evaluate_perplexity"] == counts["leak_check"] >= 2
-    assert counts["lm_eval"] == 2 * counts["train"]  # BLiMP and rolling perplexity per run
+    assert counts["prepare_synthetic"] == 2  # MQAR and path-star
+    assert counts["evaluate_task"] == 4  # one baseline row per synthetic task, two seeds
+    assert counts["train"] == counts["leak_check"] == counts["evaluate_perplexity"] + 4
+    assert counts["evaluate_perplexity"] >= 2
+    assert counts["lm_eval"] == 2 * counts["evaluate_perplexity"]  # BLiMP, rolling ppl per run
     result = snakemake(root)
     assert result.returncode == 0, result.stderr[-4000:]
     return root
@@ -67,28 +70,49 @@ def test_smoke_suite_produces_results_and_report(project: Path) -> None:
     with open(project / "results/smoke/summary.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
     assert {"experiment", "seed", "metric", "value"} <= set(rows[0])
+    synthetic = {"gpt_mqar", "gpt_path_star"}
     experiments = {r["experiment"] for r in rows}
-    assert {"gpt", "gpt_mqa", "gpt_gelu"} <= experiments
+    assert {"gpt", "gpt_mqa", "gpt_gelu"} | synthetic <= experiments
+    text = experiments - synthetic
     val_bpb = [float(r["value"]) for r in rows if r["metric"] == "val_bpb"]
-    assert len(val_bpb) == len(experiments) * 2 and all(0 < v < 10 for v in val_bpb)
+    assert len(val_bpb) == len(text) * 2 and all(0 < v < 10 for v in val_bpb)
+    for experiment, task in (("gpt_mqar", "mqar"), ("gpt_path_star", "path_star")):
+        for metric in (f"{task}_accuracy", f"{task}_token_accuracy", f"{task}_exact_match"):
+            values = [
+                float(r["value"])
+                for r in rows
+                if r["experiment"] == experiment and r["metric"] == metric
+            ]
+            assert len(values) == 2 and all(0 <= v <= 1 for v in values), metric
     assert any("seconds" in r["metric"] or "tokens_per_s" in r["metric"] for r in rows)
     run = project / "results/smoke/gpt/seed0"
     for name in ("model.safetensors", "model_config.json", "metrics.csv", "eval.json"):
         assert (run / name).stat().st_size > 0
     passed = [float(r["value"]) for r in rows if r["metric"] == "leak_check_passed"]
     assert passed == [1.0] * len(experiments) * 2
+    rows_run = {e for e in text if "/" not in e}  # sub-model entries (fractal/L1.0) are no runs
+    assert {"fractal/L1.0", "fractal/L2.3"} <= text - rows_run
     for metric in ("blimp_overall", "blimp_morphology", "lm_eval_rolling_bpb"):
         values = [float(r["value"]) for r in rows if r["metric"] == metric]
-        assert len(values) == len(experiments) * 2 and all(0 <= v < 10 for v in values), metric
+        assert len(values) == len(rows_run) * 2 and all(0 <= v < 10 for v in values), metric
     for name in ("index.md", "index.html", "figures/val_loss.png"):
         assert (project / "report/smoke" / name).stat().st_size > 0
-    assert "gpt_mqa" in (project / "report/smoke/index.html").read_text()
+    html = (project / "report/smoke/index.html").read_text()
+    assert "gpt_mqa" in html and "path_star_exact_match" in html
 
 
 def test_nothing_reruns_when_nothing_changed(project: Path) -> None:
     result = snakemake(project, "--dry-run")
     assert result.returncode == 0, result.stderr[-4000:]
     assert "Nothing to be done" in result.stdout + result.stderr
+
+
+def test_seeds_from_the_command_line_add_only_the_new_seeds_runs(project: Path) -> None:
+    dry = snakemake(project, "seeds=[0,1,2]", "--dry-run")
+    assert dry.returncode == 0, dry.stderr[-4000:]
+    counts = job_counts(dry.stdout + dry.stderr)
+    assert counts["train"] >= 3 and "seed=2" in dry.stdout
+    assert "seed=0" not in dry.stdout and "seed=1" not in dry.stdout
 
 
 def test_a_new_row_schedules_only_its_own_jobs_and_reaches_the_report(project: Path) -> None:

@@ -37,8 +37,18 @@ def _cmd_train(args: argparse.Namespace) -> None:
     from archbench.train import train_run
 
     torch.set_num_threads(args.threads)
+    init_dirs = {}
+    for item in args.init:
+        target, sep, run_dir = item.partition("=")
+        if not sep or not target or not run_dir:
+            raise ArchbenchError(f"--init {item!r} is not of the form TARGET=RUN_DIR")
+        init_dirs[target] = Path(run_dir)
     summary = train_run(
-        json.loads(args.spec), Path(args.data), Path(args.out), show_progress=not args.no_progress
+        json.loads(args.spec),
+        Path(args.data),
+        Path(args.out),
+        show_progress=not args.no_progress,
+        init_dirs=init_dirs,
     )
     print(json.dumps(summary, indent=2), file=sys.stderr)
 
@@ -46,6 +56,7 @@ def _cmd_train(args: argparse.Namespace) -> None:
 def _cmd_evaluate(args: argparse.Namespace) -> None:
     from archbench.data import load_token_bytes, load_tokens
     from archbench.evaluate.perplexity import evaluate_perplexity
+    from archbench.evaluate.submodels import with_submodels
     from archbench.io import write_json
     from archbench.runs import load_run
 
@@ -53,14 +64,19 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
     run_dir, data_dir = Path(args.run), Path(args.data)
     device = pick_device(args.device)
     model = load_run(run_dir, device)
-    metrics = evaluate_perplexity(
+    tokens, token_bytes = load_tokens(data_dir, "val"), load_token_bytes(data_dir)
+    metrics = with_submodels(  # nested sub-models (fractalformer) are scored on the same windows
         model,
-        load_tokens(data_dir, "val"),
-        load_token_bytes(data_dir),
-        block_size=model.config.block_size,
-        batch_size=args.batch_size,
-        max_tokens=args.max_tokens,
-        device=device,
+        lambda scored: evaluate_perplexity(
+            scored,
+            tokens,
+            token_bytes,
+            block_size=model.config.block_size,
+            batch_size=args.batch_size,
+            max_tokens=args.max_tokens,
+            device=device,
+        ),
+        sizes=True,
     )
     write_json(args.out, metrics)
     print(json.dumps(metrics, indent=2), file=sys.stderr)
@@ -69,19 +85,22 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
 def _cmd_leakcheck(args: argparse.Namespace) -> None:
     from archbench.data import load_meta, load_tokens
     from archbench.evaluate.leakcheck import leak_check
+    from archbench.evaluate.submodels import SUBMODELS, with_submodels
     from archbench.io import write_json
     from archbench.runs import load_run
 
     torch.set_num_threads(args.threads)
     model = load_run(Path(args.run), pick_device(args.device))
-    result = leak_check(
-        model,
-        load_tokens(Path(args.data), "val"),
-        model.config.block_size,
-        load_meta(Path(args.data))["vocab_size"],
+    data_dir = Path(args.data)
+    tokens, vocab_size = load_tokens(data_dir, "val"), load_meta(data_dir)["vocab_size"]
+    result = with_submodels(  # every nested sub-model (fractalformer) is checked as well
+        model, lambda checked: leak_check(checked, tokens, model.config.block_size, vocab_size)
     )
     write_json(args.out, result)
+    failed = [name for name, r in result.get(SUBMODELS, {}).items() if not r["leak_check_passed"]]
     verdict = "passed" if result["leak_check_passed"] else "FAILED: the model sees the future"
+    if failed:
+        verdict += f"; sub-models {', '.join(failed)} FAILED: they see the future"
     print(f"leak check {verdict}: {json.dumps(result)}", file=sys.stderr)
 
 
@@ -102,6 +121,21 @@ def _cmd_lm_eval(args: argparse.Namespace) -> None:
         data_mirror=args.data_mirror or None,
     )
     print(json.dumps(result, indent=2), file=sys.stderr)
+
+
+def _cmd_evaluate_task(args: argparse.Namespace) -> None:
+    from archbench.evaluate.synthetic import evaluate_task
+
+    torch.set_num_threads(args.threads)
+    metrics = evaluate_task(
+        Path(args.run),
+        Path(args.data),
+        Path(args.out),
+        limit=args.limit,
+        batch_size=args.batch_size,
+        device=pick_device(args.device),
+    )
+    print(json.dumps(metrics, indent=2), file=sys.stderr)
 
 
 def _cmd_sample(args: argparse.Namespace) -> None:
@@ -213,6 +247,26 @@ def _cmd_validate(args: argparse.Namespace) -> None:
         print(f"suite {suite.name}: {len(rows)} experiments x {len(suite.seeds)} seeds: ok")
 
 
+def _run_command(
+    sub: argparse._SubParsersAction,
+    name: str,
+    help: str,
+    out: str,
+    data: str = "prepared data directory",
+    device: str | None = "auto",
+) -> argparse.ArgumentParser:
+    """A subcommand that reads one run directory and its data and writes one file: the --run,
+    --data, --out, --threads (and, unless `device` is None, --device) arguments."""
+    p = sub.add_parser(name, help=help)
+    p.add_argument("--run", required=True, help="run directory")
+    p.add_argument("--data", required=True, help=data)
+    p.add_argument("--out", required=True, help=out)
+    if device is not None:
+        p.add_argument("--device", default=device, help="auto, cpu, cuda or mps")
+    p.add_argument("--threads", type=int, default=1)
+    return p
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the `archbench` command."""
     parser = argparse.ArgumentParser(prog="archbench", description=__doc__.splitlines()[0])
@@ -231,31 +285,46 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="run directory")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--init",
+        action="append",
+        default=[],
+        metavar="TARGET=RUN_DIR",
+        help="run directory of the spec's init_from target TARGET (repeat for each)",
+    )
     p.set_defaults(func=_cmd_train)
 
-    p = sub.add_parser("evaluate", help="perplexity / bits-per-byte / top-k of one run")
-    p.add_argument("--run", required=True, help="run directory")
-    p.add_argument("--data", required=True, help="prepared data directory")
-    p.add_argument("--out", required=True, help="eval.json to write")
+    p = _run_command(
+        sub, "evaluate", "perplexity / bits-per-byte / top-k of one run", "eval.json to write"
+    )
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-tokens", type=int, default=None, help="score only this many tokens")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
-    p.add_argument("--threads", type=int, default=1)
     p.set_defaults(func=_cmd_evaluate)
 
-    p = sub.add_parser("leakcheck", help="future-leak check of one trained run")
-    p.add_argument("--run", required=True, help="run directory")
-    p.add_argument("--data", required=True, help="prepared data directory")
-    p.add_argument("--out", required=True, help="leak_check.json to write")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
-    p.add_argument("--threads", type=int, default=1)
+    p = _run_command(
+        sub, "leakcheck", "future-leak check of one trained run", "leak_check.json to write"
+    )
     p.set_defaults(func=_cmd_leakcheck)
 
-    p = sub.add_parser("lm-eval", help="lm-evaluation-harness tasks (offline) on one run")
-    p.add_argument("--run", required=True, help="run directory")
-    p.add_argument("--data", required=True, help="prepared data directory")
+    p = _run_command(
+        sub,
+        "evaluate-task",
+        "synthetic-task accuracy and exact match of one run (task.json)",
+        "task.json to write",
+        data="prepared synthetic data directory",
+    )
+    p.add_argument("--limit", type=int, default=None, help="score the first N val instances")
+    p.add_argument("--batch-size", type=int, default=64, help="instances per forward pass")
+    p.set_defaults(func=_cmd_evaluate_task)
+
+    p = _run_command(
+        sub,
+        "lm-eval",
+        "lm-evaluation-harness tasks (offline) on one run",
+        "results JSON to write",
+        device="cpu",
+    )
     p.add_argument("--tasks", required=True, choices=("blimp", "rolling_ppl"))
-    p.add_argument("--out", required=True, help="results JSON to write")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--limit", type=int, default=None, help="BLiMP pairs per paradigm")
     p.add_argument("--max-tokens", type=int, default=None, help="rolling: held-out prefix")
@@ -263,15 +332,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--data-mirror", default="", help="directory with blimp/ (default: embedded BLiMP)"
     )
-    p.add_argument("--device", default="cpu", help="auto, cpu, cuda or mps")
-    p.add_argument("--threads", type=int, default=1)
     p.set_defaults(func=_cmd_lm_eval)
 
-    p = sub.add_parser("sample", help="greedy and sampled text of one run, for the report")
-    p.add_argument("--run", required=True, help="run directory")
-    p.add_argument("--data", required=True, help="prepared data directory")
-    p.add_argument("--out", required=True, help="samples.json to write")
-    p.add_argument("--threads", type=int, default=1)
+    p = _run_command(
+        sub,
+        "sample",
+        "greedy and sampled text of one run, for the report",
+        "samples.json to write",
+        device=None,
+    )
     p.set_defaults(func=_cmd_sample)
 
     p = sub.add_parser("generate", help="generate text from a trained run")

@@ -20,6 +20,7 @@ from snakemake.utils import validate
 from snakemake_interface_common.exceptions import WorkflowError
 
 from archbench.errors import ConfigError
+from archbench.init_from import InitSource, format_init_from, initializer_for, parse_init_from
 from archbench.models import list_options, make_config
 from archbench.options import options_of, suggest, unknown_key_error
 from archbench.train import TrainConfig, make_train_config
@@ -39,6 +40,10 @@ class Experiment:
     description: str
     line: int
     baseline: str | None = None
+    init_from: tuple[InitSource, ...] = ()
+    submodel_baselines: dict[str, str] = field(default_factory=dict)
+    # the rows named in init_from, resolved (with their own sources), for run_spec
+    init_rows: dict[str, Experiment] = field(default_factory=dict, repr=False, compare=False)
 
     def describe(self) -> dict[str, Any]:
         """What the report needs to know about this row (JSON-serialisable)."""
@@ -49,6 +54,8 @@ class Experiment:
             "overrides": self.overrides,
             "baseline": self.baseline,
             "description": self.description,
+            "init_from": format_init_from(self.init_from),
+            "submodel_baselines": self.submodel_baselines,
         }
 
     def runs_in(self, suite: str) -> bool:
@@ -148,10 +155,18 @@ def load_experiments(path: Path, schema: Path, datasets: Iterable[str]) -> list[
             overrides = parse_overrides(row["overrides"])
             model, train = split_overrides(row["arch"], overrides)
             train_config = make_train_config(train)
-            make_config(row["arch"], PLACEHOLDER_VOCAB, train_config.block_size, **model)
+            config = make_config(row["arch"], PLACEHOLDER_VOCAB, train_config.block_size, **model)
         except ConfigError as err:
             column = "arch" if str(err).startswith("unknown architecture") else "overrides"
             raise ConfigError(f"{where}, column '{column}': {err}") from None
+        try:
+            init_from = parse_init_from(row["init_from"])
+        except ConfigError as err:
+            raise ConfigError(f"{where}, column 'init_from': {err}") from None
+        try:
+            submodel_baselines = parse_submodel_baselines(row["submodel_baselines"], config)
+        except ConfigError as err:
+            raise ConfigError(f"{where}, column 'submodel_baselines': {err}") from None
         experiments.append(
             Experiment(
                 name=row["name"],
@@ -162,9 +177,11 @@ def load_experiments(path: Path, schema: Path, datasets: Iterable[str]) -> list[
                 description=row["description"],
                 line=line,
                 baseline=row["baseline"] or None,
+                init_from=init_from,
+                submodel_baselines=submodel_baselines,
             )
         )
-    return _resolve_baselines(path, experiments)
+    return _resolve_init_from(path, _resolve_baselines(path, experiments))
 
 
 def _resolve_baselines(path: Path, experiments: list[Experiment]) -> list[Experiment]:
@@ -192,6 +209,75 @@ def _resolve_baselines(path: Path, experiments: list[Experiment]) -> list[Experi
             )
         resolved.append(e)
     return resolved
+
+
+def parse_submodel_baselines(text: str, config: Any) -> dict[str, str]:
+    """Parse 'L1=solo64,L2.3=solo32': the row each nested sub-model entry is compared against,
+    by level (`L<level>`) or by sub-model (`L<level>.<index>`, which wins over its level).
+
+    Only architectures whose config lists `submodels()` (fractalformer) have sub-model entries;
+    the names must exist in `config` (the whole model, L0, is the row itself: see `baseline`).
+    """
+    items = [part.strip() for part in text.split(",") if part.strip()]
+    if not items:
+        return {}
+    if not hasattr(config, "submodels"):
+        raise ConfigError("this architecture has no nested sub-models")
+    submodels = [(level, index) for level, index in config.submodels() if level > 0]
+    valid = [f"L{level}" for level in dict.fromkeys(lv for lv, _ in submodels)]
+    valid += [f"L{level}.{index}" for level, index in submodels]
+    result: dict[str, str] = {}
+    for item in items:
+        key, sep, row = (part.strip() for part in item.partition("="))
+        if not sep or not re.fullmatch(r"[A-Za-z0-9_-]+", row):
+            raise ConfigError(f"'{item}' is not of the form L<level>[.<index>]=row")
+        if key not in valid:
+            raise ConfigError(
+                f"no sub-model or level '{key}'{suggest(key, valid)}; this row has: "
+                f"{', '.join(valid) or 'none (levels=1)'}"
+            )
+        if key in result:
+            raise ConfigError(f"'{key}' is given twice")
+        result[key] = row
+    return result
+
+
+def _resolve_init_from(path: Path, experiments: list[Experiment]) -> list[Experiment]:
+    """Check the rows named in `init_from` and `submodel_baselines` (they exist, use the same
+    data set, are not the row itself; init_from has no cycle) and attach each row's sources."""
+    by_name = {e.name: e for e in experiments}
+    for e in experiments:
+        for column, rows in (
+            ("init_from", [s.row for s in e.init_from]),
+            ("submodel_baselines", list(e.submodel_baselines.values())),
+        ):
+            where = f"{path}, line {e.line} (experiment '{e.name}'), column '{column}'"
+            for name in rows:
+                if name not in by_name:
+                    raise ConfigError(f"{where}: no row named '{name}'{suggest(name, by_name)}")
+                if name == e.name:
+                    raise ConfigError(f"{where}: a row cannot name itself")
+                if by_name[name].dataset != e.dataset:
+                    raise ConfigError(
+                        f"{where}: row '{name}' uses data set '{by_name[name].dataset}', not "
+                        f"'{e.dataset}'"
+                    )
+    resolved: dict[str, Experiment] = {}
+
+    def resolve(name: str, chain: tuple[str, ...]) -> Experiment:
+        if name in chain:
+            e = by_name[chain[0]]
+            raise ConfigError(
+                f"{path}, line {e.line} (experiment '{e.name}'), column 'init_from': rows "
+                f"initialise from each other in a cycle: {' -> '.join((*chain, name))}"
+            )
+        if name not in resolved:
+            e = by_name[name]
+            rows = {s.row: resolve(s.row, (*chain, name)) for s in e.init_from}
+            resolved[name] = replace(e, init_rows=rows)
+        return resolved[name]
+
+    return [resolve(e.name, ()) for e in experiments]
 
 
 SECTIONS = ("model", "train", "eval")
@@ -256,7 +342,7 @@ def run_spec(experiment: Experiment, suite: Suite, seed: int) -> dict[str, Any]:
     except ConfigError as err:
         raise ConfigError(f"{where}: {err}") from None
     model_options = {k: getattr(config, k) for k in model}
-    return {
+    spec = {
         "experiment": experiment.name,
         "arch": experiment.arch,
         "dataset": experiment.dataset,
@@ -264,3 +350,38 @@ def run_spec(experiment: Experiment, suite: Suite, seed: int) -> dict[str, Any]:
         "model": model_options,
         "train": {k: getattr(train, k) for k in {**suite.train, **train_rows}},
     }
+    if experiment.init_from or train.init_freeze:
+        spec["init_from"] = _init_from_spec(experiment, suite, seed, config, train.init_freeze)
+    return spec
+
+
+def _init_from_spec(
+    experiment: Experiment, suite: Suite, seed: int, config: Any, freeze: bool
+) -> list[dict[str, Any]]:
+    """The spec's `init_from` entries (target, experiment, seed and the source's own run spec,
+    so that a change to a source re-runs this row), checked to fit the row's model."""
+    where = f"experiment '{experiment.name}' in suite '{suite.name}', column 'init_from'"
+    if not experiment.init_from:
+        raise ConfigError(f"{where}: init_freeze=true needs rows to initialise from")
+    entries, sources = [], []
+    for item in experiment.init_from:
+        row = experiment.init_rows.get(item.row)
+        if row is None:
+            raise ConfigError(f"{where}: row '{item.row}' was not resolved by load_experiments")
+        if not row.runs_in(suite.name):
+            raise ConfigError(
+                f"{where}: source row '{item.row}' does not run in suite '{suite.name}' (its "
+                f"suites: {', '.join(row.suites)})"
+            )
+        source = run_spec(row, suite, seed + item.seed_offset)
+        entries.append(
+            {"target": item.target, "experiment": row.name, "seed": source["seed"], "spec": source}
+        )
+        block_size = make_train_config(source["train"]).block_size
+        source_config = make_config(row.arch, PLACEHOLDER_VOCAB, block_size, **source["model"])
+        sources.append((item.target, row.arch, source_config))
+    try:
+        initializer_for(experiment.arch).check(experiment.arch, config, sources, freeze)
+    except ConfigError as err:
+        raise ConfigError(f"{where}: {err}") from None
+    return entries

@@ -20,6 +20,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,13 +37,16 @@ from archbench.checkpoint import (
     save_training_state,
     save_weights,
 )
-from archbench.data import load_meta, load_tokens
+from archbench.data import Instances, load_instances, load_meta, load_tokens
 from archbench.errors import ArchbenchError, ConfigError
+from archbench.init_from import initialise
 from archbench.io import atomic_path, write_json
 from archbench.models import build_model
 from archbench.options import coerce_all, option
 from archbench.runtime import Runtime, make_runtime
 
+LOSS_MASKS = ("answers", "all")
+IGNORE_INDEX = -100  # torch's cross_entropy ignore_index: targets outside the loss mask
 BASE_COLUMNS = ("step", "tokens", "lr", "train_loss", "val_loss", "elapsed_seconds", "tokens_per_s")
 CHECKPOINT = "checkpoint.safetensors"
 PARTIAL_LOG = "metrics.partial.csv"
@@ -110,6 +114,15 @@ class TrainConfig:
         choices=("auto", "fp32", "bf16"),
     )
     compile: bool = option(False, "torch.compile the training step's loss function")
+    loss_mask: str = option(
+        "answers",
+        "synthetic data sets only (text ignores it): targets in the loss, the answer tokens "
+        "(answers) or every token (all)",
+        choices=LOSS_MASKS,
+    )
+    init_freeze: bool = option(
+        False, "keep the parts filled by the row's init_from cell frozen while the rest trains"
+    )
 
     @property
     def tokens_per_step(self) -> int:
@@ -157,6 +170,90 @@ def batch_at(
         np.asarray(tokens[starts[:, None] + np.arange(block_size + 1)], dtype=np.int64)
     )
     return windows[:, :-1], windows[:, 1:]
+
+
+def instance_batch_at(
+    instances: Instances, seed: int, step: int, batch_size: int, loss_mask: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Batch `step` of a synthetic training split for `seed`: whole instances drawn at random
+    (a pure function of both, as `batch_at`), as `instance_pairs`."""
+    rows = np.random.default_rng((seed, step)).integers(0, len(instances.ids), size=batch_size)
+    return instance_pairs(instances, rows, loss_mask)
+
+
+def instance_pairs(
+    instances: Instances, rows: np.ndarray, loss_mask: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """x = ids[rows, :-1], y = ids[rows, 1:], with y = IGNORE_INDEX outside the answer tokens
+    when loss_mask is "answers"."""
+    ids = torch.from_numpy(instances.ids[rows])
+    targets = ids[:, 1:].clone()
+    if loss_mask == "answers":
+        targets[~torch.from_numpy(instances.mask[rows, 1:])] = IGNORE_INDEX
+    return ids[:, :-1], targets
+
+
+@dataclass(frozen=True)
+class TrainingData:
+    """What a run reads: the training batch of (seed, step), the fixed validation batches and
+    the tokens one step feeds the model."""
+
+    batch: Callable[[int, int], tuple[torch.Tensor, torch.Tensor]]
+    val_batches: list[tuple[torch.Tensor, torch.Tensor]]
+    tokens_per_step: int
+
+
+def load_training_data(data_dir: Path, dataset: str, config: TrainConfig) -> TrainingData:
+    """Random token windows of a text data set, or whole instances of a synthetic one."""
+    if "instance_length" in load_meta(data_dir):
+        return _instance_data(data_dir, dataset, config)
+    return _window_data(data_dir, dataset, config)
+
+
+def _window_data(data_dir: Path, dataset: str, config: TrainConfig) -> TrainingData:
+    """Text: `batch_at` windows; validation on evenly spaced windows of the val split."""
+    train_tokens, val_tokens = load_tokens(data_dir, "train"), load_tokens(data_dir, "val")
+    for split, tokens in (("train", train_tokens), ("val", val_tokens)):
+        if len(tokens) <= config.block_size + 1:
+            raise ConfigError(
+                f"{split} split of '{dataset}' has {len(tokens)} tokens, fewer than "
+                f"block_size + 2 = {config.block_size + 2}"
+            )
+    count = config.eval_batches * config.batch_size
+    starts = np.linspace(0, len(val_tokens) - config.block_size - 1, count).astype(np.int64)
+    windows = torch.from_numpy(
+        np.asarray(val_tokens[starts[:, None] + np.arange(config.block_size + 1)], dtype=np.int64)
+    )
+    return TrainingData(
+        batch=lambda seed, step: batch_at(
+            train_tokens, seed, step, config.batch_size, config.block_size
+        ),
+        val_batches=[(w[:, :-1], w[:, 1:]) for w in windows.split(config.batch_size)],
+        tokens_per_step=config.tokens_per_step,
+    )
+
+
+def _instance_data(data_dir: Path, dataset: str, config: TrainConfig) -> TrainingData:
+    """Synthetic: `instance_batch_at` batches; validation on the first eval_batches *
+    batch_size val instances, masked alike."""
+    train, val = load_instances(data_dir, "train"), load_instances(data_dir, "val")
+    length = train.ids.shape[1]
+    if config.block_size < length - 1:
+        raise ConfigError(
+            f"data set '{dataset}' has instances of {length} tokens: block_size="
+            f"{config.block_size} must be at least instance_length - 1 = {length - 1}"
+        )
+    rows = np.arange(min(len(val.ids), config.eval_batches * config.batch_size))
+    return TrainingData(
+        batch=lambda seed, step: instance_batch_at(
+            train, seed, step, config.batch_size, config.loss_mask
+        ),
+        val_batches=[
+            instance_pairs(val, chunk, config.loss_mask)
+            for chunk in np.array_split(rows, math.ceil(len(rows) / config.batch_size))
+        ],
+        tokens_per_step=config.batch_size * (length - 1),
+    )
 
 
 def seed_everything(seed: int) -> None:
@@ -215,25 +312,21 @@ def measure_step_flops(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> in
 
 @torch.no_grad()
 def estimate_val_loss(
-    model: nn.Module, tokens: np.ndarray, config: TrainConfig, runtime: Runtime
+    model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]], runtime: Runtime
 ) -> float:
-    """Mean next-token loss on fixed, evenly spaced validation windows."""
+    """Mean next-token loss over the targets of fixed validation batches (IGNORE_INDEX skipped)."""
     model.eval()
-    count = config.eval_batches * config.batch_size
-    starts = np.linspace(0, len(tokens) - config.block_size - 1, count).astype(np.int64)
-    windows = torch.from_numpy(
-        np.asarray(tokens[starts[:, None] + np.arange(config.block_size + 1)], dtype=np.int64)
-    )
-    total = 0.0
-    for chunk in windows.split(config.batch_size):
-        chunk = runtime.put(chunk)
+    total, count = 0.0, 0
+    for x, y in batches:
+        x, y = runtime.put(x), runtime.put(y)
         with runtime.autocast():
-            logits = model(chunk[:, :-1])
+            logits = model(x)
         total += torch.nn.functional.cross_entropy(
-            logits.flatten(0, 1).float(), chunk[:, 1:].flatten(), reduction="sum"
+            logits.flatten(0, 1).float(), y.flatten(), reduction="sum"
         ).item()
+        count += int((y != IGNORE_INDEX).sum())
     model.train()
-    return total / (count * config.block_size)
+    return total / count
 
 
 def spec_fingerprint(spec: dict[str, Any], data_meta: dict[str, Any]) -> str:
@@ -277,10 +370,13 @@ def train_run(
     *,
     show_progress: bool = True,
     stop_after: int | None = None,
+    init_dirs: Mapping[str, Path] | None = None,
 ) -> dict[str, Any] | None:
     """Train the run described by `spec` and write its outputs into `out_dir`.
 
-    `spec` has keys experiment, arch, dataset, seed, model (options) and train (options).
+    `spec` has keys experiment, arch, dataset, seed, model (options) and train (options), and
+    `init_from` entries when the row starts from other rows' weights: `init_dirs` maps each
+    entry's target to that source's run directory (archbench.init_from).
     Resumes from `out_dir/checkpoint.safetensors` when it belongs to the same spec and data.
     `stop_after=k` saves a checkpoint after step k and returns None (used to test resuming).
     Returns the training summary on completion.
@@ -288,21 +384,20 @@ def train_run(
     out_dir.mkdir(parents=True, exist_ok=True)
     config = make_train_config(spec["train"])
     data_meta = load_meta(data_dir)
-    train_tokens, val_tokens = load_tokens(data_dir, "train"), load_tokens(data_dir, "val")
-    for split, tokens in (("train", train_tokens), ("val", val_tokens)):
-        if len(tokens) <= config.block_size + 1:
-            raise ConfigError(
-                f"{split} split of '{spec['dataset']}' has {len(tokens)} tokens, fewer than "
-                f"block_size + 2 = {config.block_size + 2}"
-            )
+    data = load_training_data(data_dir, spec["dataset"], config)
     runtime = make_runtime(config.device, config.precision)
     seed = int(spec["seed"])
     seed_everything(seed)
     model = build_model(
         spec["arch"], data_meta["vocab_size"], config.block_size, **spec["model"]
     ).to(runtime.device)
+    frozen = initialise(
+        model, spec["arch"], spec.get("init_from", []), init_dirs or {}, config.init_freeze
+    )
     optimizer = make_optimizer(model, config, fused=runtime.is_cuda)
-    x0, y0 = batch_at(train_tokens, seed, 0, config.batch_size, config.block_size)
+    if frozen is not None:  # before resuming, so a resumed run keeps its blocks frozen too
+        frozen.attach(optimizer)
+    x0, y0 = data.batch(seed, 0)
     step_flops = measure_step_flops(model, runtime.put(x0), runtime.put(y0))
     with torch.no_grad(), torch.random.fork_rng(devices=[]):
         _, parts0 = model.loss(runtime.put(x0[:1]), runtime.put(y0[:1]))
@@ -330,7 +425,7 @@ def train_run(
             lr = lr_at(step, config)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            x, y = batch_at(train_tokens, seed, step, config.batch_size, config.block_size)
+            x, y = data.batch(seed, step)
             with runtime.autocast():
                 loss, parts = loss_fn(runtime.put(x), runtime.put(y))
             _check_finite(spec, step, loss, parts)
@@ -346,11 +441,11 @@ def train_run(
             val_loss = None
             if done % config.eval_every == 0 or done == config.steps:
                 tick = time.perf_counter()
-                val_loss = progress.last_val = estimate_val_loss(model, val_tokens, config, runtime)
+                val_loss = progress.last_val = estimate_val_loss(model, data.val_batches, runtime)
                 progress.elapsed += time.perf_counter() - tick
                 bar.set_postfix(val=f"{val_loss:.3f}")
             if done % config.log_every == 0 or val_loss is not None:
-                log.append(progress.take_row(lr, val_loss, config.tokens_per_step))
+                log.append(progress.take_row(lr, val_loss, data.tokens_per_step))
             stopping = done == stop_after or (stop.requested and done < config.steps)
             if (done % config.checkpoint_every == 0 and done < config.steps) or stopping:
                 save_training_state(
@@ -374,9 +469,9 @@ def train_run(
         "train_flops": step_flops * config.steps,
         "flops_per_step": step_flops,
         "train_steps": config.steps,
-        "train_tokens": config.steps * config.tokens_per_step,
+        "train_tokens": config.steps * data.tokens_per_step,
         "train_seconds": round(progress.elapsed, 3),
-        "train_tokens_per_s": config.steps * config.tokens_per_step / max(progress.elapsed, 1e-9),
+        "train_tokens_per_s": config.steps * data.tokens_per_step / max(progress.elapsed, 1e-9),
         "final_val_loss": progress.last_val,
         "torch_threads": torch.get_num_threads(),
         "device": str(runtime.device),

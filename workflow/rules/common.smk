@@ -8,7 +8,8 @@ from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
 
-from archbench.data import check_local_copy, parse_datasets, resolve_mirror
+from archbench.data import (MASK_FILES, SyntheticSpec, check_local_copy, parse_datasets,
+                            resolve_mirror)
 from archbench.errors import ArchbenchError
 from archbench.experiments import load_experiments, load_suite, run_spec
 from archbench.runs import RESULT_FILES, lm_eval_result
@@ -27,7 +28,7 @@ try:
                                   SCHEMAS / "experiments.schema.yaml", DATASETS)
         if e.runs_in(SUITE.name)
     }
-    SEEDS = list(config.get("seeds") or SUITE.seeds)
+    SEEDS = [int(seed) for seed in config.get("seeds") or SUITE.seeds]
     SPECS = {(name, seed): run_spec(e, SUITE, seed)
              for name, e in EXPERIMENTS.items() for seed in SEEDS}
     MIRROR_DIR = resolve_mirror(config.get("data_mirror"))
@@ -46,6 +47,11 @@ REPORT = f"report/{SUITE.name}"
 RUN = RESULTS + "/{experiment}/seed{seed}"
 DATA = "results/data/{dataset}"
 DATA_FILES = ("train.bin", "val.bin", "tokenizer.json", "token_bytes.npy", "meta.json")
+# A synthetic data set (archbench.data.synthetic) is generated, with answer masks besides.
+SYNTHETIC_DATA_FILES = (*DATA_FILES, *MASK_FILES.values())
+TEXT_DATASETS = sorted(n for n, s in DATASETS.items() if not isinstance(s, SyntheticSpec))
+SYNTHETIC_DATASETS = sorted(n for n, s in DATASETS.items() if isinstance(s, SyntheticSpec))
+TASK_FILE = "task.json"  # a synthetic row's scores (archbench evaluate-task)
 
 
 LM_EVAL = SUITE.lm_eval
@@ -64,14 +70,24 @@ def data_dir(wildcards):
     return DATA.format(dataset=EXPERIMENTS[wildcards.experiment].dataset)
 
 
+def synthetic(experiment):
+    """Whether `experiment` trains on a synthetic task rather than text."""
+    return EXPERIMENTS[experiment].dataset in SYNTHETIC_DATASETS
+
+
 def data_inputs(wildcards):
     """The prepared-data files a run of this experiment reads."""
-    return [f"{data_dir(wildcards)}/{name}" for name in DATA_FILES]
+    names = SYNTHETIC_DATA_FILES if synthetic(wildcards.experiment) else DATA_FILES
+    return [f"{data_dir(wildcards)}/{name}" for name in names]
 
 
 def result_files(experiment):
     """Names of the flat JSON result files in each run directory of `experiment` that the
-    aggregate step reads: training, perplexity, leak check and every lm-eval task group."""
+    aggregate step reads: training, perplexity, leak check and every lm-eval task group; on a
+    synthetic task training, leak check and the task's scores instead (perplexity over random
+    keys and node labels measures nothing, and lm-eval's tasks are English text)."""
+    if synthetic(experiment):
+        return [*(name for name in RESULT_FILES if name != "eval.json"), TASK_FILE]
     return [*RESULT_FILES, *(lm_eval_result(task) for task in LM_EVAL_TASKS)]
 
 

@@ -2,18 +2,41 @@
 # every row naming the same data set shares the result. The mirror is not a param: where the
 # verified bytes come from does not change the prepared data, so switching it re-runs nothing.
 
+import re
+
 MIRROR_ARG = f"--mirror {shlex.quote(MIRROR)}" if MIRROR else ""
+
+
+def one_of(names):
+    """A wildcard pattern matching exactly `names` (nothing if there are none)."""
+    return "|".join(re.escape(name) for name in names) or "(?!)"
 
 
 rule prepare_data:
     output:
         [f"{DATA}/{name}" for name in DATA_FILES],
+    wildcard_constraints:
+        dataset=one_of(TEXT_DATASETS),
     params:
-        spec=lambda w: json.dumps(
-            {k: v for k, v in vars(DATASETS[w.dataset]).items() if k != "name"}
-        ),
+        spec=lambda w: json.dumps(DATASETS[w.dataset].entry()),
     log:
         "results/logs/prepare_{dataset}.log",
     shell:
         "{ARCHBENCH} prepare --dataset {wildcards.dataset} --dataset-spec {params.spec:q} "
         "--out results/data/{wildcards.dataset} {MIRROR_ARG} 2> {log}"
+
+
+# A synthetic task's instances are generated from its seed and knobs (no text, no mirror); its
+# directory holds the answer masks too.
+rule prepare_synthetic:
+    output:
+        [f"{DATA}/{name}" for name in SYNTHETIC_DATA_FILES],
+    wildcard_constraints:
+        dataset=one_of(SYNTHETIC_DATASETS),
+    params:
+        spec=lambda w: json.dumps(DATASETS[w.dataset].entry()),
+    log:
+        "results/logs/prepare_{dataset}.log",
+    shell:
+        "{ARCHBENCH} prepare --dataset {wildcards.dataset} --dataset-spec {params.spec:q} "
+        "--out results/data/{wildcards.dataset} 2> {log}"

@@ -1,5 +1,6 @@
 # The automatic future-leak check of every trained checkpoint (perturbation + prefix consistency).
-# A failing row is marked in the report and left out of comparisons.
+# A failing row is marked in the report and left out of comparisons. A model with nested
+# sub-models (fractalformer) has each of them checked as well, into the same file.
 
 
 rule leak_check:

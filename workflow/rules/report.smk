@@ -39,7 +39,7 @@ rule aggregate:
                  for e, s in all_runs() for name in result_files(e)],
         metrics=[f"{RUN}/metrics.csv".format(experiment=e, seed=s) for e, s in all_runs()],
         samples=[f"{RUN}/samples.json".format(experiment=e, seed=SAMPLE_SEED)
-                 for e in EXPERIMENTS],
+                 for e in EXPERIMENTS if not synthetic(e)],  # text samples of text rows
     output:
         summary=f"{RESULTS}/summary.csv",
         curves=f"{RESULTS}/curves.csv",

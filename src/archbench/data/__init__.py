@@ -1,8 +1,11 @@
-"""Data sets: config entries, verified raw text, lossless tokenizers and prepared token files."""
+"""Data sets: config entries, verified raw text or generated synthetic tasks, lossless tokenizers
+and prepared token files."""
 
 from __future__ import annotations
 
 from archbench.data.prepare import (
+    MASK_FILES,
+    load_instances,
     load_meta,
     load_token_bytes,
     load_tokenizer,
@@ -19,6 +22,7 @@ from archbench.data.sources import (
     parse_datasets,
     resolve_mirror,
 )
+from archbench.data.synthetic import TASKS, Instances, SyntheticSpec, make_task
 from archbench.data.tokenizers import (
     decode,
     encode,
@@ -27,16 +31,22 @@ from archbench.data.tokenizers import (
 )
 
 __all__ = [
+    "MASK_FILES",
+    "TASKS",
     "DatasetSpec",
+    "Instances",
+    "SyntheticSpec",
     "check_local_copy",
     "decode",
     "default_cache_dir",
     "encode",
+    "load_instances",
     "load_meta",
     "load_text",
     "load_token_bytes",
     "load_tokenizer",
     "load_tokens",
+    "make_task",
     "parse_datasets",
     "prepare_dataset",
     "resolve_mirror",

@@ -8,10 +8,17 @@ only in the validation split are encoded through byte fallback / byte-level toke
 A prepared directory holds train.bin and val.bin (raw token ids, ``ndarray.tofile``, dtype from
 meta.json), tokenizer.json, token_bytes.npy (UTF-8 bytes per token id) and meta.json. Every file
 is written atomically and meta.json last, so a directory with a meta.json is complete.
+
+A synthetic data set (archbench.data.synthetic) is generated instead of split: its splits are
+whole instances of `instance_length` tokens laid end to end, with the same files plus
+train_mask.bin and val_mask.bin (one byte per token, 1 on answer tokens), and meta.json adds
+`task`, `instance_length`, the data `seed` and the task's `knobs`; `sha256` is the digest of the
+generated ids and masks.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -19,6 +26,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from archbench.data.sources import DatasetSpec, load_text
+from archbench.data.synthetic import Instances, SyntheticSpec
 from archbench.data.tokenizers import encode, token_byte_lengths, train_tokenizer
 from archbench.errors import ConfigError, DataError
 from archbench.io import atomic_path, read_json, write_json
@@ -36,6 +44,7 @@ META_KEYS = (
     "sha256",
     "val_fraction",
 )
+MASK_FILES = {split: f"{split}_mask.bin" for split in SPLITS}
 
 
 def split_text(text: str, val_fraction: float) -> tuple[str, str]:
@@ -54,9 +63,15 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 
 def prepare_dataset(
-    spec: DatasetSpec, out_dir: Path, mirror: Path | None = None, cache_dir: Path | None = None
+    spec: DatasetSpec | SyntheticSpec,
+    out_dir: Path,
+    mirror: Path | None = None,
+    cache_dir: Path | None = None,
 ) -> dict:
-    """Load, split and tokenize `spec` into `out_dir`; returns the meta dict (also meta.json)."""
+    """Load, split and tokenize `spec` (or generate it, if synthetic) into `out_dir`; returns the
+    meta dict (also meta.json)."""
+    if isinstance(spec, SyntheticSpec):
+        return prepare_synthetic(spec, out_dir)
     out_dir = Path(out_dir)
     (out_dir / "meta.json").unlink(missing_ok=True)  # the directory is incomplete until the end
     train_text, val_text = split_text(load_text(spec, mirror, cache_dir), spec.val_fraction)
@@ -82,6 +97,41 @@ def prepare_dataset(
         "sha256": spec.sha256,
         "val_fraction": spec.val_fraction,
     }
+    write_json(out_dir / "meta.json", meta)
+    return meta
+
+
+def prepare_synthetic(spec: SyntheticSpec, out_dir: Path) -> dict:
+    """Generate both splits of a synthetic data set into `out_dir` (see module docstring)."""
+    out_dir = Path(out_dir)
+    (out_dir / "meta.json").unlink(missing_ok=True)
+    task = spec.task()
+    tok = task.tokenizer()
+    dtype = token_dtype(tok.get_vocab_size())
+    lengths = token_byte_lengths(tok)
+    digest = hashlib.sha256()
+    meta = {"dataset": spec.name, "tokenizer": "symbols", "vocab_size": tok.get_vocab_size()}
+    for split in SPLITS:
+        generated = task.generate(spec.seed, split)
+        ids, mask = generated.ids.astype(dtype).ravel(), generated.mask.astype(np.uint8).ravel()
+        _write_array(out_dir / f"{split}.bin", ids)
+        _write_array(out_dir / MASK_FILES[split], mask)
+        digest.update(ids.tobytes() + mask.tobytes())
+        meta[f"n_{split}_tokens"] = len(ids)
+        meta[f"{split}_bytes"] = int(lengths[ids].sum())
+    with atomic_path(out_dir / "tokenizer.json") as tmp:
+        tok.save(str(tmp))
+    with atomic_path(out_dir / "token_bytes.npy") as tmp, open(tmp, "wb") as handle:
+        np.save(handle, lengths, allow_pickle=False)
+    meta.update(
+        dtype=dtype.name,
+        sha256=digest.hexdigest(),
+        val_fraction=task.n_val / (task.n_train + task.n_val),
+        task=spec.synthetic,
+        instance_length=task.instance_length(),
+        seed=spec.seed,
+        knobs=task.knobs(),
+    )
     write_json(out_dir / "meta.json", meta)
     return meta
 
@@ -123,6 +173,26 @@ def load_tokens(data_dir: Path, split: str) -> np.memmap:
             f"{'no file' if actual is None else f'{actual} bytes'}"
         )
     return np.memmap(path, dtype=dtype, mode="r")
+
+
+def load_instances(data_dir: Path, split: str) -> Instances:
+    """Token ids (n, L) and answer mask (n, L) of `split` of a prepared synthetic data set."""
+    meta = load_meta(data_dir)
+    if "instance_length" not in meta:
+        raise DataError(
+            f"data set {meta['dataset']} in {data_dir} is not synthetic: it has no instances"
+        )
+    ids = load_tokens(data_dir, split)
+    path = Path(data_dir) / MASK_FILES[split]
+    actual = path.stat().st_size if path.is_file() else None
+    if actual != len(ids):
+        raise DataError(
+            f"{path} is truncated or corrupt: expected {len(ids)} bytes (one per token), found "
+            f"{'no file' if actual is None else f'{actual} bytes'}"
+        )
+    shape = (-1, meta["instance_length"])
+    mask = np.fromfile(path, dtype=np.uint8).astype(bool)
+    return Instances(np.asarray(ids, dtype=np.int64).reshape(shape), mask.reshape(shape))
 
 
 def load_tokenizer(data_dir: Path) -> Tokenizer:

@@ -26,6 +26,7 @@ from importlib import resources
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
+from archbench.data.synthetic import SyntheticSpec, parse_synthetic
 from archbench.data.tokenizers import TOKENIZER_KINDS, check_vocab_size
 from archbench.errors import ConfigError, DataError
 from archbench.io import atomic_path
@@ -55,16 +56,24 @@ class DatasetSpec:
     vocab_size: int | None = None  # bpe: required; char: optional cap on the total (>= 256)
     val_fraction: float = 0.1  # last fraction of the characters held out for validation
 
+    def entry(self) -> dict[str, Any]:
+        """The config entry that parses back to this spec (for `archbench prepare`)."""
+        return {key: value for key, value in vars(self).items() if key != "name"}
+
 
 _KEYS = tuple(f.name for f in fields(DatasetSpec) if f.name != "name")
 _REQUIRED = ("path", "sha256")
+_SYNTHETIC = "synthetic"  # the key that makes an entry a generated task (archbench.data.synthetic)
 
 
 # --- config parsing ---------------------------------------------------------------------------
 
 
-def parse_datasets(mapping: dict, source: str = "configs/config.yaml") -> dict[str, DatasetSpec]:
-    """Turn the config's `datasets:` section into specs; any problem raises ConfigError."""
+def parse_datasets(
+    mapping: dict, source: str = "configs/config.yaml"
+) -> dict[str, DatasetSpec | SyntheticSpec]:
+    """Turn the config's `datasets:` section into specs (text, or synthetic when an entry has a
+    `synthetic:` key); any problem raises ConfigError."""
     if not isinstance(mapping, dict):
         raise ConfigError(
             f"{source}: datasets must be a mapping of name -> entry, got {type(mapping).__name__}"
@@ -72,7 +81,7 @@ def parse_datasets(mapping: dict, source: str = "configs/config.yaml") -> dict[s
     return {name: _parse_entry(name, entry, source) for name, entry in mapping.items()}
 
 
-def _parse_entry(name: Any, entry: Any, source: str) -> DatasetSpec:
+def _parse_entry(name: Any, entry: Any, source: str) -> DatasetSpec | SyntheticSpec:
     """Validate one `datasets.<name>` entry."""
     if not isinstance(name, str) or not _NAME.fullmatch(name):
         raise ConfigError(
@@ -84,6 +93,8 @@ def _parse_entry(name: Any, entry: Any, source: str) -> DatasetSpec:
         raise ConfigError(
             f"{where}: expected a mapping with keys {', '.join(_KEYS)}, got {type(entry).__name__}"
         )
+    if _SYNTHETIC in entry:
+        return parse_synthetic(name, entry, where)
     for key in entry:
         if key not in _KEYS:
             raise ConfigError(f"{where}: unknown key {key!r}{_suggestion(str(key))}")
@@ -103,7 +114,7 @@ def _parse_entry(name: Any, entry: Any, source: str) -> DatasetSpec:
 
 def _suggestion(key: str) -> str:
     """' (did you mean X?)' for the closest valid key, or ''."""
-    close = difflib.get_close_matches(key, _KEYS, n=1)
+    close = difflib.get_close_matches(key, (*_KEYS, _SYNTHETIC), n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
@@ -230,14 +241,15 @@ def load_text(spec: DatasetSpec, mirror: Path | None = None, cache_dir: Path | N
     return _decode(spec, raw, where)
 
 
-def check_local_copy(spec: DatasetSpec, mirror: Path | None = None) -> bool:
+def check_local_copy(spec: DatasetSpec | SyntheticSpec, mirror: Path | None = None) -> bool:
     """Verify the mirror or embedded copy that `load_text` would read, without any network.
 
     Raises the same DataError as `load_text` (missing, empty, sha256 mismatch, not UTF-8), so a
     bad data file stops a workflow before any job starts. Returns False (nothing checked) when
-    the text would come from the download cache or the network.
+    the text would come from the download cache or the network, or the data set is synthetic
+    (generated, nothing to read).
     """
-    if mirror is None and spec.embedded is None:
+    if isinstance(spec, SyntheticSpec) or (mirror is None and spec.embedded is None):
         return False
     load_text(spec, mirror)
     return True

@@ -60,7 +60,8 @@ init), so that level 0 is the suite's baseline and differences come from the nes
 
 Merging (the seed's ModelMerging): `merge_init` copies standalone checkpoints (`gpt`, or a
 fractalformer with `submodel_config` shapes) into sub-model blocks and can freeze those blocks;
-`parse_merge_spec` and `check_merge_source` validate an "initialise from rows X and Y" option.
+`parse_merge_targets` and `check_merge_source` validate the targets and sources of a row's
+`init_from` cell (archbench.init_from), e.g. `L1.0=solo64,L1.1=solo64+100`.
 """
 
 from __future__ import annotations
@@ -486,6 +487,7 @@ class FractalFormer(LanguageModel):
         c = self.config
         plan = {lv: Siblings(c.count(lv), 0, c.count(lv)) for lv in range(c.levels)}
         losses = []
+        kept = (targets != -100).sum().clamp(min=1)  # cross_entropy's ignore_index is left out
         for level, logits in self._logits(idx, plan).items():
             n = c.count(level)
             precision = torch.promote_types(logits.dtype, torch.float32)  # float32 at least
@@ -494,7 +496,7 @@ class FractalFormer(LanguageModel):
                 targets.expand(n, -1, -1).flatten(),
                 reduction="none",
             )
-            losses.append(per_token.view(n, -1).mean(dim=1))
+            losses.append(per_token.view(n, -1).sum(dim=1) / kept)
         losses = torch.cat(losses)
         weights = torch.tensor(c.submodel_loss_weights(), dtype=losses.dtype, device=losses.device)
         parts = {"next_token": losses[0].detach()}
@@ -601,30 +603,20 @@ def _contains(outer: SubModel, inner: SubModel, split: int) -> bool:
     return depth >= 0 and inner[1] // split**depth == outer[1]
 
 
-def parse_merge_spec(text: str, config: FractalFormerConfig) -> dict[SubModel, tuple[str, int]]:
-    """Parse 'L1.0=rowA,L1.1=rowB+1': which experiment row initialises which sub-model.
-
-    `row+k` takes the row's checkpoint of seed s + k for the merged row's seed s (rows with the
-    same seed see the same batches, so two copies of one row at one seed would be identical).
-    Sub-models must exist and not overlap; row names follow the experiments table's pattern.
-    """
-    spec: dict[SubModel, tuple[str, int]] = {}
-    for item in (part.strip() for part in text.split(",") if part.strip()):
-        target, sep, source = item.partition("=")
-        match = re.fullmatch(r"([A-Za-z0-9_-]+)(?:\+(\d+))?", source.strip())
-        if not sep or not match:
-            raise ConfigError(f"merge spec '{item}' is not of the form L<level>.<index>=row[+k]")
-        submodel = parse_submodel(target, config)
-        for other in spec:
+def parse_merge_targets(names: list[str], config: FractalFormerConfig) -> list[SubModel]:
+    """The sub-models named 'L<level>.<index>' (the targets of an `init_from` cell), checked to
+    exist in `config` and not to overlap (no target inside another)."""
+    targets: list[SubModel] = []
+    for name in names:
+        submodel = parse_submodel(name, config)
+        for other in targets:
             if _contains(other, submodel, config.split) or _contains(submodel, other, config.split):
                 raise ConfigError(
-                    f"merge spec: {submodel_name(*submodel)} and {submodel_name(*other)} overlap "
+                    f"sub-models {submodel_name(*submodel)} and {submodel_name(*other)} overlap "
                     "(one contains the other)"
                 )
-        spec[submodel] = (match[1], int(match[2] or 0))
-    if not spec:
-        raise ConfigError("merge spec is empty: give L<level>.<index>=row items")
-    return spec
+        targets.append(submodel)
+    return targets
 
 
 def check_merge_source(

@@ -79,8 +79,11 @@ logit offset initialised to the prior log-odds of a token being in a bag of L_k,
 does not start at V·ln 2. (The original averaged over the V entries too, which divides the span
 gradients by V and all but switches future sight off.) `softmax_ce`: cross-entropy of softmax(z)
 against the bag's empirical token distribution (counts / L_k). Each span loss is a mean over its
-unmasked positions. `parts` holds next_token and span_1 … span_P; evaluation scores `forward`'s
-next-token logits only.
+unmasked positions. Targets equal to IGNORE_INDEX (-100, tokens outside a synthetic task's
+answers) count nowhere: the next-token loss is a mean over the other targets, a bag holds only
+the other tokens of its span, and a position whose span has none is masked out of that span's
+loss. `parts` holds next_token and span_1 … span_P; evaluation scores `forward`'s next-token
+logits only.
 
 Memory (RAM). P + 1 full (B, T, V) logit tensors, each with the intermediates of its loss, would
 multiply the baseline's largest activation by P + 1. Every head pass therefore runs over chunks of
@@ -128,6 +131,9 @@ POOLINGS = (
 SLOT_SCHEDULES = ("constant", "linear", "root", "log", "poly")
 # Positions per head pass: bounds the (rows, V) logits alive at once (see "Memory (RAM)").
 HEAD_CHUNK_ROWS = 1024
+# Targets equal to this (torch's cross-entropy ignore_index; the training loop's mark for tokens
+# outside a loss mask) count in no loss: not as next token, not in any span bag.
+IGNORE_INDEX = -100
 
 
 @dataclass(frozen=True)
@@ -237,13 +243,17 @@ def bag_loss(
     """Per-row loss (R,) of span logits (R, V) against span token ids (R, L).
 
     bce: summed binary cross-entropy of logits + offset against the multi-hot bag; softmax_ce:
-    cross-entropy of softmax(logits) against the token counts / L.
+    cross-entropy of softmax(logits) against the token counts / their number. Ids equal to
+    IGNORE_INDEX are left out of the bag (a row with none left gets an empty bag).
     """
+    keep = ids != IGNORE_INDEX
+    index = ids.masked_fill(~keep, 0)
     if kind == "bce":
-        bag = torch.zeros_like(logits).scatter_(1, ids, 1.0)
+        hits = torch.zeros_like(logits).scatter_add_(1, index, keep.to(logits.dtype))
+        bag = hits.clamp_(max=1.0)
         return F.binary_cross_entropy_with_logits(logits + offset, bag, reduction="none").sum(-1)
-    share = torch.full(ids.shape, 1.0 / ids.shape[1], dtype=logits.dtype, device=logits.device)
-    distribution = torch.zeros_like(logits).scatter_add_(1, ids, share)
+    share = keep.to(logits.dtype) / keep.sum(1, keepdim=True).clamp_min(1)
+    distribution = torch.zeros_like(logits).scatter_add_(1, index, share)
     return -(distribution * F.log_softmax(logits, dim=-1)).sum(-1)
 
 
@@ -478,7 +488,8 @@ class FutureFormer(LanguageModel):
 
         Returns the top N_k token ids (B, T, N_k), their memory weights (B, T, N_k) (the
         predicted probabilities for memory=soft, ones for topk) and, if `targets` is given, the
-        mean span loss over the positions that have the whole span (else None).
+        mean span loss over the positions that have the whole span with at least one token not
+        IGNORE_INDEX (else None).
         """
         c = self.config
         b, t, d = h.shape
@@ -486,6 +497,7 @@ class FutureFormer(LanguageModel):
         rows = [h.reshape(b * t, d)]
         if targets is not None:
             ids, valid = span_targets(targets, offset, length)
+            valid = valid & (ids != IGNORE_INDEX).any(-1)  # (B, T)
             rows.append(ids.reshape(b * t, length))
 
         def chunk(states: torch.Tensor, span_ids: torch.Tensor | None = None) -> tuple:
@@ -508,7 +520,7 @@ class FutureFormer(LanguageModel):
         if targets is None:
             return top, weights, None
         row_loss = out[2].view(b, t) * valid
-        return top, weights, row_loss.sum() / max(1, b * int(valid.sum()))
+        return top, weights, row_loss.sum() / max(1, int(valid.sum()))
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         """Next-token logits (B, T, vocab_size) for token ids idx (B, T), T <= block_size."""
@@ -526,7 +538,7 @@ class FutureFormer(LanguageModel):
             return (F.cross_entropy(wide, labels, reduction="none"),)
 
         (row_loss,) = over_row_chunks(chunk, h.reshape(b * t, d), targets.reshape(b * t))
-        next_token = row_loss.mean()
+        next_token = row_loss.sum() / max(1, int((targets != IGNORE_INDEX).sum()))
         weight = self.config.future_loss_weight
         total = next_token + sum(weight**k * loss for k, loss in spans.items())
         parts = {"next_token": next_token.detach()}

@@ -15,6 +15,7 @@ import polars as pl
 
 from archbench.errors import ArchbenchError
 from archbench.io import atomic_path, read_json, write_json
+from archbench.report.submodels import entry_name, read_submodel_metrics
 from archbench.runs import RESULT_FILES
 
 SUMMARY_SCHEMA = pl.Schema(
@@ -167,7 +168,8 @@ def _read_numbers(path: Path) -> dict[str, float]:
 
 
 def _summary_rows(run: RunRef) -> pl.DataFrame:
-    """Long rows for the result files of one run."""
+    """Long rows for the result files of one run, plus one entry `<experiment>/<sub-model>` per
+    nested sub-model found under `submodels` in them (archbench.report.submodels)."""
     metrics: dict[str, float] = {}
     for name in run.result_files:
         numbers = _read_numbers(run.run_dir / name)
@@ -175,9 +177,18 @@ def _summary_rows(run: RunRef) -> pl.DataFrame:
         if clash:
             raise ArchbenchError(f"{run.run_dir}: metrics {clash} appear in two result files")
         metrics |= numbers
+    nested = read_submodel_metrics(run.run_dir / name for name in run.result_files)
+    entries = {run.experiment: metrics} | {
+        entry_name(run.experiment, name): numbers for name, numbers in nested.items()
+    }
+    return pl.concat([_long_rows(run, name, numbers) for name, numbers in entries.items()])
+
+
+def _long_rows(run: RunRef, experiment: str, metrics: dict[str, float]) -> pl.DataFrame:
+    """Long rows of one entry's metrics (the run's experiment or one of its sub-models)."""
     size = len(metrics)
     columns = {
-        "experiment": [run.experiment] * size,
+        "experiment": [experiment] * size,
         "arch": [run.arch] * size,
         "dataset": [run.dataset] * size,
         "seed": [run.seed] * size,

@@ -38,6 +38,13 @@ from archbench.report.figures import (
     plot_pareto,
 )
 from archbench.report.stats import ALPHA, MAX_SEEDS, PAIRED, POWER, WELCH, summarize
+from archbench.report.submodels import (
+    entries_after_rows,
+    entry_baselines,
+    nesting_cost_table,
+    nesting_notes,
+    split_entry,
+)
 from archbench.report.tables import (
     CONFIDENCE,
     MISSING,
@@ -82,6 +89,7 @@ def render_report(
     curves = read_curves(curves_csv)
     rows = list(experiments or [])
     order = experiment_order(summary["experiment"].unique().to_list(), [e["name"] for e in rows])
+    order = entries_after_rows(order)  # a row's sub-model entries (<row>/L1.0, ...) follow it
     identity = _identity(summary)
     _check_rows(rows, identity)
     rows = [
@@ -92,8 +100,10 @@ def render_report(
     cells = metric_cells(stats)
     leaks = leak_status(summary, order)
     excluded = {name for name, state in leaks.items() if state.startswith("FAIL")}
-    baselines = {e["name"]: e.get("baseline") for e in rows}
-    compared = comparisons(summary, order, baselines, leaks)
+    baselines = {e["name"]: e.get("baseline") for e in rows} | entry_baselines(rows, order)
+    compared = comparisons(summary, order, baselines, leaks)  # one Holm family for the report
+    nested = [c for c in compared if split_entry(c.experiment)]
+    compared = [c for c in compared if not split_entry(c.experiment)]
     axes = ablation_axes(rows, defaults)
     curve_figures, axis_figures, extra_figures = _draw_figures(
         summary, curves, stats, order, identity, axes, excluded, out_dir / "figures"
@@ -108,6 +118,7 @@ def render_report(
         *([Section("Experiments", [experiments_table(rows)])] if rows else []),
         Section("Results", [main_table(summary, order, cells, leaks)]),
         _comparison_section(compared, cells),
+        *_nesting_section(nested, order, rows, summary, cells),
         *_axis_sections(axes, axis_figures, cells, leaks, seeds, out_dir),
         Section("Curves", [_image(f, out_dir) for f in curve_figures + extra_figures]),
         *_sample_sections(read_samples(samples_json), order),
@@ -216,7 +227,8 @@ def how_to_read() -> list[str]:
         f"and wall time stand beside the scores because comparisons are only fair at matched "
         f"size and compute. 'leak check' says whether every seed's checkpoint passed the "
         f"automatic future-leak test; rows that failed are excluded from every comparison. "
-        f"{MISSING} marks a value that was not recorded.",
+        f"{MISSING} marks a value that was not recorded. Entries named <row>/L<level>.<index> "
+        f"are a row's nested sub-models, each scored alone (see 'Nesting cost').",
         f"Comparisons: each row with a baseline is compared on validation loss (Δ = row − "
         f"baseline, negative is better). Every seed gives every row the same data order, so "
         f"rows are paired by seed and the {PAIRED}-test on per-seed differences decides when "
@@ -258,6 +270,20 @@ def _comparison_section(compared: list, cells: dict) -> Section:
     if power:
         blocks.append(Paragraph(power))
     return Section("Comparisons with baselines", blocks)
+
+
+def _nesting_section(
+    nested: list, order: list[str], rows: list[dict], summary: pl.DataFrame, cells: dict
+) -> list[Section]:
+    """The nesting-cost table of the sub-model entries, if the results have any."""
+    if not any(split_entry(name) for name in order):
+        return []
+    blocks: list = [Paragraph(text) for text in nesting_notes(rows)]
+    if nested:
+        blocks.append(nesting_cost_table(nested, summary, cells))
+    else:
+        blocks.append(Paragraph("No row names sub-model baselines (column submodel_baselines)."))
+    return [Section("Nesting cost: sub-models against models of their size trained alone", blocks)]
 
 
 def _axis_sections(

@@ -192,9 +192,13 @@ def leak_warning(status: dict[str, str]) -> str | None:
 
 
 def experiments_table(rows: list[dict]) -> Table:
-    """The suite's rows as declared: name, arch, data set, overrides, baseline, description."""
+    """The suite's rows as declared: name, arch, data set, overrides, baseline, init_from,
+    sub-model baselines, description."""
     return Table(
-        ["experiment", "arch", "dataset", "overrides", "baseline", "description"],
+        [
+            *("experiment", "arch", "dataset", "overrides", "baseline"),
+            *("init from", "sub-model baselines", "description"),
+        ],
         [
             [
                 row["name"],
@@ -202,6 +206,8 @@ def experiments_table(rows: list[dict]) -> Table:
                 row.get("dataset", MISSING),
                 " ".join(f"{k}={v}" for k, v in (row.get("overrides") or {}).items()),
                 row.get("baseline") or MISSING,
+                row.get("init_from") or "",
+                ",".join(f"{k}={v}" for k, v in (row.get("submodel_baselines") or {}).items()),
                 row.get("description") or "",
             ]
             for row in rows
