@@ -135,14 +135,24 @@ def test_prefix_consistency(arch: str, overrides: dict) -> None:
 
 @pytest.mark.parametrize(("arch", "overrides"), CASES, ids=IDS)
 def test_determinism(arch: str, overrides: dict) -> None:
-    """Same seed, same init and same outputs, including dropout in training mode."""
+    """Same seed: same init, same loss and loss parts, same gradients, including dropout in
+    training mode."""
     idx = torch.randint(0, VOCAB, (2, BLOCK), generator=torch.Generator().manual_seed(3))
-    outputs = []
+    targets = torch.randint(0, VOCAB, (2, BLOCK), generator=torch.Generator().manual_seed(4))
+    runs = []
     for _ in range(2):
         model = build(arch, overrides, torch.float32).train()
         torch.manual_seed(5)
-        outputs.append(model.loss(idx, idx)[0])
-    assert torch.equal(outputs[0], outputs[1])
+        total, parts = model.loss(idx, targets)
+        total.backward()
+        runs.append((total, parts, [p.grad for p in model.parameters()]))
+    (total_a, parts_a, grads_a), (total_b, parts_b, grads_b) = runs
+    assert torch.equal(total_a, total_b)
+    assert parts_a.keys() == parts_b.keys()
+    assert all(torch.equal(parts_a[k], parts_b[k]) for k in parts_a)
+    assert any(g is not None for g in grads_a)
+    for a, b in zip(grads_a, grads_b, strict=True):
+        assert (a is None and b is None) or torch.equal(a, b)
 
 
 def test_seed_changes_init() -> None:
