@@ -42,11 +42,11 @@ from archbench.errors import ArchbenchError, ConfigError
 from archbench.init_from import initialise
 from archbench.io import atomic_path, write_json
 from archbench.models import build_model
+from archbench.models.blocks import IGNORE_INDEX
 from archbench.options import coerce_all, option
 from archbench.runtime import Runtime, make_runtime
 
 LOSS_MASKS = ("answers", "all")
-IGNORE_INDEX = -100  # torch's cross_entropy ignore_index: targets outside the loss mask
 BASE_COLUMNS = ("step", "tokens", "lr", "train_loss", "val_loss", "elapsed_seconds", "tokens_per_s")
 CHECKPOINT = "checkpoint.safetensors"
 PARTIAL_LOG = "metrics.partial.csv"

@@ -12,6 +12,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+# Targets equal to this count in no loss (torch's cross-entropy ignore_index): the training loop's
+# mark for tokens outside a loss mask. Every architecture's loss, auxiliary parts included, skips
+# them.
+IGNORE_INDEX = -100
+
 
 def make_norm(kind: str, dim: int) -> nn.Module:
     """An RMSNorm or a bias-free LayerNorm over the last dimension."""

@@ -79,6 +79,7 @@ from torch import nn
 from archbench.errors import ConfigError
 from archbench.models.blocks import (
     GELUMLP,
+    IGNORE_INDEX,
     Block,
     CausalSelfAttention,
     LanguageModel,
@@ -487,7 +488,7 @@ class FractalFormer(LanguageModel):
         c = self.config
         plan = {lv: Siblings(c.count(lv), 0, c.count(lv)) for lv in range(c.levels)}
         losses = []
-        kept = (targets != -100).sum().clamp(min=1)  # cross_entropy's ignore_index is left out
+        kept = (targets != IGNORE_INDEX).sum().clamp(min=1)
         for level, logits in self._logits(idx, plan).items():
             n = c.count(level)
             precision = torch.promote_types(logits.dtype, torch.float32)  # float32 at least

@@ -110,6 +110,7 @@ from torch.utils.checkpoint import checkpoint
 
 from archbench.errors import ConfigError
 from archbench.models.blocks import (
+    IGNORE_INDEX,
     LanguageModel,
     init_weights,
     make_norm,
@@ -131,9 +132,6 @@ POOLINGS = (
 SLOT_SCHEDULES = ("constant", "linear", "root", "log", "poly")
 # Positions per head pass: bounds the (rows, V) logits alive at once (see "Memory (RAM)").
 HEAD_CHUNK_ROWS = 1024
-# Targets equal to this (torch's cross-entropy ignore_index; the training loop's mark for tokens
-# outside a loss mask) count in no loss: not as next token, not in any span bag.
-IGNORE_INDEX = -100
 
 
 @dataclass(frozen=True)
