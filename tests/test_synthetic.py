@@ -4,6 +4,7 @@ config entries, prepared files, instance batches and masked losses, and the task
 from __future__ import annotations
 
 import json
+import shutil
 from collections import deque
 from pathlib import Path
 
@@ -472,6 +473,26 @@ def test_training_counts_instance_tokens_and_refuses_a_short_block(
     assert np.isfinite(summary["final_val_loss"])
     with pytest.raises(ConfigError, match="instances of 19 tokens: block_size=17 must be at least"):
         train_run(synthetic_spec(block_size=17, token_budget=400), prepared, tmp_path)
+
+
+def test_validate_refuses_a_synthetic_row_whose_block_cannot_hold_an_instance(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    root = Path(__file__).resolve().parents[1]
+    shutil.copytree(root / "configs", tmp_path / "configs")
+    shutil.copytree(root / "workflow/schemas", tmp_path / "workflow/schemas")
+    table = tmp_path / "configs/experiments.tsv"
+    rows = table.read_text().replace(
+        "gpt_path_star\tgpt\tpath_star\tblock_size=32 ",
+        "gpt_path_star\tgpt\tpath_star\tblock_size=16 ",
+        1,
+    )
+    assert rows != table.read_text()
+    table.write_text(rows)
+    assert main(["validate", "--root", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "experiment 'gpt_path_star' in suite" in err
+    assert "has instances of 26 tokens: block_size=16 must be at least" in err
 
 
 # --- evaluation ---------------------------------------------------------------------------------

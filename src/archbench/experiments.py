@@ -19,11 +19,12 @@ import yaml
 from snakemake.utils import validate
 from snakemake_interface_common.exceptions import WorkflowError
 
+from archbench.data import DatasetSpec, SyntheticSpec
 from archbench.errors import ConfigError
 from archbench.init_from import InitSource, format_init_from, initializer_for, parse_init_from
 from archbench.models import list_options, make_config
 from archbench.options import options_of, suggest, unknown_key_error
-from archbench.train import TrainConfig, make_train_config
+from archbench.train import TrainConfig, check_instances_fit, make_train_config
 
 PLACEHOLDER_VOCAB = 256  # options are validated before the data (and its vocabulary) exist
 
@@ -385,3 +386,22 @@ def _init_from_spec(
     except ConfigError as err:
         raise ConfigError(f"{where}: {err}") from None
     return entries
+
+
+def check_run_fits_data(spec: dict[str, Any], suite: str, datasets: dict[str, DatasetSpec]) -> None:
+    """Before any job: a run on a synthetic data set needs a block_size that holds one instance
+    (the training job checks it again on the prepared data); ConfigError naming the row."""
+    dataset = datasets[spec["dataset"]]
+    if not isinstance(dataset, SyntheticSpec):
+        return
+    try:
+        check_instances_fit(
+            dataset.name,
+            dataset.task().instance_length(),
+            make_train_config(spec["train"]).block_size,
+        )
+    except ConfigError as err:
+        raise ConfigError(
+            f"experiment '{spec['experiment']}' in suite '{suite}': {err}; override block_size "
+            "in the row or shrink the task"
+        ) from None

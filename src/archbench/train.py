@@ -233,16 +233,22 @@ def _window_data(data_dir: Path, dataset: str, config: TrainConfig) -> TrainingD
     )
 
 
+def check_instances_fit(dataset: str, instance_length: int, block_size: int) -> None:
+    """Raise ConfigError unless `block_size` holds one instance of a synthetic data set (the
+    model reads its first instance_length - 1 tokens)."""
+    if block_size < instance_length - 1:
+        raise ConfigError(
+            f"data set '{dataset}' has instances of {instance_length} tokens: block_size="
+            f"{block_size} must be at least instance_length - 1 = {instance_length - 1}"
+        )
+
+
 def _instance_data(data_dir: Path, dataset: str, config: TrainConfig) -> TrainingData:
     """Synthetic: `instance_batch_at` batches; validation on the first eval_batches *
     batch_size val instances, masked alike."""
     train, val = load_instances(data_dir, "train"), load_instances(data_dir, "val")
     length = train.ids.shape[1]
-    if config.block_size < length - 1:
-        raise ConfigError(
-            f"data set '{dataset}' has instances of {length} tokens: block_size="
-            f"{config.block_size} must be at least instance_length - 1 = {length - 1}"
-        )
+    check_instances_fit(dataset, length, config.block_size)
     rows = np.arange(min(len(val.ids), config.eval_batches * config.batch_size))
     return TrainingData(
         batch=lambda seed, step: instance_batch_at(

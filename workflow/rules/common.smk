@@ -11,7 +11,7 @@ from snakemake.exceptions import WorkflowError
 from archbench.data import (MASK_FILES, SyntheticSpec, check_local_copy, parse_datasets,
                             resolve_mirror)
 from archbench.errors import ArchbenchError
-from archbench.experiments import load_experiments, load_suite, run_spec
+from archbench.experiments import check_run_fits_data, load_experiments, load_suite, run_spec
 from archbench.runs import RESULT_FILES, lm_eval_result
 
 SCHEMAS = Path(workflow.basedir) / "workflow" / "schemas"
@@ -31,6 +31,8 @@ try:
     SEEDS = [int(seed) for seed in config.get("seeds") or SUITE.seeds]
     SPECS = {(name, seed): run_spec(e, SUITE, seed)
              for name, e in EXPERIMENTS.items() for seed in SEEDS}
+    for spec in SPECS.values():
+        check_run_fits_data(spec, SUITE.name, DATASETS)  # a synthetic row's block holds an instance
     MIRROR_DIR = resolve_mirror(config.get("data_mirror"))
     for name in sorted({e.dataset for e in EXPERIMENTS.values()}):
         check_local_copy(DATASETS[name], MIRROR_DIR)  # a bad data file stops us before any job
