@@ -60,3 +60,22 @@ def tiny_spec(**train: object) -> dict:
             **train,
         },
     }
+
+
+KILL_SUITE = """\
+seeds: [0]
+threads: 1
+model: {n_layer: 2, n_head: 2, d_model: 64}
+train: {block_size: 64, batch_size: 16, token_budget: 614400, warmup_steps: 5, eval_every: 1000,
+        eval_batches: 2, log_every: 50, checkpoint_every: 50}
+eval: {batch_size: 64, max_tokens: 2048}
+"""
+
+
+def add_kill_test(project: Path) -> Path:
+    """Give a project copy the suite `killtest` (one training job long enough to be killed) and
+    a one-row table `killtest.tsv` (row `victim`); returns the table's path."""
+    (project / "configs/suites/killtest.yaml").write_text(KILL_SUITE)
+    table = project / "killtest.tsv"
+    table.write_text("name\tarch\tdataset\nvictim\tgpt\tshakespeare_char\n")
+    return table

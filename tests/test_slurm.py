@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pytest
 import yte
+from conftest import add_kill_test
 
 ROOT = Path(__file__).resolve().parents[1]
 PROFILE = ROOT / "workflow/profiles/slurm"
@@ -39,14 +40,6 @@ LOCAL_CLUSTER_ARGS = (
     "--slurm-init-seconds-before-status-checks",
     "5",
 )
-KILL_SUITE = """\
-seeds: [0]
-threads: 1
-model: {n_layer: 2, n_head: 2, d_model: 64}
-train: {block_size: 64, batch_size: 16, token_budget: 614400, warmup_steps: 5, eval_every: 1000,
-        eval_batches: 2, log_every: 50, checkpoint_every: 50}
-eval: {batch_size: 64, max_tokens: 2048}
-"""
 
 needs_plugin = pytest.mark.skipif(
     importlib.util.find_spec("snakemake_executor_plugin_slurm") is None,
@@ -250,8 +243,7 @@ def test_sigterm_from_slurm_checkpoints_and_the_retry_resumes(
     slurm_cluster: None, tmp_path: Path
 ) -> None:
     project = copy_project(tmp_path / "project")
-    (project / "configs/suites/killtest.yaml").write_text(KILL_SUITE)
-    (project / "killtest.tsv").write_text("name\tarch\tdataset\nvictim\tgpt\tshakespeare_char\n")
+    add_kill_test(project)
     command = snakemake_command(
         "experiments=killtest.tsv",
         "--workflow-profile",

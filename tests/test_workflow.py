@@ -16,6 +16,7 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
+from conftest import add_kill_test
 from safetensors.torch import load_file
 
 from archbench.experiments import load_experiments, load_suite, run_spec
@@ -152,20 +153,8 @@ def test_a_bad_row_stops_before_any_job(project: Path, tmp_path: Path) -> None:
     )
 
 
-KILL_SUITE = """\
-seeds: [0]
-threads: 1
-model: {n_layer: 2, n_head: 2, d_model: 64}
-train: {block_size: 64, batch_size: 16, token_budget: 614400, warmup_steps: 5, eval_every: 1000,
-        eval_batches: 2, log_every: 50, checkpoint_every: 50}
-eval: {batch_size: 64, max_tokens: 2048}
-"""
-
-
 def test_kill_9_of_a_training_job_then_same_command_resumes(project: Path, tmp_path: Path) -> None:
-    (project / "configs/suites/killtest.yaml").write_text(KILL_SUITE)
-    table = project / "killtest.tsv"
-    table.write_text("name\tarch\tdataset\nvictim\tgpt\tshakespeare_char\n")
+    table = add_kill_test(project)
     args = ["--config", "suite=killtest", f"experiments={table}"]
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
     command = [sys.executable, "-m", "snakemake", "--cores", "2", *args]
