@@ -10,12 +10,13 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import polars as pl
 
 from archbench.errors import ArchbenchError
 from archbench.io import atomic_path, read_json, write_json
-from archbench.report.submodels import entry_name, read_submodel_metrics
+from archbench.report.submodels import entry_name, submodel_results
 from archbench.runs import RESULT_FILES
 
 SUMMARY_SCHEMA = pl.Schema(
@@ -151,8 +152,8 @@ def _require_file(path: Path) -> None:
         raise ArchbenchError(f"missing result file: {path}")
 
 
-def _read_numbers(path: Path) -> dict[str, float]:
-    """Read a flat JSON object and keep its numeric values (booleans and others are skipped)."""
+def _read_result(path: Path) -> dict[str, Any]:
+    """A result file's JSON object; ArchbenchError naming the file when absent or corrupt."""
     _require_file(path)
     try:
         obj = read_json(path)
@@ -160,6 +161,11 @@ def _read_numbers(path: Path) -> dict[str, float]:
         raise ArchbenchError(f"corrupt result file {path}: {exc}") from exc
     if not isinstance(obj, dict):
         raise ArchbenchError(f"corrupt result file {path}: expected a JSON object")
+    return obj
+
+
+def _numbers(obj: dict[str, Any]) -> dict[str, float]:
+    """The numeric values of a JSON object (booleans, strings and nested objects skipped)."""
     return {
         str(key): float(value)
         for key, value in obj.items()
@@ -167,20 +173,26 @@ def _read_numbers(path: Path) -> dict[str, float]:
     }
 
 
+def _add_metrics(into: dict[str, float], numbers: dict[str, float], where: str) -> None:
+    """Merge `numbers` into `into`; ArchbenchError when a metric is already there."""
+    clash = sorted(into.keys() & numbers.keys())
+    if clash:
+        raise ArchbenchError(f"{where}: metrics {clash} appear in two result files")
+    into |= numbers
+
+
 def _summary_rows(run: RunRef) -> pl.DataFrame:
     """Long rows for the result files of one run, plus one entry `<experiment>/<sub-model>` per
-    nested sub-model found under `submodels` in them (archbench.report.submodels)."""
-    metrics: dict[str, float] = {}
+    nested sub-model found under `submodels` in them (archbench.report.submodels). Each file
+    is read once."""
+    entries: dict[str, dict[str, float]] = {run.experiment: {}}
     for name in run.result_files:
-        numbers = _read_numbers(run.run_dir / name)
-        clash = sorted(metrics.keys() & numbers.keys())
-        if clash:
-            raise ArchbenchError(f"{run.run_dir}: metrics {clash} appear in two result files")
-        metrics |= numbers
-    nested = read_submodel_metrics(run.run_dir / name for name in run.result_files)
-    entries = {run.experiment: metrics} | {
-        entry_name(run.experiment, name): numbers for name, numbers in nested.items()
-    }
+        path = run.run_dir / name
+        result = _read_result(path)
+        _add_metrics(entries[run.experiment], _numbers(result), str(run.run_dir))
+        for submodel, values in submodel_results(result, path).items():
+            entry = entries.setdefault(entry_name(run.experiment, submodel), {})
+            _add_metrics(entry, _numbers(values), f"{run.run_dir}, sub-model {submodel}")
     return pl.concat([_long_rows(run, name, numbers) for name, numbers in entries.items()])
 
 

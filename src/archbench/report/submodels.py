@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import polars as pl
 
 from archbench.errors import ArchbenchError
 from archbench.evaluate.submodels import SUBMODELS
-from archbench.io import read_json
 from archbench.report.document import Table
 from archbench.report.stats import compare
 from archbench.report.tables import (
@@ -52,29 +52,13 @@ def split_entry(name: str) -> tuple[str, str] | None:
     return (row, submodel) if sep else None
 
 
-def read_submodel_metrics(paths: Iterable[Path]) -> dict[str, dict[str, float]]:
-    """{sub-model: {metric: value}} from the `submodels` objects of result files (numbers
-    only; files without one contribute nothing). A metric in two files raises ArchbenchError."""
-    merged: dict[str, dict[str, float]] = {}
-    for path in paths:
-        try:
-            nested = read_json(path).get(SUBMODELS, {})
-        except (OSError, ValueError, AttributeError) as exc:
-            raise ArchbenchError(f"corrupt result file {path}: {exc}") from exc
-        if not isinstance(nested, dict) or not all(isinstance(v, dict) for v in nested.values()):
-            raise ArchbenchError(f"corrupt result file {path}: '{SUBMODELS}' is not an object")
-        for name, values in nested.items():
-            numbers = {
-                str(k): float(v)
-                for k, v in values.items()
-                if isinstance(v, (int, float)) and not isinstance(v, bool)
-            }
-            metrics = merged.setdefault(str(name), {})
-            clash = sorted(metrics.keys() & numbers.keys())
-            if clash:
-                raise ArchbenchError(f"{path}: sub-model {name} metrics {clash} appear twice")
-            metrics |= numbers
-    return merged
+def submodel_results(result: Mapping[str, Any], path: Path) -> dict[str, dict[str, Any]]:
+    """The `submodels` object of one result file's JSON object ({} without one); ArchbenchError
+    naming the file when it is not an object of objects."""
+    nested = result.get(SUBMODELS, {})
+    if not isinstance(nested, dict) or not all(isinstance(v, dict) for v in nested.values()):
+        raise ArchbenchError(f"corrupt result file {path}: '{SUBMODELS}' is not an object")
+    return nested
 
 
 def entries_after_rows(order: list[str]) -> list[str]:
