@@ -5,7 +5,7 @@ For each shape, every architecture in the registry (read at run time) is built w
 shape with `mlp_ratio` chosen so that the parameter counts match (the plain `gpt` when they are
 already within 0.5%). One step is what training does: forward and loss, backward, gradient
 clipping and an AdamW update, on the training code path (`archbench.runtime`: bf16 autocast,
-TF32 and fused AdamW on CUDA; optionally `torch.compile` of the loss, as the gpu suite does).
+TF32 on CUDA, fused AdamW everywhere; optionally `torch.compile` of the loss, as the gpu suite does).
 
 All models of a shape are built first and then timed in alternation, `--rounds` times
 `--steps` steps each after `--warmup` steps, so that a machine whose speed drifts (other jobs,
@@ -211,10 +211,14 @@ class Planned:
     arch: str  # a registered architecture, or "nanogpt"
     options: dict[str, Any]
     baseline: str | None
+    eager: bool = False  # never torch.compile'd, even with --compile
 
 
-def plan(shape: Shape, archs: list[str], nanogpt: Path | None) -> list[Planned]:
-    """The models to compare at `shape`: `gpt`, each architecture and its matched baseline."""
+def plan(
+    shape: Shape, archs: list[str], nanogpt: Path | None, compiled: bool = False
+) -> list[Planned]:
+    """The models to compare at `shape`: `gpt`, each architecture and its matched baseline, and
+    nanoGPT if given (when `compiled`, also eager, as its README trains on the CPU)."""
     base_params = params_of("gpt", shape)
     planned = [Planned("gpt", "gpt", {}, None)]
     for arch in archs:
@@ -234,6 +238,8 @@ def plan(shape: Shape, archs: list[str], nanogpt: Path | None) -> list[Planned]:
         planned.append(Planned(arch, arch, {}, baseline))
     if nanogpt is not None:
         planned.append(Planned("nanoGPT", "nanogpt", {}, "gpt"))
+        if compiled:
+            planned.append(Planned("nanoGPT eager", "nanogpt", {}, "gpt", eager=True))
     return planned
 
 
@@ -269,8 +275,8 @@ def build(
         entry.arch,
         entry.options,
         model,
-        make_optimizer(model, TrainConfig(), fused=runtime.is_cuda),
-        torch.compile(loss) if compile_loss else loss,
+        make_optimizer(model, TrainConfig()),
+        torch.compile(loss) if compile_loss and not entry.eager else loss,
         loss,
         entry.baseline,
         count_params(model),
@@ -338,7 +344,7 @@ def run_shape(
     )
     candidates = [
         build(entry, shape, runtime, nanogpt, args.compile)
-        for entry in plan(shape, args.archs, args.nanogpt)
+        for entry in plan(shape, args.archs, args.nanogpt, args.compile)
     ]
     for c in candidates:
         for _ in range(args.warmup):
@@ -409,7 +415,7 @@ def device_peak_tflops(runtime: Runtime, override: float | None) -> float | None
     return next((peak for key, peak in BF16_PEAK_TFLOPS if key in name), None)
 
 
-def machine_description(runtime: Runtime, clock: str) -> list[str]:
+def machine_description(runtime: Runtime, clock: str, compiled: bool) -> list[str]:
     """Machine, versions and commit, for the header of the Markdown output."""
     cpu = platform.processor() or platform.machine()
     with contextlib.suppress(OSError):
@@ -428,7 +434,8 @@ def machine_description(runtime: Runtime, clock: str) -> list[str]:
         f"- machine: {cpu}, {os.cpu_count()} logical CPUs; {platform.system()} "
         f"{platform.release()}",
         f"- device: {device}; torch threads: {torch.get_num_threads()}; "
-        f"precision: {'bf16 autocast' if runtime.bf16 else 'fp32'}; step clock: {clock}",
+        f"precision: {'bf16 autocast' if runtime.bf16 else 'fp32'}; step clock: {clock}; "
+        f"torch.compile: {'yes (but not the models labelled eager)' if compiled else 'no'}",
         f"- versions: Python {platform.python_version()}, torch {torch.__version__}; "
         f"archbench commit {commit or 'unknown'}",
         "- command: `python " + " ".join(shlex.quote(a) for a in sys.argv) + "`",
@@ -466,11 +473,12 @@ def markdown(rows: list[dict[str, Any]], header: list[str]) -> str:
                 value = f"{100 * value:.1f}%"
             cells.append(str(value))
         lines.append("| " + " | ".join(cells) + " |")
-    nano = [row for row in rows if row["model"] == "nanoGPT"]
+    nano = [row for row in rows if row["arch"] == "nanogpt"]
     for row in nano:
+        against = "nanoGPT's `model.py`" + (" run eagerly" if row["model"].endswith("eager") else "")
         lines.append(
             f"\nAt `{row['shape']}`: the `gpt` baseline trains "
-            f"{row['time_vs_baseline']:.2f}× as fast as nanoGPT's `model.py` "
+            f"{row['time_vs_baseline']:.2f}× as fast as {against} "
             f"(per-round range {row['time_vs_baseline_min']:.2f}–"
             f"{row['time_vs_baseline_max']:.2f})."
         )
@@ -546,7 +554,7 @@ def main(argv: list[str] | None = None) -> None:
         writer = csv.DictWriter(handle, list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    table = markdown(rows, machine_description(runtime, args.clock))
+    table = markdown(rows, machine_description(runtime, args.clock, args.compile))
     if args.markdown:
         args.markdown.write_text(table, encoding="utf-8")
     print(table)

@@ -11,6 +11,39 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "throughput.py"
+# nanoGPT's model.py interface, for --nanogpt (the real file is not part of this repository)
+NANOGPT_STANDIN = """
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from archbench.models import build_model
+
+
+@dataclass
+class GPTConfig:
+    block_size: int
+    vocab_size: int
+    n_layer: int
+    n_head: int
+    n_embd: int
+    dropout: float
+    bias: bool
+
+
+class GPT(torch.nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.model = build_model(
+            "gpt", config.vocab_size, config.block_size, n_layer=config.n_layer,
+            n_head=config.n_head, d_model=config.n_embd, mlp="gelu", norm="layernorm",
+        )
+
+    def forward(self, idx, targets):
+        logits = self.model(idx)
+        return logits, F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+"""
 
 
 def run_benchmark(tmp_path: Path, *extra: str) -> subprocess.CompletedProcess:
@@ -46,3 +79,18 @@ def test_throughput_writes_rows_against_a_parameter_matched_baseline(
 def test_throughput_refuses_a_cpu_clock_on_a_gpu(tmp_path: Path) -> None:
     result = run_benchmark(tmp_path, "--archs", "gpt", "--clock", "cpu", "--device", "cuda")
     assert result.returncode == 2 and "--clock cpu" in result.stderr
+
+
+def test_compiled_benchmark_also_times_nanogpt_eagerly(tmp_path: Path) -> None:
+    """With --compile, nanoGPT runs compiled and, as its README trains on the CPU, eagerly."""
+    nanogpt = tmp_path / "model.py"
+    nanogpt.write_text(NANOGPT_STANDIN, encoding="utf-8")
+    result = run_benchmark(tmp_path, "--archs", "gpt", "--compile", "--nanogpt", str(nanogpt))
+    assert result.returncode == 0, result.stderr[-3000:]
+    with open(tmp_path / "out.csv", newline="") as handle:
+        rows = {row["model"]: row for row in csv.DictReader(handle)}
+    assert set(rows) == {"gpt", "nanoGPT", "nanoGPT eager"}
+    assert {rows[name]["baseline"] for name in ("nanoGPT", "nanoGPT eager")} == {"gpt"}
+    table = (tmp_path / "out.md").read_text()
+    assert "as fast as nanoGPT's `model.py` run eagerly" in table
+    assert "torch.compile: yes" in table

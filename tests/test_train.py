@@ -174,6 +174,14 @@ def test_bf16_autocast_path_trains_on_cpu(tiny_data: Path, tmp_path: Path) -> No
     assert summary["precision"] == "bf16" and math.isfinite(summary["final_val_loss"])
 
 
+def test_compiling_on_a_cpu_without_a_cxx_compiler_is_a_clear_error(
+    tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("archbench.runtime.shutil.which", lambda name: None)
+    with pytest.raises(ConfigError, match="needs a C\\+\\+ compiler.*compile: false"):
+        train_run(tiny_spec(compile=True, device="cpu"), tiny_data, tmp_path, show_progress=False)
+
+
 @pytest.mark.slow
 def test_compiled_bf16_training_matches_eager_closely(tiny_data: Path, tmp_path: Path) -> None:
     """torch.compile (as in the gpu suite) on the CPU gives the eager run's losses."""

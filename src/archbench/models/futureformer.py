@@ -518,7 +518,7 @@ class FutureFormer(LanguageModel):
         if targets is None:
             return top, weights, None
         row_loss = out[2].view(b, t) * valid
-        return top, weights, row_loss.sum() / max(1, int(valid.sum()))
+        return top, weights, row_loss.sum() / valid.sum().clamp(min=1)  # no .item(): compiles whole
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         """Next-token logits (B, T, vocab_size) for token ids idx (B, T), T <= block_size."""
