@@ -4,8 +4,8 @@ For each shape, every architecture in the registry (read at run time) is built w
 `n_layer`, `n_head` and `d_model` and its own default options. Its baseline is `gpt` at the same
 shape with `mlp_ratio` chosen so that the parameter counts match (the plain `gpt` when they are
 already within 0.5%). One step is what training does: forward and loss, backward, gradient
-clipping and an AdamW update, on the training code path (`archbench.runtime`: bf16 autocast,
-TF32 on CUDA, fused AdamW everywhere; optionally `torch.compile` of the loss, as the gpu suite does).
+clipping and a fused AdamW update, on the training code path (`archbench.runtime`: bf16 autocast
+and TF32 on CUDA; optionally `torch.compile` of the loss, as the gpu and default suites do).
 
 All models of a shape are built first and then timed in alternation, `--rounds` times
 `--steps` steps each after `--warmup` steps, so that a machine whose speed drifts (other jobs,
@@ -475,7 +475,8 @@ def markdown(rows: list[dict[str, Any]], header: list[str]) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     nano = [row for row in rows if row["arch"] == "nanogpt"]
     for row in nano:
-        against = "nanoGPT's `model.py`" + (" run eagerly" if row["model"].endswith("eager") else "")
+        eager = " run eagerly" if row["model"].endswith("eager") else ""
+        against = f"nanoGPT's `model.py`{eager}"
         lines.append(
             f"\nAt `{row['shape']}`: the `gpt` baseline trains "
             f"{row['time_vs_baseline']:.2f}× as fast as {against} "
