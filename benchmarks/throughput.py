@@ -342,10 +342,13 @@ def run_shape(
         torch.randint(0, shape.vocab_size, (shape.batch_size, shape.block_size)).to(runtime.device)
         for _ in range(2)
     )
-    candidates = [
-        build(entry, shape, runtime, nanogpt, args.compile)
-        for entry in plan(shape, args.archs, args.nanogpt, args.compile)
-    ]
+    planned = plan(shape, args.archs, args.nanogpt, args.compile)
+    if args.compile:
+        # Every candidate's loss is the same Python function over another model, and each one is
+        # a recompilation of it: past dynamo's limit (8) the rest would silently run eagerly.
+        torch._dynamo.reset()
+        torch._dynamo.config.recompile_limit = max(8, 2 * len(planned))
+    candidates = [build(entry, shape, runtime, nanogpt, args.compile) for entry in planned]
     for c in candidates:
         for _ in range(args.warmup):
             train_step(c, x, y, runtime)
