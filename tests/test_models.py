@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from archbench.errors import ConfigError
 from archbench.models import ARCHITECTURES, build_model, list_options
@@ -153,6 +154,38 @@ def test_determinism(arch: str, overrides: dict) -> None:
     assert any(g is not None for g in grads_a)
     for a, b in zip(grads_a, grads_b, strict=True):
         assert (a is None and b is None) or torch.equal(a, b)
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the aten operations run while active."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        self.ops += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize(("arch", "overrides"), CASES, ids=IDS)
+def test_no_per_token_python_loops(arch: str, overrides: dict) -> None:
+    """The forward pass and the training loss run as many tensor operations for 24 tokens as for
+    12, give or take a few shape-dependent autograd steps: a Python loop over positions would add
+    at least one operation per extra position."""
+    model = build(arch, overrides, torch.float32).train()
+    counts = []
+    for length in (BLOCK // 2, BLOCK, BLOCK // 2, BLOCK):  # first round: fill lazy caches
+        idx = torch.randint(0, VOCAB, (2, length), generator=torch.Generator().manual_seed(6))
+        with OpCounter() as forward:
+            model(idx)
+        with OpCounter() as training:
+            model.loss(idx, torch.roll(idx, -1, 1))[0].backward()
+        counts.append((forward.ops, training.ops))
+    (short_forward, short_training), (long_forward, long_training) = counts[2:]
+    message = f"(forward, loss + backward) ops at 12 and 24 tokens: {counts[2:]}"
+    assert long_forward == short_forward, message
+    assert abs(long_training - short_training) < BLOCK // 2, message
 
 
 def test_seed_changes_init() -> None:
