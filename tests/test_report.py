@@ -50,7 +50,13 @@ from archbench.report.stats import (
     t_test_power,
     welch_test,
 )
-from archbench.report.tables import format_count, format_p, format_scientific
+from archbench.report.tables import (
+    NO_PRIMARY,
+    comparisons,
+    format_count,
+    format_p,
+    format_scientific,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 CHECK_SCRIPT = ROOT / "scripts" / "check_report_html.py"
@@ -710,3 +716,19 @@ def test_html_report_renders_in_headless_chromium(report: dict, tmp_path: Path) 
     assert done.returncode == 1
     assert "broken image: figures/pareto.png" in done.stderr
     assert "missing table: #comparisons" in done.stderr
+
+
+def test_a_task_row_without_val_loss_is_untested_and_says_why() -> None:
+    """A synthetic-task row and its baseline have no val loss: the comparison says so instead of
+    asking for more seeds."""
+    summary = pl.DataFrame(
+        {
+            "experiment": ["task_row"] * 3 + ["task_base"] * 3,
+            "seed": [0, 1, 2] * 2,
+            "metric": ["path_star_exact_match"] * 6,
+            "value": [0.5, 0.4, 0.6, 0.5, 0.5, 0.5],
+        }
+    )
+    leaks = {"task_row": "pass", "task_base": "pass"}
+    (row,) = comparisons(summary, ["task_base", "task_row"], {"task_row": "task_base"}, leaks)
+    assert row.result is None and row.verdict == NO_PRIMARY

@@ -28,6 +28,8 @@ from archbench.report.stats import (
 CONFIDENCE = 0.95
 MISSING = "—"
 PRIMARY = "val_loss"  # the metric of the comparisons (nats/token; lower is better)
+# Why a pair without PRIMARY (synthetic-task rows are scored by task metrics instead) is untested.
+NO_PRIMARY = "not tested: no val loss (a task row: its task metrics are under Other metrics)"
 SIZE_TOLERANCE = 0.05  # parameter counts further apart than this are not a fair comparison
 
 Formatter = Callable[[float, float], str]
@@ -355,6 +357,8 @@ def comparisons(
             pending.append((experiment, baseline, None, "EXCLUDED: failed the leak check"))
         elif leaks[baseline].startswith("FAIL"):
             pending.append((experiment, baseline, None, "EXCLUDED: baseline failed the leak check"))
+        elif experiment not in values and baseline not in values:
+            pending.append((experiment, baseline, None, NO_PRIMARY))
         else:
             result = compare(values.get(experiment, {}), values.get(baseline, {}), CONFIDENCE)
             pending.append((experiment, baseline, result, ""))
