@@ -276,7 +276,7 @@ def build(
         entry.options,
         model,
         make_optimizer(model, TrainConfig()),
-        torch.compile(loss) if compile_loss and not entry.eager else loss,
+        runtime.compile(loss) if compile_loss and not entry.eager else loss,
         loss,
         entry.baseline,
         count_params(model),
