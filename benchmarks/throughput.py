@@ -426,9 +426,11 @@ def machine_description(runtime: Runtime, clock: str, compiled: bool) -> list[st
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
                 break
-    commit = subprocess.run(
-        ["git", "describe", "--always", "--dirty"], cwd=ROOT, capture_output=True, text=True
-    ).stdout.strip()
+    commit = ""
+    with contextlib.suppress(OSError):  # no git on the machine
+        commit = subprocess.run(
+            ["git", "describe", "--always", "--dirty"], cwd=ROOT, capture_output=True, text=True
+        ).stdout.strip()
     device = str(runtime.device)
     if runtime.is_cuda:
         device += f" ({torch.cuda.get_device_name(runtime.device)})"
