@@ -19,6 +19,7 @@ from archbench.models import build_model
 from archbench.train import (
     CHECKPOINT,
     DivergedError,
+    Progress,
     batch_at,
     lr_at,
     make_train_config,
@@ -94,6 +95,20 @@ def test_training_writes_every_output(tiny_data: Path, tmp_path: Path) -> None:
     assert [r["val_loss"] != "" for r in rows] == [False, True, False, True, False, True]
     assert all(math.isfinite(float(r["train_next_token"])) for r in rows)
     assert float(rows[-1]["train_loss"]) < float(rows[0]["train_loss"])
+    logged = {int(r["step"]): float(r["val_loss"]) for r in rows if r["val_loss"] != ""}
+    assert summary["final_val_loss"] == logged[12]
+    assert summary["best_val_loss"] == min(logged.values())
+    assert logged[summary["best_val_step"]] == summary["best_val_loss"]
+
+
+def test_best_val_is_the_lowest_estimate_and_its_step() -> None:
+    """nanoGPT's shakespeare_char reference (~1.47) is the lowest val loss of the run: the model
+    overfits long before its last step, so the final estimate alone would hide it."""
+    progress = Progress()
+    for step, val in ((250, 1.7), (500, 1.5), (750, 1.6), (1000, 1.5)):
+        progress.step = step
+        progress.add_val(val)
+    assert (progress.last_val, progress.best_val, progress.best_val_step) == (1.5, 1.5, 500)
 
 
 def test_same_seed_gives_identical_weights_and_metrics(tiny_data: Path, tmp_path: Path) -> None:

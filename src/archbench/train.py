@@ -450,7 +450,8 @@ def train_run(
             val_loss = None
             if done % config.eval_every == 0 or done == config.steps:
                 tick = time.perf_counter()
-                val_loss = progress.last_val = estimate_val_loss(model, data.val_batches, runtime)
+                val_loss = estimate_val_loss(model, data.val_batches, runtime)
+                progress.add_val(val_loss)
                 progress.elapsed += time.perf_counter() - tick
                 bar.set_postfix(val=f"{val_loss:.3f}")
             if done % config.log_every == 0 or val_loss is not None:
@@ -482,6 +483,8 @@ def train_run(
         "train_seconds": round(progress.elapsed, 3),
         "train_tokens_per_s": config.steps * data.tokens_per_step / max(progress.elapsed, 1e-9),
         "final_val_loss": progress.last_val,
+        "best_val_loss": progress.best_val,
+        "best_val_step": progress.best_val_step,
         "torch_threads": torch.get_num_threads(),
         "device": str(runtime.device),
         "precision": "bf16" if runtime.bf16 else "fp32",
@@ -492,13 +495,15 @@ def train_run(
 
 @dataclass
 class Progress:
-    """Where a run stands: steps done, wall time, last validation loss, and the window of
-    training losses not yet written to the metrics log (saved in checkpoints, so a resumed run
-    logs exactly what an uninterrupted one would)."""
+    """Where a run stands: steps done, wall time, last and lowest validation loss, and the
+    window of training losses not yet written to the metrics log (saved in checkpoints, so a
+    resumed run logs exactly what an uninterrupted one would)."""
 
     step: int = 0
     elapsed: float = 0.0
     last_val: float = float("nan")
+    best_val: float = float("nan")
+    best_val_step: int = 0
     sums: dict[str, float] = field(default_factory=dict)
     window_steps: int = 0
     window_time: float = 0.0
@@ -514,6 +519,14 @@ class Progress:
         self.window_steps += 1
         self.window_time += seconds
         self.elapsed += seconds
+
+    def add_val(self, val_loss: float) -> None:
+        """Record a validation estimate taken after the current step (and whether it is the
+        lowest so far: on a small data set the model overfits long before the last step, and
+        nanoGPT reports that minimum)."""
+        self.last_val = val_loss
+        if math.isnan(self.best_val) or val_loss < self.best_val:
+            self.best_val, self.best_val_step = val_loss, self.step
 
     def take_row(self, lr: float, val_loss: float | None, tokens_per_step: int) -> dict[str, Any]:
         """A metrics-log row averaging the window since the last row; starts a new window."""

@@ -101,6 +101,8 @@ METRIC_COLUMNS: tuple[tuple[str, str, Formatter], ...] = (
     ("train tokens", "train_tokens", _mean_only(format_count)),
     ("train FLOPs", "train_flops", _mean_only(format_scientific)),
     ("val loss", "val_loss", _interval(4)),
+    ("best val loss", "best_val_loss", _interval(4)),
+    ("best at step", "best_val_step", _interval(0)),
     ("val bpb", "val_bpb", _interval(4)),
     ("val ppl", "val_ppl", _interval(4)),
     ("top-1 (%)", "val_top1", _interval(3, scale=100.0)),
