@@ -8,6 +8,7 @@ import pytest
 
 from archbench.errors import ConfigError
 from archbench.experiments import (
+    check_suite_datasets,
     load_experiments,
     load_suite,
     parse_overrides,
@@ -154,10 +155,36 @@ def test_run_spec_merges_suite_and_row(tmp_path: Path) -> None:
     assert spec["seed"] == 3 and spec["arch"] == "gpt" and spec["dataset"] == "chars"
 
 
+def test_train_by_dataset_applies_to_that_data_set_only(tmp_path: Path) -> None:
+    suite = load_suite(
+        suite_file(
+            tmp_path,
+            (
+                "seeds: [0]\nmodel: {}\n"
+                "train: {block_size: 32, batch_size: 2, token_budget: 640}\n"
+                "train_by_dataset: {bpe512: {token_budget: 128}}\n"
+            ),
+        ),
+        SUITE_SCHEMA,
+    )
+    rows = load(table(tmp_path, GOOD, "b\tgpt\tbpe512\t\t\t\n", "c\tgpt\tbpe512\tlr=0.1\t\t\n"))
+    budgets = [run_spec(row, suite, 0)["train"]["token_budget"] for row in rows]
+    assert budgets == [640, 128, 128]
+    check_suite_datasets(suite, {"chars": None, "bpe512": None})
+    with pytest.raises(ConfigError, match=r"train_by_dataset: unknown data set\(s\) bpe512"):
+        check_suite_datasets(suite, {"chars": None})
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [
         ("seeds: [0]\nmodel: {}\n", r"key 'train'.*required"),
+        (
+            "seeds: [0]\nmodel: {}\ntrain: {block_size: 64, batch_size: 4}\n"
+            "train_by_dataset: {chars: {token_budget: 100}}\n",
+            r"section 'train_by_dataset.chars': token_budget=100 is smaller than one batch",
+        ),
+        ("seeds: [0]\nmodel: {}\ntrain: {}\ntrain_by_dataset: {chars: 5}\n", r"train_by_dataset"),
         ("seeds: []\nmodel: {}\ntrain: {}\n", r"key 'seeds'"),
         ("seeds: [0]\nmodel: {}\ntrain: {}\nbogus: 1\n", r"'bogus' was unexpected"),
         (

@@ -77,6 +77,12 @@ class Suite:
     eval: dict[str, Any]
     description: str
     lm_eval: dict[str, Any] = field(default_factory=dict)
+    # training options for the rows of one data set, over `train` (rows override them)
+    train_by_dataset: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def train_for(self, dataset: str) -> dict[str, Any]:
+        """The suite's training options for a row on `dataset`."""
+        return {**self.train, **self.train_by_dataset.get(dataset, {})}
 
 
 def parse_overrides(text: str) -> dict[str, str]:
@@ -281,7 +287,7 @@ def _resolve_init_from(path: Path, experiments: list[Experiment]) -> list[Experi
     return [resolve(e.name, ()) for e in experiments]
 
 
-SECTIONS = ("model", "train", "eval")
+SECTIONS = ("model", "train", "eval", "train_by_dataset")
 
 
 def _suite_data(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
@@ -315,10 +321,14 @@ def load_suite(path: Path, schema: Path) -> Suite:
     except WorkflowError as err:
         column, message = _schema_error(err)
         raise ConfigError(f"{path}, key '{column}': {message}") from None
-    try:
-        make_train_config(data["train"])
-    except ConfigError as err:
-        raise ConfigError(f"{path}, section 'train': {err}") from None
+    sections = {"train": data["train"]}
+    for dataset, options in data.get("train_by_dataset", {}).items():
+        sections[f"train_by_dataset.{dataset}"] = {**data["train"], **options}
+    for name, options in sections.items():
+        try:
+            make_train_config(options)
+        except ConfigError as err:
+            raise ConfigError(f"{path}, section '{name}': {err}") from None
     return Suite(
         name=path.stem,
         seeds=tuple(data["seeds"]),
@@ -329,15 +339,28 @@ def load_suite(path: Path, schema: Path) -> Suite:
         eval=dict(data.get("eval", {})),
         description=data.get("description", ""),
         lm_eval=dict(data.get("lm_eval", {})),
+        train_by_dataset={k: dict(v) for k, v in data.get("train_by_dataset", {}).items()},
     )
+
+
+def check_suite_datasets(suite: Suite, datasets: dict[str, DatasetSpec]) -> None:
+    """A suite's `train_by_dataset` names only configured data sets (a typo would silently
+    leave that data set at the suite's defaults)."""
+    unknown = sorted(set(suite.train_by_dataset) - set(datasets))
+    if unknown:
+        raise ConfigError(
+            f"suite '{suite.name}', train_by_dataset: unknown data set(s) {', '.join(unknown)}; "
+            f"configured: {', '.join(sorted(datasets))}"
+        )
 
 
 def run_spec(experiment: Experiment, suite: Suite, seed: int) -> dict[str, Any]:
     """The fully resolved, validated options of one training job (JSON-serialisable)."""
     model_rows, train_rows = split_overrides(experiment.arch, experiment.overrides)
     where = f"experiment '{experiment.name}' in suite '{suite.name}'"
+    suite_train = suite.train_for(experiment.dataset)
     try:
-        train = make_train_config({**suite.train, **train_rows})
+        train = make_train_config({**suite_train, **train_rows})
         model = {**suite.model, **model_rows}
         config = make_config(experiment.arch, PLACEHOLDER_VOCAB, train.block_size, **model)
     except ConfigError as err:
@@ -349,7 +372,7 @@ def run_spec(experiment: Experiment, suite: Suite, seed: int) -> dict[str, Any]:
         "dataset": experiment.dataset,
         "seed": seed,
         "model": model_options,
-        "train": {k: getattr(train, k) for k in {**suite.train, **train_rows}},
+        "train": {k: getattr(train, k) for k in {**suite_train, **train_rows}},
     }
     if experiment.init_from or train.init_freeze:
         spec["init_from"] = _init_from_spec(experiment, suite, seed, config, train.init_freeze)

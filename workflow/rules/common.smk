@@ -11,7 +11,8 @@ from snakemake.exceptions import WorkflowError
 from archbench.data import (MASK_FILES, SyntheticSpec, check_local_copy, parse_datasets,
                             resolve_mirror)
 from archbench.errors import ArchbenchError
-from archbench.experiments import check_run_fits_data, load_experiments, load_suite, run_spec
+from archbench.experiments import (check_run_fits_data, check_suite_datasets, load_experiments,
+                                   load_suite, run_spec)
 from archbench.runs import RESULT_FILES, lm_eval_result
 
 SCHEMAS = Path(workflow.basedir) / "workflow" / "schemas"
@@ -22,6 +23,7 @@ try:
     DATASETS = parse_datasets(config["datasets"], source="configs/config.yaml (datasets)")
     SUITE = load_suite(Path("configs/suites") / f"{config['suite']}.yaml",
                        SCHEMAS / "suite.schema.yaml")
+    check_suite_datasets(SUITE, DATASETS)
     EXPERIMENTS = {
         e.name: e
         for e in load_experiments(Path(config["experiments"]),
