@@ -51,7 +51,7 @@ from archbench.report.stats import (
     welch_test,
 )
 from archbench.report.tables import (
-    NO_PRIMARY,
+    NO_SCORE,
     comparisons,
     format_count,
     format_p,
@@ -568,7 +568,8 @@ def test_comparisons_mark_wins_losses_noise_and_size(report: dict) -> None:
     # gelu: differences -0.10, -0.09, -0.11 -> paired p = 0.0027; Holm over 3 tests
     p_gelu = sps.ttest_rel([1.60, 1.62, 1.58], [1.70, 1.71, 1.69]).pvalue
     assert gelu[column["p (paired t)"]] == f"{p_gelu:.3f}"
-    assert gelu[column["Δ val loss (95% CI)"]].startswith("-0.1000 ± ")
+    assert gelu[column["Δ (95% CI)"]].startswith("-0.1000 ± ")
+    assert gelu[column["compared on"]] == "val\\_loss"
     assert deep[column["size"]] == "⚠ not size-matched (+47.8% parameters)"
     assert mqa[column["size"]] == "matched" and mqa[column["parameters (vs baseline)"]] == (
         "0.79M (-2.7%)"
@@ -718,17 +719,33 @@ def test_html_report_renders_in_headless_chromium(report: dict, tmp_path: Path) 
     assert "missing table: #comparisons" in done.stderr
 
 
-def test_a_task_row_without_val_loss_is_untested_and_says_why() -> None:
-    """A synthetic-task row and its baseline have no val loss: the comparison says so instead of
-    asking for more seeds."""
-    summary = pl.DataFrame(
+def _task_summary(metric: str, row: list[float], base: list[float]) -> pl.DataFrame:
+    return pl.DataFrame(
         {
             "experiment": ["task_row"] * 3 + ["task_base"] * 3,
             "seed": [0, 1, 2] * 2,
-            "metric": ["path_star_exact_match"] * 6,
-            "value": [0.5, 0.4, 0.6, 0.5, 0.5, 0.5],
+            "metric": [metric] * 6,
+            "value": row + base,
         }
     )
+
+
+def test_task_rows_are_compared_on_exact_match_higher_is_better() -> None:
+    """A synthetic-task row has no val loss: it is compared on its task's exact match, where a
+    positive Δ is the better direction."""
+    leaks = {"task_row": "pass", "task_base": "pass"}
+    summary = _task_summary("path_star_exact_match", [0.60, 0.71, 0.52], [0.50, 0.60, 0.40])
+    (row,) = comparisons(summary, ["task_base", "task_row"], {"task_row": "task_base"}, leaks)
+    assert row.score.metric == "path_star_exact_match" and not row.score.lower_is_better
+    assert row.result.test == "paired t" and row.result.delta == pytest.approx(0.11)
+    assert row.verdict == "✔ significantly better"  # differences 0.10, 0.11, 0.12: p = 0.0038
+    worse = _task_summary("path_star_exact_match", [0.40, 0.49, 0.28], [0.50, 0.60, 0.40])
+    (row,) = comparisons(worse, ["task_base", "task_row"], {"task_row": "task_base"}, leaks)
+    assert row.verdict == "✘ significantly worse"
+
+
+def test_a_pair_with_neither_score_is_untested_and_says_why() -> None:
+    summary = _task_summary("mqar_accuracy", [0.5, 0.4, 0.6], [0.5, 0.5, 0.5])
     leaks = {"task_row": "pass", "task_base": "pass"}
     (row,) = comparisons(summary, ["task_base", "task_row"], {"task_row": "task_base"}, leaks)
-    assert row.result is None and row.verdict == NO_PRIMARY
+    assert row.result is None and row.verdict == NO_SCORE

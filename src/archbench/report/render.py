@@ -230,14 +230,15 @@ def how_to_read() -> list[str]:
         f"{MISSING} marks a value that was not recorded. Entries named <row>/L<level>.<index> "
         f"are a row's nested sub-models, each scored alone (see 'Nesting cost').",
         f"Comparisons: each row with a baseline is compared on validation loss (Δ = row − "
-        f"baseline, negative is better). Every seed gives every row the same data order, so "
-        f"rows are paired by seed and the {PAIRED}-test on per-seed differences decides when "
-        f"at least two seeds are shared; otherwise {WELCH}-test (unequal variances) decides. "
+        f"baseline, negative is better), a synthetic-task row on its task's exact match (positive "
+        f"is better); 'compared on' names the metric. Every seed gives every row the same data "
+        f"order, so rows are paired by seed and the {PAIRED}-test on per-seed differences decides "
+        f"when at least two seeds are shared; otherwise {WELCH}-test (unequal variances) decides. "
         f"Both p-values are listed and the 'deciding test' column names the one used. Holm's "
         f"correction across all comparisons of this report keeps the chance of any false "
-        f"'significant' at {ALPHA:.0%}: a row is 'significantly better/worse' only when its "
-        f"Holm p < {ALPHA}, else 'within noise'. Rows whose parameter count differs from the "
-        f"baseline's by more than {SIZE_TOLERANCE:.0%} are flagged as not size-matched.",
+        f"'significant' at {ALPHA:.0%}: a row is 'significantly better/worse' only when its Holm p"
+        f" < {ALPHA}, else 'within noise'. Rows whose parameter count differs from the baseline's "
+        f"by more than {SIZE_TOLERANCE:.0%} are flagged as not size-matched.",
         f"Power: 'detectable Δ' is the smallest true difference the deciding test would find "
         f"with {POWER:.0%} probability at these seeds and the observed spread (exact, from the "
         f"noncentral t distribution); a smaller observed Δ cannot be told from noise. 'seeds "

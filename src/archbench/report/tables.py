@@ -27,9 +27,9 @@ from archbench.report.stats import (
 
 CONFIDENCE = 0.95
 MISSING = "—"
-PRIMARY = "val_loss"  # the metric of the comparisons (nats/token; lower is better)
-# Why a pair without PRIMARY (synthetic-task rows are scored by task metrics instead) is untested.
-NO_PRIMARY = "not tested: no val loss (a task row: its task metrics are under Other metrics)"
+PRIMARY = "val_loss"  # the metric of text rows' comparisons (nats/token; lower is better)
+EXACT_MATCH = "_exact_match"  # suffix of a synthetic task's score (the task rows' comparisons)
+NO_SCORE = "not tested: neither row has a val loss or a task's exact match"
 SIZE_TOLERANCE = 0.05  # parameter counts further apart than this are not a fair comparison
 
 Formatter = Callable[[float, float], str]
@@ -315,17 +315,39 @@ def other_metrics_table(stats: pl.DataFrame, order: list[str]) -> Table | None:
 
 
 @dataclass(frozen=True)
+class Score:
+    """The metric a row and its baseline are compared on, and which way is better."""
+
+    metric: str
+    lower_is_better: bool
+    decimals: int
+
+
+VAL_LOSS = Score(PRIMARY, lower_is_better=True, decimals=4)
+
+
+def score_of(metrics: set[str]) -> Score | None:
+    """What a pair with these metrics is compared on: val loss (text rows), else a synthetic
+    task's exact match (higher is better); None when they have neither."""
+    if PRIMARY in metrics:
+        return VAL_LOSS
+    exact = sorted(m for m in metrics if m.endswith(EXACT_MATCH))
+    return Score(exact[0], lower_is_better=False, decimals=3) if exact else None
+
+
+@dataclass(frozen=True)
 class ComparisonRow:
-    """A row against its baseline on PRIMARY: the test (None if not run), Holm p and verdict."""
+    """A row against its baseline on `score`: the test (None if not run), Holm p and verdict."""
 
     experiment: str
     baseline: str
     result: Comparison | None
     holm_p: float
     verdict: str
+    score: Score | None = VAL_LOSS
 
 
-def verdict_of(result: Comparison, holm_p: float) -> str:
+def verdict_of(result: Comparison, holm_p: float, score: Score = VAL_LOSS) -> str:
     """ "✔ significantly better", "✘ significantly worse", "within noise", or why untested."""
     if not result.test:
         return "not tested: needs ≥ 2 seeds of both rows"
@@ -333,7 +355,8 @@ def verdict_of(result: Comparison, holm_p: float) -> str:
         return "not tested: no seed-to-seed spread"
     if holm_p >= ALPHA:
         return "within noise"
-    return "✔ significantly better" if result.delta < 0 else "✘ significantly worse"
+    better = result.delta < 0 if score.lower_is_better else result.delta > 0
+    return "✔ significantly better" if better else "✘ significantly worse"
 
 
 def comparisons(
@@ -342,32 +365,40 @@ def comparisons(
     baselines: dict[str, str | None],
     leaks: dict[str, str],
 ) -> list[ComparisonRow]:
-    """Compare every row that has a baseline, on PRIMARY, with Holm across the whole report.
+    """Compare every row that has a baseline, with Holm across the whole report: text rows on
+    val loss, synthetic-task rows on their task's exact match (`score_of`).
 
     Rows (or baselines) that failed the leak check are excluded and say so; a baseline that is
     not in this suite's results is reported, not an error.
     """
-    values = per_seed_values(summary, PRIMARY)
-    pending: list[tuple[str, str, Comparison | None, str]] = []
+    metrics = {
+        name: set(found)
+        for name, found in summary.group_by("experiment").agg(pl.col("metric").unique()).iter_rows()
+    }
+    pending: list[tuple[str, str, Comparison | None, str, Score | None]] = []
     for experiment in order:
         baseline = baselines.get(experiment)
         if not baseline:
             continue
+        score = score_of(metrics.get(experiment, set()) | metrics.get(baseline, set()))
         if baseline not in leaks:
-            pending.append((experiment, baseline, None, "baseline not in this suite's results"))
+            why = "baseline not in this suite's results"
         elif leaks[experiment].startswith("FAIL"):
-            pending.append((experiment, baseline, None, "EXCLUDED: failed the leak check"))
+            why = "EXCLUDED: failed the leak check"
         elif leaks[baseline].startswith("FAIL"):
-            pending.append((experiment, baseline, None, "EXCLUDED: baseline failed the leak check"))
-        elif experiment not in values and baseline not in values:
-            pending.append((experiment, baseline, None, NO_PRIMARY))
+            why = "EXCLUDED: baseline failed the leak check"
+        elif score is None:
+            why = NO_SCORE
         else:
+            values = per_seed_values(summary, score.metric)
             result = compare(values.get(experiment, {}), values.get(baseline, {}), CONFIDENCE)
-            pending.append((experiment, baseline, result, ""))
-    adjusted = holm(r.p_value if r is not None else math.nan for _, _, r, _ in pending)
+            pending.append((experiment, baseline, result, "", score))
+            continue
+        pending.append((experiment, baseline, None, why, score))
+    adjusted = holm(r.p_value if r is not None else math.nan for _, _, r, _, _ in pending)
     return [
-        ComparisonRow(e, b, r, p, verdict_of(r, p) if r is not None else why)
-        for (e, b, r, why), p in zip(pending, adjusted, strict=True)
+        ComparisonRow(e, b, r, p, verdict_of(r, p, score) if r is not None else why, score)
+        for (e, b, r, why, score), p in zip(pending, adjusted, strict=True)
     ]
 
 
@@ -389,7 +420,8 @@ def comparison_table(rows: list[ComparisonRow], cells: Cells) -> Table:
             fair = f"⚠ not size-matched ({format_relative(size_ratio)} parameters)"
         else:
             fair = "matched"
-        r = row.result
+        r, score = row.result, row.score or VAL_LOSS
+        digits = score.decimals
         out.append(
             [
                 row.experiment,
@@ -397,16 +429,17 @@ def comparison_table(rows: list[ComparisonRow], cells: Cells) -> Table:
                 f"{format_count(params)} ({format_relative(size_ratio)})",
                 f"{format_scientific(flops)} ({format_relative(flops_ratio)})",
                 fair,
-                format_interval(*_cell(cells, row.experiment, PRIMARY), 4),
-                format_interval(*_cell(cells, row.baseline, PRIMARY), 4),
+                score.metric if row.score else MISSING,
+                format_interval(*_cell(cells, row.experiment, score.metric), digits),
+                format_interval(*_cell(cells, row.baseline, score.metric), digits),
                 MISSING if r is None else f"{r.n_row}/{r.n_base} ({r.n_pairs})",
-                MISSING if r is None else format_interval(r.delta, r.half_width, 4),
+                MISSING if r is None else format_interval(r.delta, r.half_width, digits),
                 MISSING if r is None else format_p(r.p_paired),
                 MISSING if r is None else format_p(r.p_welch),
                 (r.test if r is not None and r.test else MISSING),
                 format_p(row.holm_p),
                 row.verdict,
-                MISSING if r is None else format_interval(r.mde, math.nan, 4),
+                MISSING if r is None else format_interval(r.mde, math.nan, digits),
                 MISSING if r is None else format_seeds(r.seeds_needed),
             ]
         )
@@ -426,10 +459,11 @@ def comparison_table(rows: list[ComparisonRow], cells: Cells) -> Table:
         "parameters (vs baseline)",
         "train FLOPs (vs baseline)",
         "size",
-        "val loss",
-        "baseline val loss",
+        "compared on",
+        "row",
+        "baseline row",
         "seeds row/baseline (pairs)",
-        "Δ val loss (95% CI)",
+        "Δ (95% CI)",
         f"p ({PAIRED})",
         f"p ({WELCH})",
         "deciding test",
@@ -442,8 +476,13 @@ def comparison_table(rows: list[ComparisonRow], cells: Cells) -> Table:
 
 
 def power_summary(rows: list[ComparisonRow]) -> str | None:
-    """A paragraph on what these seeds can resolve, or None when nothing was tested."""
-    tested = [r for r in rows if r.result is not None and not math.isnan(r.result.mde)]
+    """A paragraph on what these seeds can resolve in val loss, or None when nothing was
+    tested on it."""
+    tested = [
+        r
+        for r in rows
+        if r.score == VAL_LOSS and r.result is not None and not math.isnan(r.result.mde)
+    ]
     if not tested:
         return None
     mdes = sorted(r.result.mde for r in tested)
