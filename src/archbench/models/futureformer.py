@@ -372,18 +372,20 @@ class MemoryCrossAttention(nn.Module):
         self.dropout = dropout
 
     def forward(self, x: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
-        """x (B, T, d) attends to memory (B, T, K, d): one length-1 query per (b, t)."""
+        """x (B, T, d) attends to memory (B, T, K, d): one length-1 query per (b, t).
+
+        With a handful of slots the scores and the weighted sum are element-wise products
+        summed over the head dimension and over the slots, which inductor fuses; run as
+        scaled_dot_product_attention over B·T one-query problems, the same step took 5-10%
+        longer on the CPU (docs/performance.md)."""
         b, t, c = x.shape
-        slots = memory.shape[2]
-        q = self.query(x).view(b * t, self.n_head, 1, self.head_dim)
-        k, v = self.kv(memory).view(b * t, slots, 2 * self.n_kv_heads, self.head_dim).chunk(2, 2)
-        y = F.scaled_dot_product_attention(
-            q,
-            k.transpose(1, 2),
-            v.transpose(1, 2),
-            enable_gqa=self.n_kv_heads != self.n_head,
-            dropout_p=self.dropout if self.training else 0.0,
-        )
+        slots, group = memory.shape[2], self.n_head // self.n_kv_heads
+        q = self.query(x).view(b, t, self.n_kv_heads, group, 1, self.head_dim)
+        kv = self.kv(memory).view(b, t, slots, 2, self.n_kv_heads, 1, self.head_dim)
+        k, v = kv.permute(3, 0, 1, 4, 5, 2, 6)  # each (b, t, kv heads, 1, K, head_dim)
+        scores = (q * k).sum(-1) / math.sqrt(self.head_dim)  # (b, t, kv heads, group, K)
+        weights = F.dropout(scores.softmax(-1), self.dropout, self.training)
+        y = (weights.unsqueeze(-1) * v).sum(-2)  # (b, t, kv heads, group, head_dim)
         return self.proj(y.reshape(b, t, c))
 
 
@@ -536,7 +538,7 @@ class FutureFormer(LanguageModel):
             return (F.cross_entropy(wide, labels, reduction="none"),)
 
         (row_loss,) = over_row_chunks(chunk, h.reshape(b * t, d), targets.reshape(b * t))
-        next_token = row_loss.sum() / max(1, int((targets != IGNORE_INDEX).sum()))
+        next_token = row_loss.sum() / (targets != IGNORE_INDEX).sum().clamp(min=1)
         weight = self.config.future_loss_weight
         total = next_token + sum(weight**k * loss for k, loss in spans.items())
         parts = {"next_token": next_token.detach()}
