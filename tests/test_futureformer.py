@@ -311,19 +311,26 @@ def test_chunked_head_passes_match_one_pass(monkeypatch: pytest.MonkeyPatch) -> 
     """Splitting the head passes into chunks changes neither losses nor gradients."""
     idx, targets = tokens(0, batch=3), tokens(1, batch=3)
     results = []
-    for rows in (7, 10_000):
+    for rows, keep in ((7, 0), (10_000, 0), (7, ff.KEEP_LOGITS_ELEMENTS)):
         monkeypatch.setattr(ff, "HEAD_CHUNK_ROWS", rows)
+        monkeypatch.setattr(ff, "KEEP_LOGITS_ELEMENTS", keep)
         model = build({"memory": "soft", "future_levels": 3})
         total, parts = model.loss(idx, targets)
         total.backward()
         results.append((parts, [p.grad for p in model.parameters()]))
-    (parts_a, grads_a), (parts_b, grads_b) = results
-    torch.testing.assert_close(parts_a, parts_b, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(grads_a, grads_b, rtol=1e-10, atol=1e-12)
+    (parts_a, grads_a), *others = results
+    for parts_b, grads_b in others:
+        torch.testing.assert_close(parts_a, parts_b, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(grads_a, grads_b, rtol=1e-10, atol=1e-12)
 
 
-def test_loss_keeps_no_logits_for_backward() -> None:
-    """No vocabulary-wide tensor is kept for the backward pass: logits are recomputed there."""
+@pytest.mark.parametrize("keep", [0, 10**9], ids=["large", "small"])
+def test_large_head_passes_keep_no_logits_for_backward(
+    monkeypatch: pytest.MonkeyPatch, keep: int
+) -> None:
+    """Above KEEP_LOGITS_ELEMENTS no vocabulary-wide tensor is kept for the backward pass (logits
+    are recomputed there); below it they are kept, which is faster."""
+    monkeypatch.setattr(ff, "KEEP_LOGITS_ELEMENTS", keep)
     model = build({"memory": "soft"}, torch.float32).train()
     idx = tokens(0, batch=4)
     saved = []
@@ -335,7 +342,8 @@ def test_loss_keeps_no_logits_for_backward() -> None:
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         total, _ = model.loss(idx, tokens(1, batch=4))
     total.backward()
-    assert saved and not any(shape and shape[-1] == VOCAB for shape in saved)
+    kept = [shape for shape in saved if shape and shape[-1] == VOCAB]
+    assert saved and (kept if keep else not kept)
 
 
 # --- causality, consistency, determinism -----------------------------------------------------

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from archbench.errors import ConfigError
+from archbench.models import mtp as mtp_module
 from archbench.models.blocks import mlp_hidden
 from archbench.models.gpt import GPT, GPTConfig
 from archbench.models.mtp import MTP, MTPConfig
@@ -198,8 +199,13 @@ def test_parameter_count_formula(overrides: dict) -> None:
     assert sum(p.numel() for p in MTP(config).parameters()) == expected
 
 
-def test_loss_keeps_no_vocabulary_sized_tensor_for_backward() -> None:
-    """The logits of every head are recomputed in the backward pass, not stored."""
+@pytest.mark.parametrize("keep", [0, 10**9], ids=["large", "small"])
+def test_large_logits_are_recomputed_for_backward(
+    monkeypatch: pytest.MonkeyPatch, keep: int
+) -> None:
+    """Above KEEP_LOGITS_ELEMENTS the logits of every head are recomputed in the backward pass,
+    not stored; below it they are kept (faster), with the same loss and gradients."""
+    monkeypatch.setattr(mtp_module, "KEEP_LOGITS_ELEMENTS", keep)
     model = build({"n_future": 4}, torch.float32).train()
     idx = tokens(7)
     saved = []
@@ -210,9 +216,24 @@ def test_loss_keeps_no_vocabulary_sized_tensor_for_backward() -> None:
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         loss, _ = model.loss(idx, torch.roll(idx, -1, 1))
-    assert saved and all(shape[-1] != VOCAB for shape in saved)
+    kept = [shape for shape in saved if shape and shape[-1] == VOCAB]
+    assert saved and (kept if keep else not kept)
     loss.backward()
     assert model.embed.weight.grad is not None
+
+
+def test_kept_and_recomputed_logits_give_the_same_gradients(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    idx = tokens(7)
+    results = []
+    for keep in (0, 10**9):
+        monkeypatch.setattr(mtp_module, "KEEP_LOGITS_ELEMENTS", keep)
+        model = build({"n_future": 3})
+        loss, parts = model.loss(idx, torch.roll(idx, -1, 1))
+        loss.backward()
+        results.append((parts, [p.grad for p in model.parameters()]))
+    torch.testing.assert_close(results[0], results[1], rtol=1e-12, atol=1e-12)
 
 
 def test_options_are_declared_with_help() -> None:

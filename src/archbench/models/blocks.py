@@ -16,6 +16,11 @@ from torch import nn
 # mark for tokens outside a loss mask. Every architecture's loss, auxiliary parts included, skips
 # them.
 IGNORE_INDEX = -100
+# Extra output heads (mtp, futureformer) keep their logits for the backward pass up to this many
+# elements (64 MiB in fp32 each); larger ones are recomputed there by activation checkpointing,
+# so that they do not multiply the baseline's largest activation. Recomputing small logits cost
+# 16% of a compiled CPU step (docs/performance.md).
+KEEP_LOGITS_ELEMENTS = 2**24
 
 
 def make_norm(kind: str, dim: int) -> nn.Module:

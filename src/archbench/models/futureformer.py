@@ -85,11 +85,13 @@ the other tokens of its span, and a position whose span has none is masked out o
 loss. `parts` holds next_token and span_1 … span_P; evaluation scores `forward`'s next-token
 logits only.
 
-Memory (RAM). P + 1 full (B, T, V) logit tensors, each with the intermediates of its loss, would
-multiply the baseline's largest activation by P + 1. Every head pass therefore runs over chunks of
-`HEAD_CHUNK_ROWS` positions under activation checkpointing: only h (B, T, d), the top tokens and
-their weights are kept, and each chunk's logits are recomputed in the backward pass. `loss` never
-holds more than one chunk of logits; `forward` builds only the returned next-token logits.
+Memory (RAM). P + 1 full (B, T, V) logit tensors, each with the intermediates of its loss,
+multiply the baseline's largest activation by P + 1. Where that is small (B·T·V at most
+`KEEP_LOGITS_ELEMENTS`, e.g. a character vocabulary) they are kept. Larger head passes (a BPE
+vocabulary) run over chunks of `HEAD_CHUNK_ROWS` positions under activation checkpointing: only
+h (B, T, d), the top tokens and their weights are kept, each chunk's logits are recomputed in the
+backward pass, and `loss` never holds more than one chunk of logits. `forward` builds only the
+returned next-token logits.
 
 Size. `n_layer` counts the body blocks: the model has n_layer + P blocks, P of them with a
 cross-attention (4·d² weights with n_kv_heads = n_head), plus the poolers' weights (none for sum,
@@ -111,6 +113,7 @@ from torch.utils.checkpoint import checkpoint
 from archbench.errors import ConfigError
 from archbench.models.blocks import (
     IGNORE_INDEX,
+    KEEP_LOGITS_ELEMENTS,
     LanguageModel,
     init_weights,
     make_norm,
@@ -130,7 +133,7 @@ POOLINGS = (
     "self_attention_dynamic",
 )
 SLOT_SCHEDULES = ("constant", "linear", "root", "log", "poly")
-# Positions per head pass: bounds the (rows, V) logits alive at once (see "Memory (RAM)").
+# Positions per head pass above KEEP_LOGITS_ELEMENTS: bounds the logits alive (see "Memory").
 HEAD_CHUNK_ROWS = 1024
 
 
@@ -255,10 +258,15 @@ def bag_loss(
     return -(distribution * F.log_softmax(logits, dim=-1)).sum(-1)
 
 
-def over_row_chunks(fn: Callable[..., tuple], *rows: torch.Tensor) -> list[torch.Tensor]:
-    """Run `fn` on aligned chunks of HEAD_CHUNK_ROWS rows of `rows` under activation
-    checkpointing (outputs recomputed in the backward pass, not stored) and concatenate each of
-    its outputs over the chunks."""
+def over_row_chunks(
+    fn: Callable[..., tuple], vocab: int, *rows: torch.Tensor
+) -> list[torch.Tensor]:
+    """Run the head pass `fn` on `rows`: in one piece when its logits (rows × `vocab`) are
+    at most KEEP_LOGITS_ELEMENTS, else on aligned chunks of HEAD_CHUNK_ROWS rows under activation
+    checkpointing (logits recomputed in the backward pass, not stored), each of its outputs
+    concatenated over the chunks."""
+    if rows[0].shape[0] * vocab <= KEEP_LOGITS_ELEMENTS:
+        return list(fn(*rows))
     chunks = zip(*(r.split(HEAD_CHUNK_ROWS) for r in rows), strict=True)
     outputs = [checkpoint(fn, *chunk, use_reentrant=False) for chunk in chunks]
     return [torch.cat(parts) for parts in zip(*outputs, strict=True)]
@@ -515,7 +523,7 @@ class FutureFormer(LanguageModel):
             wide = logits.to(torch.promote_types(logits.dtype, torch.float32))
             return top, weights, bag_loss(wide, span_ids, c.future_loss, bias)
 
-        out = over_row_chunks(chunk, *rows)
+        out = over_row_chunks(chunk, c.vocab_size, *rows)
         top, weights = out[0].view(b, t, -1), out[1].view(b, t, -1)
         if targets is None:
             return top, weights, None
@@ -537,7 +545,9 @@ class FutureFormer(LanguageModel):
             wide = logits.to(torch.promote_types(logits.dtype, torch.float32))
             return (F.cross_entropy(wide, labels, reduction="none"),)
 
-        (row_loss,) = over_row_chunks(chunk, h.reshape(b * t, d), targets.reshape(b * t))
+        (row_loss,) = over_row_chunks(
+            chunk, self.config.vocab_size, h.reshape(b * t, d), targets.reshape(b * t)
+        )
         next_token = row_loss.sum() / (targets != IGNORE_INDEX).sum().clamp(min=1)
         weight = self.config.future_loss_weight
         total = next_token + sum(weight**k * loss for k, loss in spans.items())

@@ -31,7 +31,9 @@ backward head by head, accumulating the gradient at h; that is not possible here
 must return a tensor for the training loop to back-propagate. Instead each head's final norm,
 unembedding and cross-entropy run under activation checkpointing: only z_k (B, T, d) is kept, and
 the logits are recomputed one head at a time during the backward pass, so at most one head's
-(B, T, V) tensors are alive at once, as in the baseline. The cost is one extra unembedding per head.
+(B, T, V) tensors are alive at once, as in the baseline. The cost is one extra unembedding per head;
+where a head's logits are small (at most `KEEP_LOGITS_ELEMENTS`, e.g. a character vocabulary)
+they are kept instead.
 
 Size. The model has n_layer + n_future * head_layers blocks. The paper compares at equal size:
 an L-block baseline against a trunk of L - n blocks plus n one-block heads (n_layer = L - n,
@@ -50,6 +52,7 @@ from torch.utils.checkpoint import checkpoint
 
 from archbench.errors import ConfigError
 from archbench.models.blocks import (
+    KEEP_LOGITS_ELEMENTS,
     LanguageModel,
     init_weights,
     make_norm,
@@ -134,12 +137,16 @@ class MTP(LanguageModel):
         losses = []
         for k, head in enumerate(self.heads, start=1):
             kept = length - k + 1  # positions whose target x[t + k] lies inside the window
+            states = head(trunk[:, :kept])
+            if states.shape[0] * kept * self.config.vocab_size <= KEEP_LOGITS_ELEMENTS:
+                losses.append(self._head_loss(states, targets[:, k - 1 :]))
+                continue
             # Recompute this head's (B, T, V) logits in the backward pass instead of storing them;
             # the recomputed part draws no random numbers, so no RNG state needs saving.
             losses.append(
                 checkpoint(
                     self._head_loss,
-                    head(trunk[:, :kept]),
+                    states,
                     targets[:, k - 1 :],
                     use_reentrant=False,
                     preserve_rng_state=False,
