@@ -47,6 +47,59 @@ def test_the_repository_table_and_suites_are_valid() -> None:
             assert spec["train"]["token_budget"] >= spec["train"]["batch_size"]
 
 
+# Tiny Shakespeare's character vocabulary with byte fallback; the parameter ratios of two rows
+# on the same text barely depend on it.
+TEXT_VOCAB = 321
+# The hourglass channel-count sweep changes the MLP parameters by design (0.9x to 1.8x); it is
+# compared with the headline hourglass row's baseline, and the report flags its size.
+CHANNEL_SWEEP = {f"hourglass_{sweep}" for sweep in ("s1", "s4", "s4_sh1", "s11", "s11_sh1")}
+
+
+def test_rows_that_name_a_baseline_match_its_parameter_count() -> None:
+    """The report compares a row with the baseline it names: in every suite that runs both, their
+    parameter counts differ by less than the report's size tolerance."""
+    import csv
+
+    import yaml
+
+    from archbench.data import SyntheticSpec, parse_datasets
+    from archbench.models import build_model
+    from archbench.report.tables import SIZE_TOLERANCE
+
+    config = yaml.safe_load((ROOT / "configs/config.yaml").read_text())
+    datasets = parse_datasets(config["datasets"])
+    experiments = {
+        e.name: e
+        for e in load_experiments(ROOT / config["experiments"], ROW_SCHEMA, config["datasets"])
+    }
+    with open(ROOT / config["experiments"], encoding="utf-8", newline="") as handle:
+        named = {
+            row["name"]: row["baseline"]
+            for row in csv.DictReader(handle, delimiter="\t")
+            if row["baseline"]
+        }
+    assert {"mtp2_path_star", "futureformer_path_star", "hourglass_mqar"} <= set(named)
+
+    def n_params(name: str, suite) -> int:
+        experiment = experiments[name]
+        spec = run_spec(experiment, suite, suite.seeds[0])
+        data = datasets[experiment.dataset]
+        vocab = len(data.task().symbols()) if isinstance(data, SyntheticSpec) else TEXT_VOCAB
+        model = build_model(spec["arch"], vocab, spec["train"]["block_size"], **spec["model"])
+        return sum(p.numel() for p in model.parameters())
+
+    checked = 0
+    for path in sorted((ROOT / "configs/suites").glob("*.yaml")):
+        suite = load_suite(path, SUITE_SCHEMA)
+        for name, baseline in named.items():
+            if experiments[name].runs_in(suite.name) and experiments[baseline].runs_in(suite.name):
+                ratio = n_params(name, suite) / n_params(baseline, suite)
+                if name not in CHANNEL_SWEEP:
+                    assert abs(ratio - 1) <= SIZE_TOLERANCE, (suite.name, name, baseline, ratio)
+                checked += 1
+    assert checked >= 40
+
+
 def test_good_row_parses(tmp_path: Path) -> None:
     rows = load(table(tmp_path, GOOD, "mqa\tgpt\tbpe512\tn_kv_heads=1 lr=3e-3\tsmoke,default\t\n"))
     assert [e.name for e in rows] == ["gpt", "mqa"]
