@@ -80,13 +80,18 @@ def test_rows_that_name_a_baseline_match_its_parameter_count() -> None:
         }
     assert {"mtp2_path_star", "futureformer_path_star", "hourglass_mqar"} <= set(named)
 
+    counts: dict[tuple[str, str], int] = {}
+
     def n_params(name: str, suite) -> int:
+        if (name, suite.name) in counts:
+            return counts[name, suite.name]
         experiment = experiments[name]
         spec = run_spec(experiment, suite, suite.seeds[0])
         data = datasets[experiment.dataset]
         vocab = len(data.task().symbols()) if isinstance(data, SyntheticSpec) else TEXT_VOCAB
         model = build_model(spec["arch"], vocab, spec["train"]["block_size"], **spec["model"])
-        return sum(p.numel() for p in model.parameters())
+        counts[name, suite.name] = sum(p.numel() for p in model.parameters())
+        return counts[name, suite.name]
 
     checked = 0
     for path in sorted((ROOT / "configs/suites").glob("*.yaml")):
