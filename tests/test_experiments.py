@@ -14,6 +14,7 @@ from archbench.experiments import (
     parse_overrides,
     run_spec,
     split_overrides,
+    suite_rows,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,8 +57,9 @@ CHANNEL_SWEEP = {f"hourglass_{sweep}" for sweep in ("s1", "s4", "s4_sh1", "s11",
 
 
 def test_rows_that_name_a_baseline_match_its_parameter_count() -> None:
-    """The report compares a row with the baseline it names: in every suite that runs both, their
-    parameter counts differ by less than the report's size tolerance."""
+    """The report compares a row with the baseline it names, and each nested sub-model with the
+    row named for it: in every suite that runs both (after the suite's own `baselines`
+    replacements), their parameter counts differ by less than the report's size tolerance."""
     import csv
 
     import yaml
@@ -68,41 +70,44 @@ def test_rows_that_name_a_baseline_match_its_parameter_count() -> None:
 
     config = yaml.safe_load((ROOT / "configs/config.yaml").read_text())
     datasets = parse_datasets(config["datasets"])
-    experiments = {
-        e.name: e
-        for e in load_experiments(ROOT / config["experiments"], ROW_SCHEMA, config["datasets"])
-    }
+    table_rows = load_experiments(ROOT / config["experiments"], ROW_SCHEMA, config["datasets"])
     with open(ROOT / config["experiments"], encoding="utf-8", newline="") as handle:
-        named = {
-            row["name"]: row["baseline"]
-            for row in csv.DictReader(handle, delimiter="\t")
-            if row["baseline"]
-        }
-    assert {"mtp2_path_star", "futureformer_path_star", "hourglass_mqar"} <= set(named)
+        named = {row["name"] for row in csv.DictReader(handle, delimiter="\t") if row["baseline"]}
+    assert {"mtp2_path_star", "futureformer_path_star", "hourglass_mqar"} <= named
 
-    counts: dict[tuple[str, str], int] = {}
+    counts: dict[tuple[str, str], list[int]] = {}
 
-    def n_params(name: str, suite) -> int:
-        if (name, suite.name) in counts:
-            return counts[name, suite.name]
-        experiment = experiments[name]
-        spec = run_spec(experiment, suite, suite.seeds[0])
-        data = datasets[experiment.dataset]
-        vocab = len(data.task().symbols()) if isinstance(data, SyntheticSpec) else TEXT_VOCAB
-        model = build_model(spec["arch"], vocab, spec["train"]["block_size"], **spec["model"])
-        counts[name, suite.name] = sum(p.numel() for p in model.parameters())
-        return counts[name, suite.name]
+    def n_params(experiment, suite) -> list[int]:
+        """Parameters of the whole model, then of one sub-model per nesting level."""
+        if (experiment.name, suite.name) not in counts:
+            spec = run_spec(experiment, suite, suite.seeds[0])
+            data = datasets[experiment.dataset]
+            vocab = len(data.task().symbols()) if isinstance(data, SyntheticSpec) else TEXT_VOCAB
+            model = build_model(spec["arch"], vocab, spec["train"]["block_size"], **spec["model"])
+            levels = getattr(model.config, "levels", 1)
+            counts[experiment.name, suite.name] = [
+                sum(p.numel() for p in model.parameters()),
+                *(model.submodel_parameter_count(level) for level in range(1, levels)),
+            ]
+        return counts[experiment.name, suite.name]
 
     checked = 0
     for path in sorted((ROOT / "configs/suites").glob("*.yaml")):
         suite = load_suite(path, SUITE_SCHEMA)
-        for name, baseline in named.items():
-            if experiments[name].runs_in(suite.name) and experiments[baseline].runs_in(suite.name):
-                ratio = n_params(name, suite) / n_params(baseline, suite)
-                if name not in CHANNEL_SWEEP:
-                    assert abs(ratio - 1) <= SIZE_TOLERANCE, (suite.name, name, baseline, ratio)
+        rows = {e.name: e for e in suite_rows(table_rows, suite)}
+        pairs = [(e, 0, e.baseline) for e in rows.values() if e.name in named]
+        pairs += [
+            (e, int(key[1:].split(".")[0]), baseline)
+            for e in rows.values()
+            for key, baseline in e.submodel_baselines.items()
+        ]
+        for row, level, baseline in pairs:
+            if baseline in rows:
+                ratio = n_params(row, suite)[level] / n_params(rows[baseline], suite)[0]
+                if row.name not in CHANNEL_SWEEP:
+                    assert abs(ratio - 1) <= SIZE_TOLERANCE, (suite.name, row.name, level, ratio)
                 checked += 1
-    assert checked >= 40
+    assert checked >= 50
 
 
 def test_good_row_parses(tmp_path: Path) -> None:
@@ -316,3 +321,58 @@ def test_bad_baselines_are_refused(tmp_path: Path, cell: str, message: str) -> N
     header = "name\tarch\tdataset\tbaseline\n"
     with pytest.raises(ConfigError, match=message):
         load(table(tmp_path, "other\tgpt\tbpe512\t\n", f"x\tgpt\tchars\t{cell}\n", header=header))
+
+
+SUBSTITUTION_TABLE = (
+    "gpt\tgpt\tchars\t\t\t\n",
+    "wide\tgpt\tchars\td_model=64\tother\t\n",
+    "wide_tiny\tgpt\tchars\td_model=48\ttiny\t\n",
+    "row\tmtp\tchars\t\t\twide\n",
+    "plain\tmtp\tchars\t\t\t\n",
+    "bytes\tgpt\tbpe512\t\t\t\n",
+)
+SUBSTITUTION_HEADER = "name\tarch\tdataset\toverrides\tsuites\tbaseline\n"
+
+
+def test_a_suite_replaces_a_baseline_it_does_not_run(tmp_path: Path) -> None:
+    rows = load(table(tmp_path, *SUBSTITUTION_TABLE, header=SUBSTITUTION_HEADER))
+    path = suite_file(tmp_path, "seeds: [0]\nmodel: {}\ntrain: {}\nbaselines: {wide: wide_tiny}\n")
+    resolved = {e.name: e for e in suite_rows(rows, load_suite(path, SUITE_SCHEMA))}
+    assert set(resolved) == {"gpt", "wide_tiny", "row", "plain", "bytes"}
+    assert resolved["row"].baseline == "wide_tiny"
+    assert resolved["plain"].baseline == "gpt"  # rows naming another baseline are untouched
+    assert resolved["row"].describe()["baseline"] == "wide_tiny"  # what the report receives
+
+
+def test_a_suite_replaces_sub_model_baselines_too(tmp_path: Path) -> None:
+    header = "name\tarch\tdataset\toverrides\tsuites\tsubmodel_baselines\n"
+    rows = load(
+        table(
+            tmp_path,
+            "solo\tfractalformer\tchars\tlevels=1 d_model=64 mlp_hidden=172\tother\t\n",
+            "solo_t\tfractalformer\tchars\tlevels=1 d_model=32 mlp_hidden=86\ttiny\t\n",
+            "frac\tfractalformer\tchars\tlevels=2\t\tL1=solo\n",
+            header=header,
+        )
+    )
+    path = suite_file(tmp_path, "seeds: [0]\nmodel: {}\ntrain: {}\nbaselines: {solo: solo_t}\n")
+    resolved = {e.name: e for e in suite_rows(rows, load_suite(path, SUITE_SCHEMA))}
+    assert resolved["frac"].submodel_baselines == {"L1": "solo_t"}
+
+
+@pytest.mark.parametrize(
+    ("mapping", "message"),
+    [
+        ("{wdie: wide_tiny}", r"suite 'tiny', baselines: no row named 'wdie' \(did you mean"),
+        ("{wide: wide}", r"'wide: wide' names no row that runs in this suite"),
+        ("{wide: nope}", r"'wide: nope' names no row that runs in this suite"),
+        ("{wide: bytes}", r"'wide' uses data set 'chars', its replacement 'bytes' uses 'bpe512'"),
+        ("{wide: row}", r"row 'row' would be its own baseline"),
+        ("{wide: [gpt]}", r"baselines"),
+    ],
+)
+def test_bad_suite_baselines_are_refused(tmp_path: Path, mapping: str, message: str) -> None:
+    rows = load(table(tmp_path, *SUBSTITUTION_TABLE, header=SUBSTITUTION_HEADER))
+    path = suite_file(tmp_path, f"seeds: [0]\nmodel: {{}}\ntrain: {{}}\nbaselines: {mapping}\n")
+    with pytest.raises(ConfigError, match=message):
+        suite_rows(rows, load_suite(path, SUITE_SCHEMA))

@@ -231,7 +231,13 @@ def _cmd_options(args: argparse.Namespace) -> None:
 
 def _cmd_validate(args: argparse.Namespace) -> None:
     from archbench.data import parse_datasets
-    from archbench.experiments import check_run_fits_data, load_experiments, load_suite, run_spec
+    from archbench.experiments import (
+        check_run_fits_data,
+        load_experiments,
+        load_suite,
+        run_spec,
+        suite_rows,
+    )
 
     root = Path(args.root)
     config = yaml.safe_load((root / args.config).read_text(encoding="utf-8"))
@@ -241,7 +247,7 @@ def _cmd_validate(args: argparse.Namespace) -> None:
     )
     for suite_file in sorted((root / "configs/suites").glob("*.yaml")):
         suite = load_suite(suite_file, root / "workflow/schemas/suite.schema.yaml")
-        rows = [e for e in experiments if e.runs_in(suite.name)]
+        rows = suite_rows(experiments, suite)
         for experiment in rows:
             check_run_fits_data(run_spec(experiment, suite, suite.seeds[0]), suite.name, datasets)
         print(f"suite {suite.name}: {len(rows)} experiments x {len(suite.seeds)} seeds: ok")

@@ -79,6 +79,9 @@ class Suite:
     lm_eval: dict[str, Any] = field(default_factory=dict)
     # training options for the rows of one data set, over `train` (rows override them)
     train_by_dataset: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # {baseline row named in the table: the row that replaces it in this suite}, for baselines
+    # parameter-matched only at another suite's shape
+    baselines: dict[str, str] = field(default_factory=dict)
 
     def train_for(self, dataset: str) -> dict[str, Any]:
         """The suite's training options for a row on `dataset`."""
@@ -340,7 +343,39 @@ def load_suite(path: Path, schema: Path) -> Suite:
         description=data.get("description", ""),
         lm_eval=dict(data.get("lm_eval", {})),
         train_by_dataset={k: dict(v) for k, v in data.get("train_by_dataset", {}).items()},
+        baselines=dict(data.get("baselines", {})),
     )
+
+
+def suite_rows(experiments: list[Experiment], suite: Suite) -> list[Experiment]:
+    """The rows of the table that run in `suite`, each with its baseline (and sub-model baselines)
+    replaced where the suite's `baselines` names a replacement. ConfigError if a key is not a row
+    of the table, or a replacement is not a row that runs in the suite on the key's data set."""
+    by_name = {e.name: e for e in experiments}
+    rows = [e for e in experiments if e.runs_in(suite.name)]
+    where = f"suite '{suite.name}', baselines"
+    for named, replacement in suite.baselines.items():
+        if named not in by_name:
+            raise ConfigError(f"{where}: no row named '{named}'{suggest(named, by_name)}")
+        if replacement not in by_name or not by_name[replacement].runs_in(suite.name):
+            runs = [e.name for e in rows]
+            raise ConfigError(
+                f"{where}: '{named}: {replacement}' names no row that runs in this suite"
+                f"{suggest(replacement, runs)}"
+            )
+        if by_name[replacement].dataset != by_name[named].dataset:
+            raise ConfigError(
+                f"{where}: '{named}' uses data set '{by_name[named].dataset}', its replacement "
+                f"'{replacement}' uses '{by_name[replacement].dataset}'"
+            )
+    resolved = []
+    for e in rows:
+        baseline = suite.baselines.get(e.baseline or "", e.baseline)
+        if baseline == e.name:
+            raise ConfigError(f"{where}: row '{e.name}' would be its own baseline")
+        submodels = {k: suite.baselines.get(v, v) for k, v in e.submodel_baselines.items()}
+        resolved.append(replace(e, baseline=baseline, submodel_baselines=submodels))
+    return resolved
 
 
 def check_suite_datasets(suite: Suite, datasets: dict[str, DatasetSpec]) -> None:

@@ -12,7 +12,7 @@ from archbench.data import (MASK_FILES, SyntheticSpec, check_local_copy, parse_d
                             resolve_mirror)
 from archbench.errors import ArchbenchError
 from archbench.experiments import (check_run_fits_data, check_suite_datasets, load_experiments,
-                                   load_suite, run_spec)
+                                   load_suite, run_spec, suite_rows)
 from archbench.runs import RESULT_FILES, lm_eval_result
 
 SCHEMAS = Path(workflow.basedir) / "workflow" / "schemas"
@@ -24,12 +24,9 @@ try:
     SUITE = load_suite(Path("configs/suites") / f"{config['suite']}.yaml",
                        SCHEMAS / "suite.schema.yaml")
     check_suite_datasets(SUITE, DATASETS)
-    EXPERIMENTS = {
-        e.name: e
-        for e in load_experiments(Path(config["experiments"]),
-                                  SCHEMAS / "experiments.schema.yaml", DATASETS)
-        if e.runs_in(SUITE.name)
-    }
+    table = load_experiments(Path(config["experiments"]), SCHEMAS / "experiments.schema.yaml",
+                             DATASETS)
+    EXPERIMENTS = {e.name: e for e in suite_rows(table, SUITE)}
     SEEDS = [int(seed) for seed in config.get("seeds") or SUITE.seeds]
     SPECS = {(name, seed): run_spec(e, SUITE, seed)
              for name, e in EXPERIMENTS.items() for seed in SEEDS}
