@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from archbench.checkpoint import CorruptFileError
 from archbench.errors import ConfigError
 from archbench.io import read_json
-from archbench.models import build_model
+from archbench.models import ARCHITECTURES, build_model
 from archbench.train import (
     CHECKPOINT,
     DivergedError,
@@ -186,6 +186,18 @@ def test_step_flops_are_close_to_the_6nd_estimate() -> None:
 def test_bf16_autocast_path_trains_on_cpu(tiny_data: Path, tmp_path: Path) -> None:
     """The GPU suite's precision path (bf16 autocast) runs on the CPU too."""
     summary = train_run(tiny_spec(precision="bf16"), tiny_data, tmp_path, show_progress=False)
+    assert summary["precision"] == "bf16" and math.isfinite(summary["final_val_loss"])
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_every_architecture_trains_on_the_gpu_suites_code_path(
+    arch: str, tiny_data: Path, tmp_path: Path
+) -> None:
+    """Every architecture, as the gpu suite runs it (bf16 autocast, dropout 0.2), trains on the
+    CPU with finite losses; the compiled variant is checked for `gpt` below."""
+    spec = tiny_spec(precision="bf16")
+    spec["arch"], spec["model"]["dropout"] = arch, 0.2
+    summary = train_run(spec, tiny_data, tmp_path, show_progress=False)
     assert summary["precision"] == "bf16" and math.isfinite(summary["final_val_loss"])
 
 
