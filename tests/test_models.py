@@ -268,3 +268,27 @@ def test_string_values_from_a_table_are_parsed() -> None:
     )
     assert model.config.n_layer == 1 and model.config.mlp_ratio == 2.0
     assert model.config.tie_embeddings is False
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_rotates_alike_eagerly_and_under_compile(dtype: torch.dtype) -> None:
+    """RoPE's complex multiply (eager) and its real arithmetic (traced by torch.compile) give
+    the same values and gradients, at positions 0..T-1 and at given positions."""
+    from archbench.models.blocks import RotaryEmbedding
+
+    rope = RotaryEmbedding(8, BLOCK)
+    traced = torch.compile(rope, backend="aot_eager", fullgraph=True)
+    positions = torch.tensor([3, 0, 7, 7, 20])
+    for rows in (None, positions):
+        length = BLOCK if rows is None else len(positions)
+        x = torch.randn(2, 3, length, 8, dtype=dtype, generator=torch.Generator().manual_seed(0))
+        eager_x, traced_x = x.clone().requires_grad_(), x.clone().requires_grad_()
+        eager, compiled = rope(eager_x, rows), traced(traced_x, rows)
+        weights = torch.randn_like(eager)
+        (eager * weights).sum().backward()
+        (compiled * weights).sum().backward()
+        assert compiled.dtype == dtype
+        torch.testing.assert_close(compiled, eager)
+        torch.testing.assert_close(traced_x.grad, eager_x.grad)
+    rotated = rope(torch.ones(1, 1, BLOCK, 8))
+    assert not torch.allclose(rotated[0, 0, 1], rotated[0, 0, 0])  # it does rotate

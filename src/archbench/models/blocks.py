@@ -34,9 +34,11 @@ class RotaryEmbedding(nn.Module):
     """Rotary position embedding (RoPE) for head width `head_dim`, positions 0 … max_len-1.
 
     Channel pairs (2i, 2i+1) of a query or key at position p are rotated by the angle
-    p * base^(-2i/head_dim). The rotation is one complex multiplication per pair (the pairs
-    viewed as complex numbers), which on the CPU costs about half of the equivalent real
-    arithmetic with strided halves.
+    p * base^(-2i/head_dim). Run eagerly, the rotation is one complex multiplication per pair
+    (the pairs viewed as complex numbers), which on the CPU costs about half of the equivalent
+    real arithmetic. Under `torch.compile` it is the real arithmetic, which inductor fuses into
+    the neighbouring kernels (it generates no code for complex operators, so a complex multiply
+    would run as a separate kernel between fused ones). Both compute the same rotation.
     """
 
     def __init__(self, head_dim: int, max_len: int, base: float = 10000.0):
@@ -52,9 +54,13 @@ class RotaryEmbedding(nn.Module):
         """Rotate `x` (…, T, head_dim) by positions 0 … T-1, or by `positions` (T,) if given."""
         rows = slice(x.shape[-2]) if positions is None else positions
         real = torch.promote_types(x.dtype, torch.float32)  # complex bf16 does not exist
-        rotation = torch.complex(self.cos[rows].to(real), self.sin[rows].to(real))
+        cos, sin = self.cos[rows].to(real), self.sin[rows].to(real)
+        if torch.compiler.is_compiling():
+            even, odd = x.to(real).unflatten(-1, (-1, 2)).unbind(-1)
+            rotated = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1)
+            return rotated.flatten(-2).to(x.dtype)
         pairs = torch.view_as_complex(x.to(real).unflatten(-1, (-1, 2)))
-        return torch.view_as_real(pairs * rotation).flatten(-2).to(x.dtype)
+        return torch.view_as_real(pairs * torch.complex(cos, sin)).flatten(-2).to(x.dtype)
 
 
 class CausalSelfAttention(nn.Module):
