@@ -290,7 +290,7 @@ def _resolve_init_from(path: Path, experiments: list[Experiment]) -> list[Experi
     return [resolve(e.name, ()) for e in experiments]
 
 
-SECTIONS = ("model", "train", "eval", "train_by_dataset")
+SECTIONS = ("model", "train", "eval", "train_by_dataset", "baselines")
 
 
 def _suite_data(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
@@ -368,14 +368,21 @@ def suite_rows(experiments: list[Experiment], suite: Suite) -> list[Experiment]:
                 f"{where}: '{named}' uses data set '{by_name[named].dataset}', its replacement "
                 f"'{replacement}' uses '{by_name[replacement].dataset}'"
             )
-    resolved = []
-    for e in rows:
-        baseline = suite.baselines.get(e.baseline or "", e.baseline)
-        if baseline == e.name:
-            raise ConfigError(f"{where}: row '{e.name}' would be its own baseline")
-        submodels = {k: suite.baselines.get(v, v) for k, v in e.submodel_baselines.items()}
-        resolved.append(replace(e, baseline=baseline, submodel_baselines=submodels))
-    return resolved
+
+    def replaced(e: Experiment, named: str | None) -> str | None:
+        """The suite's replacement for `named`, unless that is the row itself (a replacement
+        keeps the baseline it had, e.g. the data set's first gpt row)."""
+        replacement = suite.baselines.get(named or "", named)
+        return named if replacement == e.name else replacement
+
+    return [
+        replace(
+            e,
+            baseline=replaced(e, e.baseline),
+            submodel_baselines={k: replaced(e, v) for k, v in e.submodel_baselines.items()},
+        )
+        for e in rows
+    ]
 
 
 def check_suite_datasets(suite: Suite, datasets: dict[str, DatasetSpec]) -> None:
