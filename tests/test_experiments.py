@@ -62,6 +62,7 @@ def test_rows_that_name_a_baseline_match_its_parameter_count() -> None:
     replacements), their parameter counts differ by less than the report's size tolerance."""
     import csv
 
+    import torch
     import yaml
 
     from archbench.data import SyntheticSpec, parse_datasets
@@ -83,7 +84,10 @@ def test_rows_that_name_a_baseline_match_its_parameter_count() -> None:
             spec = run_spec(experiment, suite, suite.seeds[0])
             data = datasets[experiment.dataset]
             vocab = len(data.task().symbols()) if isinstance(data, SyntheticSpec) else TEXT_VOCAB
-            model = build_model(spec["arch"], vocab, spec["train"]["block_size"], **spec["model"])
+            with torch.device("meta"):  # counts only: no memory, no initialisation
+                model = build_model(
+                    spec["arch"], vocab, spec["train"]["block_size"], **spec["model"]
+                )
             levels = getattr(model.config, "levels", 1)
             counts[experiment.name, suite.name] = [
                 sum(p.numel() for p in model.parameters()),
