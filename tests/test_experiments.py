@@ -340,10 +340,15 @@ SUBSTITUTION_TABLE = (
 SUBSTITUTION_HEADER = "name\tarch\tdataset\toverrides\tsuites\tbaseline\n"
 
 
+def resolve(tmp_path: Path, rows: list, baselines: str) -> dict:
+    """{name: row} of `rows` in a suite 'tiny' whose `baselines` mapping is `baselines`."""
+    path = suite_file(tmp_path, f"seeds: [0]\nmodel: {{}}\ntrain: {{}}\nbaselines: {baselines}\n")
+    return {e.name: e for e in suite_rows(rows, load_suite(path, SUITE_SCHEMA))}
+
+
 def test_a_suite_replaces_a_baseline_it_does_not_run(tmp_path: Path) -> None:
     rows = load(table(tmp_path, *SUBSTITUTION_TABLE, header=SUBSTITUTION_HEADER))
-    path = suite_file(tmp_path, "seeds: [0]\nmodel: {}\ntrain: {}\nbaselines: {wide: wide_tiny}\n")
-    resolved = {e.name: e for e in suite_rows(rows, load_suite(path, SUITE_SCHEMA))}
+    resolved = resolve(tmp_path, rows, "{wide: wide_tiny}")
     assert set(resolved) == {"gpt", "wide_tiny", "row", "plain", "bytes"}
     assert resolved["row"].baseline == "wide_tiny"
     assert resolved["plain"].baseline == "gpt"  # rows naming another baseline are untouched
@@ -353,8 +358,7 @@ def test_a_suite_replaces_a_baseline_it_does_not_run(tmp_path: Path) -> None:
 def test_a_replacement_keeps_its_own_baseline(tmp_path: Path) -> None:
     """Replacing the data set's default baseline does not make the replacement its own."""
     rows = load(table(tmp_path, *SUBSTITUTION_TABLE, header=SUBSTITUTION_HEADER))
-    path = suite_file(tmp_path, "seeds: [0]\nmodel: {}\ntrain: {}\nbaselines: {gpt: wide_tiny}\n")
-    resolved = {e.name: e for e in suite_rows(rows, load_suite(path, SUITE_SCHEMA))}
+    resolved = resolve(tmp_path, rows, "{gpt: wide_tiny}")
     assert resolved["plain"].baseline == "wide_tiny" and resolved["wide_tiny"].baseline == "gpt"
 
 
@@ -376,8 +380,7 @@ def test_a_suite_replaces_sub_model_baselines_too(tmp_path: Path) -> None:
             header=header,
         )
     )
-    path = suite_file(tmp_path, "seeds: [0]\nmodel: {}\ntrain: {}\nbaselines: {solo: solo_t}\n")
-    resolved = {e.name: e for e in suite_rows(rows, load_suite(path, SUITE_SCHEMA))}
+    resolved = resolve(tmp_path, rows, "{solo: solo_t}")
     assert resolved["frac"].submodel_baselines == {"L1": "solo_t"}
 
 
@@ -393,6 +396,5 @@ def test_a_suite_replaces_sub_model_baselines_too(tmp_path: Path) -> None:
 )
 def test_bad_suite_baselines_are_refused(tmp_path: Path, mapping: str, message: str) -> None:
     rows = load(table(tmp_path, *SUBSTITUTION_TABLE, header=SUBSTITUTION_HEADER))
-    path = suite_file(tmp_path, f"seeds: [0]\nmodel: {{}}\ntrain: {{}}\nbaselines: {mapping}\n")
     with pytest.raises(ConfigError, match=message):
-        suite_rows(rows, load_suite(path, SUITE_SCHEMA))
+        resolve(tmp_path, rows, mapping)
