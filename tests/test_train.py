@@ -183,12 +183,6 @@ def test_step_flops_are_close_to_the_6nd_estimate() -> None:
     assert all(p.grad is None for p in model.parameters())
 
 
-def test_bf16_autocast_path_trains_on_cpu(tiny_data: Path, tmp_path: Path) -> None:
-    """The GPU suite's precision path (bf16 autocast) runs on the CPU too."""
-    summary = train_run(tiny_spec(precision="bf16"), tiny_data, tmp_path, show_progress=False)
-    assert summary["precision"] == "bf16" and math.isfinite(summary["final_val_loss"])
-
-
 @pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
 def test_every_architecture_trains_on_the_gpu_suites_code_path(
     arch: str, tiny_data: Path, tmp_path: Path
