@@ -12,19 +12,23 @@ import torch
 from conftest import tiny_spec
 from safetensors.torch import load_file
 
-from archbench.checkpoint import CorruptFileError
+from archbench.checkpoint import CorruptFileError, load_training_state, save_training_state
 from archbench.errors import ConfigError
 from archbench.io import read_json
 from archbench.models import ARCHITECTURES, build_model
+from archbench.runtime import make_runtime
 from archbench.train import (
     CHECKPOINT,
     DivergedError,
     Progress,
+    TrainConfig,
     batch_at,
     lr_at,
+    make_optimizer,
     make_train_config,
     measure_step_flops,
     train_run,
+    warm_up,
 )
 
 
@@ -107,8 +111,9 @@ def test_best_val_is_the_lowest_estimate_and_its_step() -> None:
     progress = Progress()
     for step, val in ((250, 1.7), (500, 1.5), (750, 1.6), (1000, 1.5)):
         progress.step = step
-        progress.add_val(val)
+        progress.add_val(val, 0.25)
     assert (progress.last_val, progress.best_val, progress.best_val_step) == (1.5, 1.5, 500)
+    assert (progress.val_seconds, progress.elapsed) == (1.0, 0.0)  # steps are timed apart
 
 
 def test_same_seed_gives_identical_weights_and_metrics(tiny_data: Path, tmp_path: Path) -> None:
@@ -126,7 +131,7 @@ def test_same_seed_gives_identical_weights_and_metrics(tiny_data: Path, tmp_path
 
 @pytest.mark.parametrize("stop_after", [3, 5, 7])
 def test_resume_matches_an_uninterrupted_run(
-    tiny_data: Path, tmp_path: Path, stop_after: int
+    tiny_data: Path, tmp_path: Path, stop_after: int, capsys: pytest.CaptureFixture[str]
 ) -> None:
     spec = tiny_spec()
     spec["model"]["dropout"] = 0.1  # exercises the saved RNG state too
@@ -136,7 +141,11 @@ def test_resume_matches_an_uninterrupted_run(
         train_run(spec, tiny_data, interrupted, show_progress=False, stop_after=stop_after) is None
     )
     assert (interrupted / CHECKPOINT).exists() and not (interrupted / "metrics.csv").exists()
+    assert "resuming" not in capsys.readouterr().err
     train_run(spec, tiny_data, interrupted, show_progress=False)
+    assert f"resuming from {interrupted / CHECKPOINT} at step {stop_after}" in (
+        capsys.readouterr().err
+    )
     straight = load_file(tmp_path / "straight" / "model.safetensors")
     resumed = load_file(interrupted / "model.safetensors")
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
@@ -156,6 +165,21 @@ def test_truncated_checkpoint_is_an_error(tiny_data: Path, tmp_path: Path) -> No
     path.write_bytes(path.read_bytes()[:100])
     with pytest.raises(CorruptFileError, match="cannot read checkpoint"):
         train_run(tiny_spec(), tiny_data, tmp_path, show_progress=False)
+
+
+def test_checkpoint_of_another_model_shape_is_a_clear_error(tmp_path: Path) -> None:
+    written = build_model("gpt", 64, 16, n_layer=1, n_head=2, d_model=16)
+    save_training_state(tmp_path / CHECKPOINT, written, make_optimizer(written, TrainConfig()), {})
+    other = build_model("gpt", 64, 16, n_layer=2, n_head=2, d_model=16)
+    with pytest.raises(CorruptFileError, match="does not fit this run's model.*delete it"):
+        load_training_state(tmp_path / CHECKPOINT, other, make_optimizer(other, TrainConfig()))
+
+
+def test_a_checkpoint_left_half_written_is_removed(tiny_data: Path, tmp_path: Path) -> None:
+    partial = tmp_path / f".{CHECKPOINT}.x1y2.tmp"
+    partial.write_bytes(b"cut off by kill -9")
+    train_run(tiny_spec(), tiny_data, tmp_path, show_progress=False)
+    assert not partial.exists()
 
 
 def test_divergence_names_experiment_seed_step_and_part(tiny_data: Path, tmp_path: Path) -> None:
@@ -184,11 +208,12 @@ def test_step_flops_are_close_to_the_6nd_estimate() -> None:
 
 
 @pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
-def test_every_architecture_trains_on_the_gpu_suites_code_path(
+def test_every_architecture_trains_with_the_gpu_suites_settings_on_the_cpu(
     arch: str, tiny_data: Path, tmp_path: Path
 ) -> None:
-    """Every architecture, as the gpu suite runs it (bf16 autocast, dropout 0.2), trains on the
-    CPU with finite losses; the compiled variant is checked for `gpt` below."""
+    """Every architecture trains with the gpu suite's precision and dropout (bf16 autocast, 0.2)
+    on the CPU, with finite losses; the compiled variant is checked for `gpt` below. The
+    CUDA-only lines (pinned memory, TF32, the GPU's random state) do not run here."""
     spec = tiny_spec(precision="bf16")
     spec["arch"], spec["model"]["dropout"] = arch, 0.2
     summary = train_run(spec, tiny_data, tmp_path, show_progress=False)
@@ -216,3 +241,22 @@ def test_compiled_bf16_training_matches_eager_closely(tiny_data: Path, tmp_path:
         show_progress=False,
     )
     assert compiled["final_val_loss"] == pytest.approx(eager["final_val_loss"], abs=0.05)
+    assert compiled["compile_seconds"] > 0 and eager["compile_seconds"] == 0
+
+
+def test_warm_up_leaves_weights_gradients_and_random_state_as_they_were() -> None:
+    model = build_model("gpt", 64, 16, n_layer=1, n_head=2, d_model=16, dropout=0.5)
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randint(0, 64, (2, 16))
+    rng = torch.get_rng_state()
+    assert warm_up(model.loss, model, make_runtime("cpu", "fp32"), x, x) > 0
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert all(p.grad is None for p in model.parameters())
+    assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items())
+
+
+def test_a_device_this_machine_cannot_use_is_a_clear_error() -> None:
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(ConfigError, match="device=cuda, but this machine or torch build"):
+        make_runtime("cuda", "auto")

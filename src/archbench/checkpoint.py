@@ -36,13 +36,14 @@ def load_weights(model: nn.Module, path: Path) -> None:
 def save_training_state(
     path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, meta: dict[str, Any]
 ) -> None:
-    """Atomically write model, AdamW state, torch RNG state and `meta` (JSON) to one file."""
+    """Atomically write model, AdamW state, random state (CPU and the model's device) and `meta`
+    (JSON) to one file."""
     tensors = {f"model.{k}": v.detach().clone().contiguous() for k, v in model.state_dict().items()}
     state = optimizer.state_dict()
     for index, slots in state["state"].items():
         for slot, value in slots.items():
             tensors[f"optim.{index}.{slot}"] = torch.as_tensor(value).clone().contiguous()
-    tensors["rng.torch"] = torch.get_rng_state()
+    tensors.update(_rng_states(_device_of(model)))
     header = {"meta": json.dumps(meta), "param_groups": json.dumps(state["param_groups"])}
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=header)
@@ -67,15 +68,44 @@ def load_training_state(
             header = handle.metadata()
     except (SafetensorError, OSError) as err:
         raise CorruptFileError(f"cannot read checkpoint {path}: {err}") from err
-    model.load_state_dict(
-        {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")},
-        strict=True,
-    )
     slots: dict[int, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
         if key.startswith("optim."):
             _, index, slot = key.split(".", 2)
             slots.setdefault(int(index), {})[slot] = value
-    optimizer.load_state_dict({"state": slots, "param_groups": json.loads(header["param_groups"])})
-    torch.set_rng_state(tensors["rng.torch"])
+    try:
+        model.load_state_dict(
+            {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")},
+            strict=True,
+        )
+        optimizer.load_state_dict(
+            {"state": slots, "param_groups": json.loads(header["param_groups"])}
+        )
+    except (RuntimeError, ValueError, KeyError) as err:
+        raise CorruptFileError(
+            f"checkpoint {path} does not fit this run's model or optimizer (was archbench's code "
+            f"changed since it was written?); delete it to train from the start: {err}"
+        ) from err
+    _set_rng_states(tensors, _device_of(model))
     return json.loads(header["meta"])
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    """The device that the model's parameters live on."""
+    return next(model.parameters()).device
+
+
+def _rng_states(device: torch.device) -> dict[str, torch.Tensor]:
+    """The CPU generator's state, and that of `device` when it has its own (dropout on a GPU
+    draws from the GPU's generator)."""
+    states = {"rng.torch": torch.get_rng_state()}
+    if device.type != "cpu":
+        states[f"rng.{device.type}"] = torch.get_device_module(device).get_rng_state(device)
+    return states
+
+
+def _set_rng_states(tensors: dict[str, torch.Tensor], device: torch.device) -> None:
+    """Restore what `_rng_states` saved (a device's state only on a device of that type)."""
+    torch.set_rng_state(tensors["rng.torch"])
+    if device.type != "cpu" and f"rng.{device.type}" in tensors:
+        torch.get_device_module(device).set_rng_state(tensors[f"rng.{device.type}"], device)

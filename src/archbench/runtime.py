@@ -1,6 +1,6 @@
 """Device-specific setup, kept in one place so the training loop reads the same everywhere.
 
-On CUDA: TF32 matmuls, bf16 autocast and pinned host memory; on MPS and CPU plain
+On CUDA: bf16 autocast with TF32 matmuls, and pinned host memory; on MPS and CPU plain
 float32 unless bf16 is asked for (bf16 autocast works on the CPU too, which is how the GPU code
 path is tested on machines without a GPU).
 """
@@ -21,15 +21,35 @@ from archbench.errors import ConfigError
 CPP_COMPILERS = ("g++", "c++", "clang++")
 
 
+# Whether this torch build can use a device type, for the ones that are not always there.
+DEVICE_AVAILABLE: dict[str, Callable[[], bool]] = {
+    "cuda": torch.cuda.is_available,
+    "mps": torch.backends.mps.is_available,
+}
+
+
 def pick_device(name: str) -> torch.device:
-    """Resolve 'auto' to the best available device (cuda, then mps, then cpu)."""
+    """Resolve 'auto' to the best available device (cuda, then mps, then cpu); a named device
+    that this machine or torch build cannot use is a ConfigError."""
     if name != "auto":
-        return torch.device(name)
+        device = torch.device(name)
+        if not DEVICE_AVAILABLE.get(device.type, lambda: True)():
+            raise ConfigError(
+                f"device={name}, but this machine or torch build ({torch.__version__}) cannot "
+                f"use {device.type}; use device=auto (picks cuda, then mps, then cpu) or cpu"
+            )
+        return device
     if torch.cuda.is_available():
         return torch.device("cuda")
     if torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
+
+
+def fork_rng(device: torch.device) -> contextlib.AbstractContextManager[None]:
+    """A context that restores the random state of the CPU and of `device` on exit."""
+    devices = [] if device.type == "cpu" else [device]
+    return torch.random.fork_rng(devices=devices, device_type=device.type)
 
 
 @dataclass(frozen=True)
@@ -73,10 +93,11 @@ class Runtime:
 
 
 def make_runtime(device: str, precision: str) -> Runtime:
-    """Pick the device and precision ('auto' = bf16 on CUDA, fp32 elsewhere); enable TF32."""
+    """Pick the device and precision ('auto' = bf16 on CUDA, fp32 elsewhere). On CUDA with bf16,
+    the float32 matmuls outside autocast use TF32; `precision: fp32` keeps them in full fp32."""
     chosen = pick_device(device)
-    if chosen.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
     bf16 = precision == "bf16" or (precision == "auto" and chosen.type == "cuda")
+    if chosen.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = bf16
+        torch.backends.cudnn.allow_tf32 = bf16
     return Runtime(chosen, bf16)

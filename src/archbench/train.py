@@ -44,7 +44,7 @@ from archbench.io import atomic_path, write_json
 from archbench.models import build_model
 from archbench.models.blocks import IGNORE_INDEX
 from archbench.options import coerce_all, option
-from archbench.runtime import Runtime, make_runtime
+from archbench.runtime import Runtime, fork_rng, make_runtime
 
 LOSS_MASKS = ("answers", "all")
 BASE_COLUMNS = ("step", "tokens", "lr", "train_loss", "val_loss", "elapsed_seconds", "tokens_per_s")
@@ -310,13 +310,33 @@ def measure_step_flops(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> in
     are left as they were, so measuring does not change the training run.
     """
     with (
-        torch.random.fork_rng(devices=[]),
+        fork_rng(x.device),
         FlopCounterMode(display=False, custom_mapping=_CPU_SDPA_FLOPS) as counter,
     ):
         loss, _ = model.loss(x, y)
         loss.backward()
     model.zero_grad(set_to_none=True)
     return int(counter.get_total_flops())
+
+
+def warm_up(
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict[str, torch.Tensor]]],
+    model: nn.Module,
+    runtime: Runtime,
+    x: torch.Tensor,
+    y: torch.Tensor,
+) -> float:
+    """Compile `loss_fn`'s forward and backward on one batch without training on it, and return
+    the seconds that took, so that step timings (and tokens/s) leave compilation out. Random
+    state and gradients are left as they were."""
+    tick = time.perf_counter()
+    model.train()
+    with fork_rng(runtime.device):
+        with runtime.autocast():
+            loss, _ = loss_fn(runtime.put(x), runtime.put(y))
+        loss.backward()
+    model.zero_grad(set_to_none=True)
+    return time.perf_counter() - tick
 
 
 @torch.no_grad()
@@ -392,6 +412,12 @@ def train_run(
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     config = make_train_config(spec["train"])
+    if config.warmup_steps >= config.steps:
+        print(
+            f"archbench: warning: warmup_steps={config.warmup_steps} >= the run's "
+            f"{config.steps} steps: the learning rate only warms up, it never decays",
+            file=sys.stderr,
+        )
     data_meta = load_meta(data_dir)
     data = load_training_data(data_dir, spec["dataset"], config)
     runtime = make_runtime(config.device, config.precision)
@@ -408,14 +434,16 @@ def train_run(
         frozen.attach(optimizer)
     x0, y0 = data.batch(seed, 0)
     step_flops = measure_step_flops(model, runtime.put(x0), runtime.put(y0))
-    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+    with torch.no_grad(), fork_rng(runtime.device):
         _, parts0 = model.loss(runtime.put(x0[:1]), runtime.put(y0[:1]))
     loss_fn = runtime.compile(model.loss) if config.compile else model.loss
+    compile_seconds = warm_up(loss_fn, model, runtime, x0, y0) if config.compile else 0.0
     columns = list(BASE_COLUMNS) + [f"train_{name}" for name in parts0]
     fingerprint = spec_fingerprint(spec, data_meta)
 
     log = MetricsLog(out_dir / PARTIAL_LOG, columns)
     progress = _resume(out_dir / CHECKPOINT, fingerprint, model, optimizer)
+    progress.compile_seconds += compile_seconds
     log.restore(progress.step)
 
     bar = tqdm(
@@ -451,8 +479,7 @@ def train_run(
             if done % config.eval_every == 0 or done == config.steps:
                 tick = time.perf_counter()
                 val_loss = estimate_val_loss(model, data.val_batches, runtime)
-                progress.add_val(val_loss)
-                progress.elapsed += time.perf_counter() - tick
+                progress.add_val(val_loss, time.perf_counter() - tick)
                 bar.set_postfix(val=f"{val_loss:.3f}")
             if done % config.log_every == 0 or val_loss is not None:
                 log.append(progress.take_row(lr, val_loss, data.tokens_per_step))
@@ -481,6 +508,8 @@ def train_run(
         "train_steps": config.steps,
         "train_tokens": config.steps * data.tokens_per_step,
         "train_seconds": round(progress.elapsed, 3),
+        "eval_seconds": round(progress.val_seconds, 3),
+        "compile_seconds": round(progress.compile_seconds, 3),
         "train_tokens_per_s": config.steps * data.tokens_per_step / max(progress.elapsed, 1e-9),
         "final_val_loss": progress.last_val,
         "best_val_loss": progress.best_val,
@@ -500,7 +529,9 @@ class Progress:
     resumed run logs exactly what an uninterrupted one would)."""
 
     step: int = 0
-    elapsed: float = 0.0
+    elapsed: float = 0.0  # in optimizer steps (validation and compilation are timed apart)
+    val_seconds: float = 0.0
+    compile_seconds: float = 0.0
     last_val: float = float("nan")
     best_val: float = float("nan")
     best_val_step: int = 0
@@ -520,11 +551,12 @@ class Progress:
         self.window_time += seconds
         self.elapsed += seconds
 
-    def add_val(self, val_loss: float) -> None:
-        """Record a validation estimate taken after the current step (and whether it is the
-        lowest so far: on a small data set the model overfits long before the last step, and
-        nanoGPT reports that minimum)."""
+    def add_val(self, val_loss: float, seconds: float) -> None:
+        """Record a validation estimate taken after the current step, the seconds it took, and
+        whether it is the lowest so far (on a small data set the model overfits long before the
+        last step, and nanoGPT reports that minimum)."""
         self.last_val = val_loss
+        self.val_seconds += seconds
         if math.isnan(self.best_val) or val_loss < self.best_val:
             self.best_val, self.best_val_step = val_loss, self.step
 
@@ -547,6 +579,8 @@ def _resume(
     path: Path, fingerprint: str, model: nn.Module, optimizer: torch.optim.Optimizer
 ) -> Progress:
     """Load the checkpoint at `path` if it belongs to this run and return its progress."""
+    for partial in path.parent.glob(f".{path.name}.*.tmp"):  # a job killed while saving
+        partial.unlink()
     if not path.exists():
         return Progress()
     if read_training_meta(path).get("fingerprint") != fingerprint:
