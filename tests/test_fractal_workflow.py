@@ -451,7 +451,7 @@ DAG_TABLE = HEADER + "".join(
 
 
 def test_the_merged_rows_training_waits_for_its_sources(tmp_path: Path) -> None:
-    for name in ("Snakefile", "workflow", "configs"):
+    for name in ("Snakefile", "workflow", "configs", "profiles"):
         source = ROOT / name
         copy_tree = shutil.copytree if source.is_dir() else shutil.copy
         copy_tree(source, tmp_path / name)

@@ -55,11 +55,12 @@ def workflow_rules() -> set[str]:
 
 
 def copy_project(root: Path) -> Path:
-    """A fresh copy of the Snakefile, workflow and configs under `root`."""
+    """A fresh copy of the Snakefile, workflow, configs and profiles link under `root`."""
     root.mkdir(parents=True, exist_ok=True)
     shutil.copy(ROOT / "Snakefile", root)
     shutil.copytree(ROOT / "workflow", root / "workflow")
     shutil.copytree(ROOT / "configs", root / "configs")
+    shutil.copy(ROOT / "profiles", root / "profiles", follow_symlinks=False)
     return root
 
 

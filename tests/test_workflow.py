@@ -54,7 +54,10 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     shutil.copy(ROOT / "Snakefile", root)
     shutil.copytree(ROOT / "workflow", root / "workflow")
     shutil.copytree(ROOT / "configs", root / "configs")
+    shutil.copy(ROOT / "profiles", root / "profiles", follow_symlinks=False)
     planned = snakemake(root, "--dry-run")
+    # rerun-incomplete and the other local defaults apply without a flag
+    assert "workflow specific profile profiles/default" in planned.stderr
     counts = job_counts(planned.stdout + planned.stderr)
     assert counts["prepare_data"] == 1  # every row shares one tokenized copy of the data
     assert counts["prepare_synthetic"] == 2  # MQAR and path-star
