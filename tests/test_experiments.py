@@ -9,6 +9,7 @@ import pytest
 from archbench.errors import ConfigError
 from archbench.experiments import (
     check_suite_datasets,
+    check_suite_names,
     load_experiments,
     load_suite,
     parse_overrides,
@@ -176,6 +177,18 @@ def test_bad_rows_name_line_and_column(tmp_path: Path, row: str, message: str) -
         load(table(tmp_path, GOOD, row))
 
 
+def test_a_misspelled_suite_name_is_refused(tmp_path: Path) -> None:
+    good = table(tmp_path, GOOD, "mtp\tmtp\tchars\t\tsmoke,ablations\tx\n")
+    check_suite_names(good, load(good), ["smoke", "ablations"])
+    path = table(tmp_path, GOOD, "mtp\tmtp\tchars\t\tsmoke,ablation\tx\n")
+    with pytest.raises(
+        ConfigError,
+        match=r"line 3 \(experiment 'mtp'\), column 'suites': unknown suite 'ablation' "
+        r"\(did you mean 'ablations'\?\); suites: ablations, smoke",
+    ):
+        check_suite_names(path, load(path), ["smoke", "ablations"])
+
+
 def test_unknown_column_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"column 'seed'.*unexpected"):
         load(table(tmp_path, "gpt\tgpt\tchars\t0\n", header="name\tarch\tdataset\tseed\n"))
@@ -255,6 +268,7 @@ def test_train_by_dataset_applies_to_that_data_set_only(tmp_path: Path) -> None:
         ),
         ("seeds: [0]\nmodel: {}\ntrain: {}\ntrain_by_dataset: {chars: 5}\n", r"train_by_dataset"),
         ("seeds: []\nmodel: {}\ntrain: {}\n", r"key 'seeds'"),
+        ("seeds: [0, 1, 0]\nmodel: {}\ntrain: {}\n", r"key 'seeds'.*non-unique"),
         ("seeds: [0]\nmodel: {}\ntrain: {}\nbogus: 1\n", r"'bogus' was unexpected"),
         (
             "seeds: [0]\nmodel: {}\ntrain: {block_size: 64, batch_size: 4, token_budget: 100}\n",

@@ -233,6 +233,7 @@ def _cmd_validate(args: argparse.Namespace) -> None:
     from archbench.data import parse_datasets
     from archbench.experiments import (
         check_run_fits_data,
+        check_suite_names,
         load_experiments,
         load_suite,
         run_spec,
@@ -242,10 +243,13 @@ def _cmd_validate(args: argparse.Namespace) -> None:
     root = Path(args.root)
     config = yaml.safe_load((root / args.config).read_text(encoding="utf-8"))
     datasets = parse_datasets(config["datasets"], source=args.config)
+    table = root / config["experiments"]
     experiments = load_experiments(
-        root / config["experiments"], root / "workflow/schemas/experiments.schema.yaml", datasets
+        table, root / "workflow/schemas/experiments.schema.yaml", datasets
     )
-    for suite_file in sorted((root / "configs/suites").glob("*.yaml")):
+    suite_files = sorted((root / "configs/suites").glob("*.yaml"))
+    check_suite_names(table, experiments, [f.stem for f in suite_files])
+    for suite_file in suite_files:
         suite = load_suite(suite_file, root / "workflow/schemas/suite.schema.yaml")
         rows = suite_rows(experiments, suite)
         for experiment in rows:

@@ -385,6 +385,19 @@ def suite_rows(experiments: list[Experiment], suite: Suite) -> list[Experiment]:
     ]
 
 
+def check_suite_names(path: Path, experiments: list[Experiment], suites: Iterable[str]) -> None:
+    """Every name in the table's `suites` column is one of `suites` (the files in configs/suites):
+    a misspelled name would silently leave the row out of the suite it meant."""
+    known = sorted(suites)
+    for e in experiments:
+        for name in e.suites:
+            if name not in known:
+                raise ConfigError(
+                    f"{path}, line {e.line} (experiment '{e.name}'), column 'suites': unknown "
+                    f"suite '{name}'{suggest(name, known)}; suites: {', '.join(known)}"
+                )
+
+
 def check_suite_datasets(suite: Suite, datasets: dict[str, DatasetSpec]) -> None:
     """A suite's `train_by_dataset` names only configured data sets (a typo would silently
     leave that data set at the suite's defaults)."""

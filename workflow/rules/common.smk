@@ -10,9 +10,9 @@ from snakemake.exceptions import WorkflowError
 
 from archbench.data import (MASK_FILES, SyntheticSpec, check_local_copy, parse_datasets,
                             resolve_mirror)
-from archbench.errors import ArchbenchError
-from archbench.experiments import (check_run_fits_data, check_suite_datasets, load_experiments,
-                                   load_suite, run_spec, suite_rows)
+from archbench.errors import ArchbenchError, ConfigError
+from archbench.experiments import (check_run_fits_data, check_suite_datasets, check_suite_names,
+                                   load_experiments, load_suite, run_spec, suite_rows)
 from archbench.runs import RESULT_FILES, lm_eval_result
 
 SCHEMAS = Path(workflow.basedir) / "workflow" / "schemas"
@@ -26,8 +26,12 @@ try:
     check_suite_datasets(SUITE, DATASETS)
     table = load_experiments(Path(config["experiments"]), SCHEMAS / "experiments.schema.yaml",
                              DATASETS)
+    check_suite_names(Path(config["experiments"]), table,
+                      [path.stem for path in Path("configs/suites").glob("*.yaml")])
     EXPERIMENTS = {e.name: e for e in suite_rows(table, SUITE)}
     SEEDS = [int(seed) for seed in config.get("seeds") or SUITE.seeds]
+    if len(set(SEEDS)) < len(SEEDS):
+        raise ConfigError(f"seeds {SEEDS}: a seed is listed twice")
     SPECS = {(name, seed): run_spec(e, SUITE, seed)
              for name, e in EXPERIMENTS.items() for seed in SEEDS}
     for spec in SPECS.values():
