@@ -82,6 +82,9 @@ PartitionName=local Nodes=$host Default=YES MaxTime=INFINITE State=UP
 EOF
 }
 
+# Whether the process in pid file $1 is alive (no pgrep: minimal images lack procps).
+running() { [ -s "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
+
 node_state() { sinfo --noheader --format=%T 2>/dev/null | head -n1; }
 
 start() {
@@ -90,8 +93,8 @@ start() {
     install_packages
     start_munge
     write_config
-    pgrep -F "$RUN_DIR/slurmctld.pid" >/dev/null 2>&1 || slurmctld
-    pgrep -F "$RUN_DIR/slurmd.pid" >/dev/null 2>&1 || slurmd
+    running "$RUN_DIR/slurmctld.pid" || slurmctld
+    running "$RUN_DIR/slurmd.pid" || slurmd
     for _ in $(seq 60); do
         case "$(node_state)" in
             idle | mixed | allocated) sinfo; return 0 ;;
