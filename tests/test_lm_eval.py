@@ -25,6 +25,7 @@ from lm_eval.utils import get_rolling_token_windows
 from torch import nn
 
 from archbench.data import load_token_bytes, load_tokenizer, load_tokens, train_tokenizer
+from archbench.data.blimp import check_blimp_mirror
 from archbench.errors import ConfigError, DataError
 from archbench.evaluate.lm_eval_adapter import (
     OFFLINE_VARIABLES,
@@ -285,6 +286,19 @@ def test_a_set_mirror_is_used(
     with pytest.raises(DataError, match="not found in the data mirror"):
         run_lm_eval(trained_run, tiny_data, "blimp", tmp_path / "out.json", limit=1)
     assert not (tmp_path / "out.json").exists()
+
+
+def test_a_mirrors_blimp_is_checked_whole(tmp_path: Path) -> None:
+    (tmp_path / "blimp").mkdir()
+    for paradigm, raw in _embedded_blimp().items():
+        (tmp_path / "blimp" / f"{paradigm}.jsonl").write_bytes(raw)
+    check_blimp_mirror(tmp_path)
+    (tmp_path / "blimp" / "wh_island.jsonl").write_bytes(b"{}\n")
+    with pytest.raises(DataError, match="sha256 mismatch for BLiMP paradigm wh_island"):
+        check_blimp_mirror(tmp_path)
+    (tmp_path / "blimp" / "wh_island.jsonl").unlink()
+    with pytest.raises(DataError, match="wh_island.jsonl not found in the data mirror"):
+        check_blimp_mirror(tmp_path)
 
 
 def test_mirror_copy_is_read_and_verified(tmp_path: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import gzip
 import json
 import os
 import re
@@ -229,3 +230,10 @@ def test_a_corrupt_data_file_stops_before_any_job(project: Path, tmp_path: Path)
     result = snakemake(project, f"data_mirror={mirror.parent}", "--dry-run")
     assert result.returncode != 0
     assert "sha256 mismatch for data set shakespeare_char" in result.stdout + result.stderr
+    # the right text, but no BLiMP for the lm_eval jobs: also refused before any job
+    with gzip.open(ROOT / "src/archbench/embedded/tinyshakespeare.txt.gz") as text:
+        (mirror / "input.txt").write_bytes(text.read())
+    result = snakemake(project, f"data_mirror={mirror.parent}", "--dry-run")
+    assert result.returncode != 0
+    assert "not found in the data mirror" in result.stdout + result.stderr
+    assert "BLiMP paradigm" in result.stdout + result.stderr

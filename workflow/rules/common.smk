@@ -10,6 +10,7 @@ from snakemake.exceptions import WorkflowError
 
 from archbench.data import (MASK_FILES, SyntheticSpec, check_local_copy, parse_datasets,
                             resolve_mirror)
+from archbench.data.blimp import check_blimp_mirror
 from archbench.errors import ArchbenchError, ConfigError
 from archbench.experiments import (check_run_fits_data, check_suite_datasets, check_suite_names,
                                    load_experiments, load_suite, run_spec, suite_rows)
@@ -39,6 +40,8 @@ try:
     MIRROR_DIR = resolve_mirror(config.get("data_mirror"))
     for name in sorted({e.dataset for e in EXPERIMENTS.values()}):
         check_local_copy(DATASETS[name], MIRROR_DIR)  # a bad data file stops us before any job
+    if MIRROR_DIR and "blimp" in SUITE.lm_eval.get("tasks", ()):
+        check_blimp_mirror(MIRROR_DIR)  # lm_eval reads BLiMP from the mirror too
 except ArchbenchError as err:
     raise WorkflowError(f"archbench: {err}") from None
 

@@ -19,7 +19,6 @@ is one document for `loglikelihood_rolling`.
 from __future__ import annotations
 
 import functools
-import hashlib
 import io
 import json
 import lzma
@@ -31,22 +30,12 @@ from typing import Any
 import datasets
 
 from archbench.data import decode, load_tokenizer, load_tokens
+from archbench.data.blimp import blimp_checksums, check_blimp_digest, read_mirror_blimp
 from archbench.errors import ConfigError, DataError
 
 BLIMP_ARCHIVE = "blimp.tar.xz"
-BLIMP_CHECKSUMS = "blimp.sha256"
 # principle_A_case_2 spells its field "syntax/semantics", the other files "syntax_semantics".
 FIELD_ALIASES = {"syntax/semantics": "syntax_semantics"}
-
-
-def blimp_checksums() -> dict[str, str]:
-    """sha256 of every BLiMP paradigm file, by paradigm name (`archbench/embedded/blimp.sha256`)."""
-    text = (resources.files("archbench") / "embedded" / BLIMP_CHECKSUMS).read_text("utf-8")
-    sums = {}
-    for line in text.splitlines():
-        digest, path = line.split()
-        sums[PurePosixPath(path).stem] = digest
-    return sums
 
 
 @functools.cache
@@ -72,20 +61,12 @@ def read_blimp(paradigm: str, mirror: Path | None = None) -> list[dict[str, Any]
     if paradigm not in sums:
         raise ConfigError(f"unknown BLiMP paradigm {paradigm!r}")
     if mirror is not None:
-        path = Path(mirror) / "blimp" / f"{paradigm}.jsonl"
-        if not path.is_file():
-            raise DataError(f"BLiMP paradigm {paradigm}: {path} not found in the data mirror")
-        raw, where = path.read_bytes(), str(path)
+        raw, where = read_mirror_blimp(paradigm, mirror)
     else:
         raw, where = _embedded_blimp().get(paradigm), f"archbench/embedded/{BLIMP_ARCHIVE}"
         if raw is None:
             raise DataError(f"BLiMP paradigm {paradigm} is missing from {where}")
-    digest = hashlib.sha256(raw).hexdigest()
-    if digest != sums[paradigm]:
-        raise DataError(
-            f"sha256 mismatch for BLiMP paradigm {paradigm} ({where}): "
-            f"expected {sums[paradigm]}, got {digest}"
-        )
+    check_blimp_digest(paradigm, raw, where, sums[paradigm])
     return [json.loads(line) for line in raw.decode("utf-8").splitlines() if line.strip()]
 
 
