@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from archbench.errors import ArchbenchError
 from archbench.evaluate.perplexity import bits_per_byte, evaluate_perplexity
 from archbench.models import build_model
 
@@ -36,6 +37,19 @@ class Copy(nn.Module):
         return F.one_hot(idx, self.vocab).float() * 50.0
 
 
+class Ranked(nn.Module):
+    """Ranks the next token by its step up from the current one (mod vocab): the current token
+    first, then current + 1, ... — so top-k holds exactly the k steps 0..k-1."""
+
+    def __init__(self, vocab: int):
+        super().__init__()
+        self.vocab = vocab
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        steps = (torch.arange(self.vocab) - idx[..., None]) % self.vocab
+        return -steps.float()
+
+
 def test_bits_per_byte_hand_computed() -> None:
     # 4 tokens of a 2-way coin flip over 8 bytes: 4 * ln 2 nats = 4 bits over 8 bytes = 0.5
     assert bits_per_byte(4 * math.log(2), 8) == pytest.approx(0.5)
@@ -44,15 +58,25 @@ def test_bits_per_byte_hand_computed() -> None:
 
 def test_uniform_model_scores_log_vocab_and_counts_bytes() -> None:
     vocab = 10
-    tokens = np.arange(101) % vocab
+    tokens = np.arange(102) % vocab  # the first token (1 byte) and the last (2) differ in bytes
     token_bytes = np.arange(vocab) % 3 + 1  # tokens of 1, 2 or 3 bytes
     result = evaluate_perplexity(Uniform(vocab), tokens, token_bytes, block_size=16, batch_size=3)
-    assert result["val_tokens"] == 100  # every token but the first, once
-    assert result["val_bytes"] == int(token_bytes[tokens[1:]].sum())
+    assert result["val_tokens"] == 101  # every token but the first, once
+    assert result["val_bytes"] == int(token_bytes[tokens[1:]].sum())  # bytes of targets only
+    assert result["val_bytes"] != int(token_bytes[tokens[:-1]].sum())
     assert result["val_loss"] == pytest.approx(math.log(vocab))
     assert result["val_ppl"] == pytest.approx(vocab)
-    expected_bpb = 100 * math.log(vocab) / (math.log(2) * result["val_bytes"])
+    expected_bpb = 101 * math.log(vocab) / (math.log(2) * result["val_bytes"])
     assert result["val_bpb"] == pytest.approx(expected_bpb)
+
+
+def test_non_finite_logits_are_an_error() -> None:
+    class Broken(Uniform):
+        def forward(self, idx: torch.Tensor) -> torch.Tensor:
+            return torch.full((*idx.shape, self.vocab), math.nan)
+
+    with pytest.raises(ArchbenchError, match="validation loss is nan"):
+        evaluate_perplexity(Broken(4), np.arange(10) % 4, np.ones(4, dtype=np.int64), 4)
 
 
 def test_top_k_accuracy() -> None:
@@ -60,7 +84,11 @@ def test_top_k_accuracy() -> None:
     result = evaluate_perplexity(Copy(5), tokens, np.ones(5, dtype=np.int64), block_size=4)
     # targets 1..8: repeats at positions 1,2,4,6,7,8 -> 6 of 8 right
     assert result["val_top1"] == pytest.approx(6 / 8)
-    assert result["val_top5"] == 1.0
+    # steps (target - input) mod 10 = 0, 3, 6, 2, 6, 0, 5: rank 0 twice, ranks < 5 four times
+    tokens = np.array([0, 0, 3, 9, 1, 7, 7, 2])
+    result = evaluate_perplexity(Ranked(10), tokens, np.ones(10, dtype=np.int64), block_size=4)
+    assert result["val_top1"] == pytest.approx(2 / 7)
+    assert result["val_top5"] == pytest.approx(4 / 7)
 
 
 def test_matches_a_direct_forward_pass() -> None:

@@ -568,7 +568,7 @@ def test_comparisons_mark_wins_losses_noise_and_size(report: dict) -> None:
     # gelu: differences -0.10, -0.09, -0.11 -> paired p = 0.0027; Holm over 3 tests
     p_gelu = sps.ttest_rel([1.60, 1.62, 1.58], [1.70, 1.71, 1.69]).pvalue
     assert gelu[column["p (paired t)"]] == f"{p_gelu:.3f}"
-    assert gelu[column["Δ (95% CI)"]].startswith("-0.1000 ± ")
+    assert gelu[column["Δ (95% CI, not Holm-adjusted)"]].startswith("-0.1000 ± ")
     assert gelu[column["compared on"]] == "val\\_loss"
     assert deep[column["size"]] == "⚠ not size-matched (+47.8% parameters)"
     assert mqa[column["size"]] == "matched" and mqa[column["parameters (vs baseline)"]] == (

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from archbench.errors import ArchbenchError
+
 
 def bits_per_byte(total_nats: float, n_bytes: int) -> float:
     """Convert a summed loss in nats over text of `n_bytes` UTF-8 bytes to bits per byte."""
@@ -70,6 +72,8 @@ def evaluate_perplexity(
             n_targets += targets.numel()
             n_bytes += int(token_bytes[targets.cpu().numpy()].sum())
     loss = total_nats / n_targets
+    if not math.isfinite(loss):  # the report's intervals would silently leave this seed out
+        raise ArchbenchError(f"validation loss is {loss}: the model's logits are not finite")
     return {
         "val_loss": loss,
         "val_ppl": math.exp(loss),

@@ -259,7 +259,8 @@ def plot_axis(
     caption = (
         f"Ablation axis {axis.title}. Left: final validation loss for each value of "
         f"{axis.key} (mean over seeds with a 95% t-interval; dots are single seeds). Right: "
-        f"validation loss during training, mean over seeds with a 95% t-interval band."
+        f"the periodic validation estimate during training (eval_batches windows; the left "
+        f"panel scores the whole split), mean over seeds with a 95% t-interval band."
         + (f" Left out (failed the leak check): {', '.join(left_out)}." if left_out else "")
     )
     return FigureFile(path, f"Ablation: {axis.title}", caption)
@@ -380,6 +381,6 @@ def plot_blimp(stats: pl.DataFrame, order: list[str], path: Path) -> FigureFile 
         axes.set(title="BLiMP accuracy by field (mean over seeds)", xlabel="field")
     caption = (
         "BLiMP accuracy by linguistic field and overall (mean over seeds; chance is 0.5), one "
-        "row per experiment. Accuracy per paradigm is listed under 'Other metrics'."
+        "row per experiment. Accuracy per paradigm is in summary.csv."
     )
     return FigureFile(path, "BLiMP accuracy by field", caption)

@@ -152,7 +152,8 @@ def _draw_figures(
     cells = metric_cells(stats)
     curve_figures = [
         plot_curves(curves, "val_loss", order, colours, figures_dir / "val_loss.png",
-                    "Validation loss", "validation loss (nats/token)"),
+                    "Validation loss (periodic estimate on eval_batches windows)",
+                    "validation loss (nats/token)"),
         plot_curves(curves, "train_loss", order, colours, figures_dir / "train_loss.png",
                     "Training loss (total, including auxiliary parts)",
                     "training loss (nats/token)"),
@@ -238,7 +239,9 @@ def how_to_read() -> list[str]:
         f"is better); 'compared on' names the metric. Every seed gives every row the same data "
         f"order, so rows are paired by seed and the {PAIRED}-test on per-seed differences decides "
         f"when at least two seeds are shared; otherwise {WELCH}-test (unequal variances) decides. "
-        f"Both p-values are listed and the 'deciding test' column names the one used. Holm's "
+        f"Both p-values are listed and the 'deciding test' column names the one used; the paired "
+        f"Δ is over the shared seeds ('pairs'), so it can differ from the difference of the row "
+        f"means when some seeds are missing. Its 95% CI is not Holm-adjusted. Holm's "
         f"correction across all comparisons of this report keeps the chance of any false "
         f"'significant' at {ALPHA:.0%}: a row is 'significantly better/worse' only when its Holm p"
         f" < {ALPHA}, else 'within noise'. Rows whose parameter count differs from the baseline's "
