@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,20 @@ def test_options_lists_every_option_with_default(capsys: pytest.CaptureFixture) 
 def test_validate_accepts_the_repository_config(capsys: pytest.CaptureFixture) -> None:
     assert main(["validate", "--root", str(ROOT)]) == 0
     assert "suite smoke:" in capsys.readouterr().out
+
+
+def test_validate_refuses_a_misspelled_suite_in_the_table(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    for name in ("configs", "workflow"):
+        shutil.copytree(ROOT / name, tmp_path / name)
+    table = tmp_path / "configs/experiments.tsv"
+    lines = table.read_text(encoding="utf-8").splitlines(keepends=True)
+    row = next(i for i, line in enumerate(lines) if line.startswith("gpt_mqa\t"))
+    lines[row] = lines[row].replace("\tsmoke,ablations,", "\tsmoke,ablation,", 1)
+    table.write_text("".join(lines), encoding="utf-8")
+    assert main(["validate", "--root", str(tmp_path)]) == 2
+    assert "column 'suites': unknown suite 'ablation' (did you mean" in capsys.readouterr().err
 
 
 def test_user_errors_are_one_line_and_exit_2(capsys: pytest.CaptureFixture) -> None:
