@@ -327,12 +327,6 @@ def measure_flops(c: Candidate, x: torch.Tensor, y: torch.Tensor) -> int:
     return int(counter.get_total_flops())
 
 
-def synchronize(runtime: Runtime) -> None:
-    """Wait for queued GPU work, so that wall-clock times are the work's."""
-    if runtime.is_cuda:
-        torch.cuda.synchronize()
-
-
 def run_shape(
     shape: Shape, args: argparse.Namespace, runtime: Runtime, nanogpt: Any
 ) -> list[dict[str, Any]]:
@@ -358,11 +352,11 @@ def run_shape(
         print(f"  {shape.name}: {c.label} ready ({c.n_params:,} parameters)", file=sys.stderr)
     for round_ in range(args.rounds):
         for c in candidates[round_ % len(candidates) :] + candidates[: round_ % len(candidates)]:
-            synchronize(runtime)
+            runtime.synchronize()
             tick = CLOCKS[args.clock]()
             for _ in range(args.steps):
                 train_step(c, x, y, runtime)
-            synchronize(runtime)
+            runtime.synchronize()
             c.step_times.append((CLOCKS[args.clock]() - tick) / args.steps)
     return summarize(shape, candidates, runtime, args.peak_tflops)
 

@@ -152,6 +152,21 @@ def test_resume_matches_an_uninterrupted_run(
     assert read_metrics(interrupted) == read_metrics(tmp_path / "straight")
 
 
+def test_a_compiled_run_resumes_identically(tiny_data: Path, tmp_path: Path) -> None:
+    """With torch.compile, the warm-up that compiles before the first step (in every process,
+    so also in the resumed one) changes neither the random state nor the weights."""
+    spec = tiny_spec(compile=True)
+    spec["model"]["dropout"] = 0.1
+    straight = train_run(spec, tiny_data, tmp_path / "straight", show_progress=False)
+    train_run(spec, tiny_data, tmp_path / "resumed", show_progress=False, stop_after=5)
+    resumed = train_run(spec, tiny_data, tmp_path / "resumed", show_progress=False)
+    a, b = (load_file(tmp_path / n / "model.safetensors") for n in ("straight", "resumed"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert read_metrics(tmp_path / "resumed") == read_metrics(tmp_path / "straight")
+    # in one process the later runs reuse the first's compiled code, so their warm-ups are short
+    assert straight["compile_seconds"] > 0 and resumed["compile_seconds"] > 0
+
+
 def test_checkpoint_of_another_spec_is_not_resumed(tiny_data: Path, tmp_path: Path) -> None:
     train_run(tiny_spec(), tiny_data, tmp_path, show_progress=False, stop_after=5)
     train_run(tiny_spec(lr=5e-3), tiny_data, tmp_path / "fresh", show_progress=False)

@@ -85,6 +85,12 @@ class Runtime:
             )
         return torch.compile(fn)
 
+    def synchronize(self) -> None:
+        """Wait for the device's queued work (GPU kernels run asynchronously), so that a clock
+        read afterwards includes it; nothing to wait for on the CPU."""
+        if self.device.type != "cpu":
+            torch.get_device_module(self.device).synchronize()  # (mps takes no device)
+
     def put(self, tensor: torch.Tensor) -> torch.Tensor:
         """Copy a host tensor to the device (through pinned memory on CUDA)."""
         if self.is_cuda:

@@ -336,6 +336,7 @@ def warm_up(
             loss, _ = loss_fn(runtime.put(x), runtime.put(y))
         loss.backward()
     model.zero_grad(set_to_none=True)
+    runtime.synchronize()
     return time.perf_counter() - tick
 
 
@@ -471,6 +472,7 @@ def train_run(
             if config.grad_clip > 0:
                 nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
             optimizer.step()
+            runtime.synchronize()  # a GPU's backward and update are still queued otherwise
             progress.add_step(loss, parts, time.perf_counter() - tick)
             bar.update(1)
 

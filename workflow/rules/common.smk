@@ -40,7 +40,9 @@ try:
     MIRROR_DIR = resolve_mirror(config.get("data_mirror"))
     for name in sorted({e.dataset for e in EXPERIMENTS.values()}):
         check_local_copy(DATASETS[name], MIRROR_DIR)  # a bad data file stops us before any job
-    if MIRROR_DIR and "blimp" in SUITE.lm_eval.get("tasks", ()):
+    scores_text = any(not isinstance(DATASETS[e.dataset], SyntheticSpec)
+                      for e in EXPERIMENTS.values())  # lm_eval runs on text rows only
+    if MIRROR_DIR and scores_text and "blimp" in SUITE.lm_eval.get("tasks", ()):
         check_blimp_mirror(MIRROR_DIR)  # lm_eval reads BLiMP from the mirror too
 except ArchbenchError as err:
     raise WorkflowError(f"archbench: {err}") from None

@@ -352,7 +352,7 @@ def verdict_of(result: Comparison, holm_p: float, score: Score = VAL_LOSS) -> st
     if not result.test:
         return "not tested: needs ≥ 2 seeds of both rows"
     if math.isnan(holm_p):
-        return "not tested: the same Δ on every seed (no spread to test)"
+        return "not tested: no seed-to-seed spread to test"
     if holm_p >= ALPHA:
         return "within noise"
     better = result.delta < 0 if score.lower_is_better else result.delta > 0
