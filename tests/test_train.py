@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -233,6 +234,22 @@ def test_every_architecture_trains_with_the_gpu_suites_settings_on_the_cpu(
     spec["arch"], spec["model"]["dropout"] = arch, 0.2
     summary = train_run(spec, tiny_data, tmp_path, show_progress=False)
     assert summary["precision"] == "bf16" and math.isfinite(summary["final_val_loss"])
+
+
+@pytest.mark.skipif(
+    os.environ.get("ARCHBENCH_TEST_COMPILE_ALL") != "1",
+    reason="compiles every architecture (5 min on 2 cores with a cold compile cache): set "
+    "ARCHBENCH_TEST_COMPILE_ALL=1",
+)
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_every_architecture_trains_compiled_with_the_gpu_suites_settings_on_the_cpu(
+    arch: str, tiny_data: Path, tmp_path: Path
+) -> None:
+    """As above with torch.compile, as the gpu suite trains (`gpt` alone runs in CI below)."""
+    spec = tiny_spec(precision="bf16", compile=True)
+    spec["arch"], spec["model"]["dropout"] = arch, 0.2
+    summary = train_run(spec, tiny_data, tmp_path, show_progress=False)
+    assert summary["compile_seconds"] > 0 and math.isfinite(summary["final_val_loss"])
 
 
 def test_compiling_on_a_cpu_without_a_cxx_compiler_is_a_clear_error(
