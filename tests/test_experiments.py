@@ -178,15 +178,19 @@ def test_bad_rows_name_line_and_column(tmp_path: Path, row: str, message: str) -
 
 
 def test_a_misspelled_suite_name_is_refused(tmp_path: Path) -> None:
+    suites = tmp_path / "suites"
+    suites.mkdir()
+    for name in ("smoke", "ablations"):
+        (suites / f"{name}.yaml").write_text("seeds: [0]\n", encoding="utf-8")
     good = table(tmp_path, GOOD, "mtp\tmtp\tchars\t\tsmoke,ablations\tx\n")
-    check_suite_names(good, load(good), ["smoke", "ablations"])
+    check_suite_names(good, load(good), suites)
     path = table(tmp_path, GOOD, "mtp\tmtp\tchars\t\tsmoke,ablation\tx\n")
     with pytest.raises(
         ConfigError,
         match=r"line 3 \(experiment 'mtp'\), column 'suites': unknown suite 'ablation' "
         r"\(did you mean 'ablations'\?\); suites: ablations, smoke",
     ):
-        check_suite_names(path, load(path), ["smoke", "ablations"])
+        check_suite_names(path, load(path), suites)
 
 
 def test_unknown_column_is_refused(tmp_path: Path) -> None:

@@ -237,6 +237,7 @@ def _cmd_validate(args: argparse.Namespace) -> None:
         load_experiments,
         load_suite,
         run_spec,
+        suite_names,
         suite_rows,
     )
 
@@ -247,10 +248,10 @@ def _cmd_validate(args: argparse.Namespace) -> None:
     experiments = load_experiments(
         table, root / "workflow/schemas/experiments.schema.yaml", datasets
     )
-    suite_files = sorted((root / "configs/suites").glob("*.yaml"))
-    check_suite_names(table, experiments, [f.stem for f in suite_files])
-    for suite_file in suite_files:
-        suite = load_suite(suite_file, root / "workflow/schemas/suite.schema.yaml")
+    suites_dir = root / "configs/suites"
+    check_suite_names(table, experiments, suites_dir)
+    for name in suite_names(suites_dir):
+        suite = load_suite(suites_dir / f"{name}.yaml", root / "workflow/schemas/suite.schema.yaml")
         rows = suite_rows(experiments, suite)
         for experiment in rows:
             check_run_fits_data(run_spec(experiment, suite, suite.seeds[0]), suite.name, datasets)

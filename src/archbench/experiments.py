@@ -293,12 +293,17 @@ def _resolve_init_from(path: Path, experiments: list[Experiment]) -> list[Experi
 SECTIONS = ("model", "train", "eval", "train_by_dataset", "baselines")
 
 
+def suite_names(directory: Path) -> list[str]:
+    """The suites defined in `directory` (configs/suites): the names of its .yaml files, sorted."""
+    return sorted(path.stem for path in directory.glob("*.yaml"))
+
+
 def _suite_data(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     """The raw mapping of a suite file, with `extends: <suite>` resolved: the named suite's
     settings first, this file's on top (the model / train / eval sections merged key by key)."""
     if not path.exists():
-        available = sorted(p.stem for p in path.parent.glob("*.yaml"))
-        raise ConfigError(f"no suite file {path}; available suites: {', '.join(available)}")
+        available = ", ".join(suite_names(path.parent))
+        raise ConfigError(f"no suite file {path}; available suites: {available}")
     if path in seen:
         raise ConfigError(f"{path}: 'extends' forms a cycle")
     data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
@@ -385,10 +390,10 @@ def suite_rows(experiments: list[Experiment], suite: Suite) -> list[Experiment]:
     ]
 
 
-def check_suite_names(path: Path, experiments: list[Experiment], suites: Iterable[str]) -> None:
-    """Every name in the table's `suites` column is one of `suites` (the files in configs/suites):
-    a misspelled name would silently leave the row out of the suite it meant."""
-    known = sorted(suites)
+def check_suite_names(path: Path, experiments: list[Experiment], suites_dir: Path) -> None:
+    """Every name in the table's `suites` column is a suite of `suites_dir` (configs/suites): a
+    misspelled name would silently leave the row out of the suite it meant."""
+    known = suite_names(suites_dir)
     for e in experiments:
         for name in e.suites:
             if name not in known:

@@ -27,8 +27,7 @@ try:
     check_suite_datasets(SUITE, DATASETS)
     table = load_experiments(Path(config["experiments"]), SCHEMAS / "experiments.schema.yaml",
                              DATASETS)
-    check_suite_names(Path(config["experiments"]), table,
-                      [path.stem for path in Path("configs/suites").glob("*.yaml")])
+    check_suite_names(Path(config["experiments"]), table, Path("configs/suites"))
     EXPERIMENTS = {e.name: e for e in suite_rows(table, SUITE)}
     SEEDS = [int(seed) for seed in config.get("seeds") or SUITE.seeds]
     if len(set(SEEDS)) < len(SEEDS):
