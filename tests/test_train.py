@@ -22,8 +22,10 @@ from archbench.train import (
     CHECKPOINT,
     DivergedError,
     Progress,
+    StepWindow,
     TrainConfig,
     batch_at,
+    check_finite,
     lr_at,
     make_optimizer,
     make_train_config,
@@ -196,6 +198,28 @@ def test_a_checkpoint_left_half_written_is_removed(tiny_data: Path, tmp_path: Pa
     partial.write_bytes(b"cut off by kill -9")
     train_run(tiny_spec(), tiny_data, tmp_path, show_progress=False)
     assert not partial.exists()
+
+
+def test_step_window_reads_pending_steps_in_order_and_names_the_first_diverged_one() -> None:
+    window = StepWindow()
+    for step, (total, part) in enumerate([(2.0, 1.5), (float("nan"), float("inf")), (3.0, 2.0)], 7):
+        window.open(step)  # only the first open of a window starts it
+        window.add(
+            torch.tensor(total), {"next_token": torch.tensor(1.0), "future": torch.tensor(part)}
+        )
+    losses = window.close()
+    assert losses.first_step == 7
+    assert [row["train_loss"] for row in losses.rows][0::2] == [2.0, 3.0]
+    assert losses.rows[0] == {"train_loss": 2.0, "train_next_token": 1.0, "train_future": 1.5}
+    with pytest.raises(
+        DivergedError,
+        match=r"'tiny' seed 3: loss diverged at step 9 "
+        r"\(non-finite part: future; total = nan\)",
+    ):
+        check_finite({"experiment": "tiny", "seed": 3}, losses)
+    window.open(10)
+    window.add(torch.tensor(1.0), {})
+    assert window.close().first_step == 10
 
 
 def test_divergence_names_experiment_seed_step_and_part(tiny_data: Path, tmp_path: Path) -> None:

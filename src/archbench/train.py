@@ -457,36 +457,46 @@ def train_run(
         dynamic_ncols=True,
     )
     model.train()
+    window = StepWindow()
     with _StopRequest() as stop:
         for step in range(progress.step, config.steps):
-            tick = time.perf_counter()
+            window.open(step)
             lr = lr_at(step, config)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             x, y = data.batch(seed, step)
             with runtime.autocast():
                 loss, parts = loss_fn(runtime.put(x), runtime.put(y))
-            _check_finite(spec, step, loss, parts)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if config.grad_clip > 0:
                 nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
             optimizer.step()
-            runtime.synchronize()  # a GPU's backward and update are still queued otherwise
-            progress.add_step(loss, parts, time.perf_counter() - tick)
+            window.add(loss, parts)
             bar.update(1)
 
-            done = progress.step
+            done = step + 1
+            evaluating = done % config.eval_every == 0 or done == config.steps
+            logging = done % config.log_every == 0 or evaluating
+            stopping = done == stop_after or (stop.requested and done < config.steps)
+            saving = (done % config.checkpoint_every == 0 and done < config.steps) or stopping
+            if not (logging or saving):
+                continue
+            runtime.synchronize()  # a GPU's forward, backward and update are still queued
+            seconds = time.perf_counter() - window.started
+            losses = window.close()
+            check_finite(spec, losses)
+            progress.add_steps(losses.rows, seconds)
+
             val_loss = None
-            if done % config.eval_every == 0 or done == config.steps:
+            if evaluating:
                 tick = time.perf_counter()
                 val_loss = estimate_val_loss(model, data.val_batches, runtime)
                 progress.add_val(val_loss, time.perf_counter() - tick)
                 bar.set_postfix(val=f"{val_loss:.3f}")
-            if done % config.log_every == 0 or val_loss is not None:
+            if logging:
                 log.append(progress.take_row(lr, val_loss, data.tokens_per_step))
-            stopping = done == stop_after or (stop.requested and done < config.steps)
-            if (done % config.checkpoint_every == 0 and done < config.steps) or stopping:
+            if saving:
                 save_training_state(
                     out_dir / CHECKPOINT,
                     model,
@@ -541,15 +551,14 @@ class Progress:
     window_steps: int = 0
     window_time: float = 0.0
 
-    def add_step(self, loss: torch.Tensor, parts: dict[str, torch.Tensor], seconds: float) -> None:
-        """Account for one finished optimizer step."""
-        for key, value in {
-            "train_loss": loss,
-            **{f"train_{k}": v for k, v in parts.items()},
-        }.items():
-            self.sums[key] = self.sums.get(key, 0.0) + float(value.detach())
-        self.step += 1
-        self.window_steps += 1
+    def add_steps(self, rows: list[dict[str, float]], seconds: float) -> None:
+        """Account for finished optimizer steps (their loss and loss parts, in order) that took
+        `seconds` together."""
+        for row in rows:
+            for key, value in row.items():
+                self.sums[key] = self.sums.get(key, 0.0) + value
+        self.step += len(rows)
+        self.window_steps += len(rows)
         self.window_time += seconds
         self.elapsed += seconds
 
@@ -597,17 +606,63 @@ def _resume(
     return progress
 
 
-def _check_finite(
-    spec: dict[str, Any], step: int, loss: torch.Tensor, parts: dict[str, torch.Tensor]
-) -> None:
-    """Stop with an error naming experiment, seed, step and the diverged loss part."""
-    if torch.isfinite(loss):
-        return
-    bad = [name for name, value in parts.items() if not math.isfinite(value.item())] or ["total"]
-    raise DivergedError(
-        f"experiment '{spec['experiment']}' seed {spec['seed']}: loss diverged at step {step + 1} "
-        f"(non-finite part: {', '.join(bad)}; total = {loss.item()})"
-    )
+class StepWindow:
+    """The losses of the optimizer steps since the last read, kept where they were computed.
+
+    Reading a value from a GPU waits for all its queued work, so the training loop reads the
+    losses (and checks them) once per metrics row or checkpoint instead of once per step: the
+    host can queue the next step while the device still computes this one, as nanoGPT's loop
+    does. On the CPU nothing is queued and this only batches the reads.
+    """
+
+    def __init__(self) -> None:
+        self.first_step = 0
+        self.started = 0.0
+        self._names: list[str] = []
+        self._values: list[torch.Tensor] = []
+
+    def open(self, step: int) -> None:
+        """Start timing at `step` if no step is pending."""
+        if not self._values:
+            self.first_step, self.started = step, time.perf_counter()
+
+    def add(self, loss: torch.Tensor, parts: dict[str, torch.Tensor]) -> None:
+        """Keep one step's total loss and named parts (no device sync)."""
+        self._names = ["train_loss", *(f"train_{name}" for name in parts)]
+        self._values.append(
+            torch.stack([loss.detach().float(), *(p.detach().float() for p in parts.values())])
+        )
+
+    def close(self) -> StepLosses:
+        """Read the pending steps' losses in one transfer and empty the window."""
+        values = torch.stack(self._values).cpu().tolist()
+        self._values = []
+        return StepLosses(
+            self.first_step, [dict(zip(self._names, row, strict=True)) for row in values]
+        )
+
+
+@dataclass(frozen=True)
+class StepLosses:
+    """Losses of consecutive optimizer steps, the first of them `first_step` (0-based)."""
+
+    first_step: int
+    rows: list[dict[str, float]]
+
+
+def check_finite(spec: dict[str, Any], losses: StepLosses) -> None:
+    """Stop with an error naming experiment, seed, the first step whose loss is not finite and
+    the diverged loss parts."""
+    for offset, row in enumerate(losses.rows):
+        if math.isfinite(row["train_loss"]):
+            continue
+        parts = {name.removeprefix("train_"): value for name, value in row.items()}
+        total = parts.pop("loss")
+        bad = [name for name, value in parts.items() if not math.isfinite(value)] or ["total"]
+        raise DivergedError(
+            f"experiment '{spec['experiment']}' seed {spec['seed']}: loss diverged at step "
+            f"{losses.first_step + offset + 1} (non-finite part: {', '.join(bad)}; total = {total})"
+        )
 
 
 def _write_outputs(
