@@ -367,6 +367,19 @@ def test_checkpoint_round_trip(tmp_path) -> None:
     assert torch.equal(rebuilt.forward_submodel(idx, 1, 1), model.forward_submodel(idx, 1, 1))
 
 
+def test_trains_after_an_inference_mode_evaluation() -> None:
+    """Evaluation runs under `torch.inference_mode`; nothing it builds may leak into training."""
+    model = build(torch.float32)
+    idx = tokens(15)
+    with torch.inference_mode():
+        model(idx)
+        model.forward_submodel(idx, 1, 0)
+    model.train()
+    loss, _ = model.loss(idx, tokens(16))
+    loss.backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
 def test_too_long_sequence_and_unknown_submodel_are_refused() -> None:
     model = build()
     with pytest.raises(ValueError, match="exceeds block_size"):

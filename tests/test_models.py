@@ -9,6 +9,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from archbench.errors import ConfigError
 from archbench.models import ARCHITECTURES, build_model, list_options
+from archbench.train import make_train_config
 
 VOCAB, BLOCK = 37, 24
 SHAPE = {"n_layer": 2, "n_head": 4, "d_model": 32}
@@ -248,6 +249,27 @@ def test_too_long_sequence_is_refused() -> None:
 def test_invalid_options_give_clear_errors(overrides: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         build_model("gpt", VOCAB, BLOCK, **overrides)
+
+
+FLOAT_OPTIONS = [
+    (arch, name)
+    for arch in sorted(ARCHITECTURES)
+    for name, opt in list_options(arch).items()
+    if opt.type == "float"
+]
+
+
+@pytest.mark.parametrize(("arch", "name"), FLOAT_OPTIONS)
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", float("nan"), float("inf")])
+def test_non_finite_float_options_are_refused(arch: str, name: str, value: object) -> None:
+    """NaN passes every `<`/`>` range check; it must still be refused before any model runs."""
+    with pytest.raises(ConfigError, match=rf"option '{name}': .* is not a finite number"):
+        build_model(arch, VOCAB, BLOCK, **{name: value})
+
+
+def test_non_finite_train_options_are_refused() -> None:
+    with pytest.raises(ConfigError, match=r"option 'lr': 'nan' is not a finite number"):
+        make_train_config({"lr": "nan"})
 
 
 def test_unknown_architecture_suggests() -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -44,6 +45,8 @@ class Option:
     def coerce(self, value: Any) -> Any:
         """Convert a string (from a table) or a Python value to this option's type and check it."""
         typed = _convert(self, value)
+        if isinstance(typed, float) and not math.isfinite(typed):
+            raise ConfigError(f"option '{self.name}': {value!r} is not a finite number")
         if self.choices is not None and typed not in self.choices:
             raise ConfigError(f"option '{self.name}': {value!r} is not one of {self.describe()}")
         too_low = self.min is not None and (
