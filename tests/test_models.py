@@ -9,6 +9,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from archbench.errors import ConfigError
 from archbench.models import ARCHITECTURES, build_model, list_options
+from archbench.models.blocks import IGNORE_INDEX
 from archbench.train import make_train_config
 
 VOCAB, BLOCK = 37, 24
@@ -105,6 +106,36 @@ def test_forward_shape_and_loss(arch: str, overrides: dict) -> None:
     loss.backward()
     assert all(p.grad is not None for p in model.parameters())
     assert all(torch.isfinite(v) for v in parts.values())
+
+
+MASKED_CASES = [(arch, {}) for arch in sorted(ARCHITECTURES)] + [("mtp", {"n_future": 4})]
+
+
+@pytest.mark.parametrize(("arch", "overrides"), MASKED_CASES)
+@pytest.mark.parametrize("answers", [0, 2])
+def test_loss_stays_finite_when_targets_are_masked_out(
+    arch: str, overrides: dict, answers: int
+) -> None:
+    """A synthetic task's loss mask can leave a window (or a future head's slice of it) with no
+    target at all; that is no divergence: the loss and its gradients stay finite."""
+    model = build(arch, overrides, torch.float32).train()
+    idx = torch.randint(0, VOCAB, (2, BLOCK))
+    targets = torch.full_like(idx, IGNORE_INDEX)
+    targets[:, :answers] = idx[:, 1 : answers + 1]
+    loss, parts = model.loss(idx, targets)
+    loss.backward()
+    assert torch.isfinite(loss) and all(torch.isfinite(v) for v in parts.values())
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_loss_parts_are_float32_under_bf16_autocast(arch: str) -> None:
+    """bf16 autocast (the gpu suite; also on the CPU) must not round the logged loss parts."""
+    model = build(arch, {}, torch.float32).train()
+    idx = torch.randint(0, VOCAB, (2, BLOCK))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, parts = model.loss(idx, torch.roll(idx, -1, 1))
+    assert {str(v.dtype) for v in (loss, *parts.values())} == {"torch.float32"}
 
 
 @pytest.mark.parametrize(("arch", "overrides"), CASES, ids=IDS)

@@ -177,6 +177,13 @@ def init_weights(module: nn.Module, std: float, n_layer: int) -> None:
             nn.init.normal_(sub.weight, 0.0, std)
 
 
+def next_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy (in float32) of logits (B, T, V) against targets (B, T) over the
+    targets that are not IGNORE_INDEX; 0 when none is left (F.cross_entropy's mean is NaN then)."""
+    total = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="sum")
+    return total / (targets != IGNORE_INDEX).sum().clamp(min=1)
+
+
 class LanguageModel(nn.Module):
     """Base class: `forward(idx)` gives next-token logits; `loss` adds any auxiliary parts.
 
@@ -185,7 +192,7 @@ class LanguageModel(nn.Module):
     """
 
     def loss(self, idx: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        """Training loss for (idx, targets) and a dict of its named parts (floats detached)."""
-        logits = self(idx)
-        ce = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+        """Training loss for (idx, targets) and a dict of its named parts (detached 0-d
+        tensors)."""
+        ce = next_token_loss(self(idx), targets)
         return ce, {"next_token": ce.detach()}

@@ -102,6 +102,7 @@ from archbench.models.blocks import (
     RotaryEmbedding,
     init_weights,
     make_norm,
+    next_token_loss,
 )
 from archbench.models.gpt import GPTConfig
 from archbench.options import option
@@ -198,7 +199,8 @@ def future_target(real_scores: torch.Tensor, v: torch.Tensor, band: int) -> torc
 def future_loss(prediction: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
     """`mse` or `cosine` loss between slot outputs and targets (B, H, T, h), on rows 0 … T-2
     (the last row has no future token in the window; see the module docstring)."""
-    prediction, target = prediction[:, :, :-1], target[:, :, :-1]
+    dtype = torch.promote_types(prediction.dtype, torch.float32)  # not bf16 (CPU autocast)
+    prediction, target = prediction[:, :, :-1].to(dtype), target[:, :, :-1].to(dtype)
     if prediction.shape[2] == 0:
         return prediction.new_zeros(())
     if kind == "mse":
@@ -404,7 +406,7 @@ class FutureAttentionTransformer(LanguageModel):
     def loss(self, idx: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, dict]:
         """next_token + future_loss_weight * future (mean future loss over future layers)."""
         logits, pairs = self.forward_with_future(idx)
-        ce = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+        ce = next_token_loss(logits, targets)
         future = torch.stack([future_loss(p, t, self.config.future_loss) for p, t in pairs]).mean()
         total = ce + self.config.future_loss_weight * future
         return total, {"next_token": ce.detach(), "future": future.detach()}

@@ -18,7 +18,8 @@ benchmark scores next-token predictions only).
 Loss. `targets[:, t]` is x[t + 1] (the usual shifted window), so head k's target at position t is
 `targets[:, t + k - 1]`, which exists inside the window for t = 0 … T - k only. The last k - 1
 positions have no target and are left out: head k's loss is the mean cross-entropy over its
-B * (T - k + 1) positions — no padding, no ignored labels. Because attention is causal, head k's
+B * (T - k + 1) positions — no padding (targets equal to IGNORE_INDEX, outside a synthetic
+task's answers, are left out of the mean). Because attention is causal, head k's
 outputs at those positions equal the head run on h[:, :T - k + 1], so the tail is never computed.
 
     total = next_token + future_loss_weight * (future_2 + … + future_n)
@@ -46,7 +47,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -56,6 +56,7 @@ from archbench.models.blocks import (
     LanguageModel,
     init_weights,
     make_norm,
+    next_token_loss,
 )
 from archbench.models.gpt import GPTConfig
 from archbench.options import option
@@ -120,8 +121,7 @@ class MTP(LanguageModel):
 
     def _head_loss(self, states: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Mean cross-entropy of the shared output layer on states (B, T', d) vs targets (B, T')."""
-        logits = self.unembed(self.norm_out(states))
-        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+        return next_token_loss(self.unembed(self.norm_out(states)), targets)
 
     def loss(self, idx: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, dict]:
         """Next-token loss + future_loss_weight * the losses of heads 2..n (see module docstring).
