@@ -12,6 +12,12 @@ from archbench.cli import main
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _project_copy(tmp_path: Path) -> Path:
+    for name in ("configs", "workflow"):
+        shutil.copytree(ROOT / name, tmp_path / name)
+    return tmp_path
+
+
 def test_options_lists_every_option_with_default(capsys: pytest.CaptureFixture) -> None:
     assert main(["options"]) == 0
     out = capsys.readouterr().out
@@ -27,9 +33,7 @@ def test_validate_accepts_the_repository_config(capsys: pytest.CaptureFixture) -
 def test_validate_refuses_a_misspelled_suite_in_the_table(
     tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
-    for name in ("configs", "workflow"):
-        shutil.copytree(ROOT / name, tmp_path / name)
-    table = tmp_path / "configs/experiments.tsv"
+    table = _project_copy(tmp_path) / "configs/experiments.tsv"
     lines = table.read_text(encoding="utf-8").splitlines(keepends=True)
     row = next(i for i, line in enumerate(lines) if line.startswith("gpt_mqa\t"))
     lines[row] = lines[row].replace("\tsmoke,ablations,", "\tsmoke,ablation,", 1)
@@ -87,3 +91,100 @@ def test_prepare_train_evaluate_by_hand(
     )
     metrics = json.loads((run / "eval.json").read_text())
     assert 0 < metrics["val_bpb"] < 10 and metrics["val_tokens"] > 0
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (
+            ["train", "--spec", "{bad", "--data", "d", "--out", "o"],
+            "argument --spec: not valid JSON",
+        ),
+        (
+            ["evaluate", "--run", "r", "--data", "d", "--out", "o", "--threads", "0"],
+            "0 is not >= 1",
+        ),
+        (
+            ["evaluate", "--run", "r", "--data", "d", "--out", "o", "--max-tokens", "x"],
+            "'x' is not",
+        ),
+        (
+            [
+                "lm-eval",
+                "--run",
+                "r",
+                "--data",
+                "d",
+                "--out",
+                "o",
+                "--tasks",
+                "blimp",
+                "--limit",
+                "0",
+            ],
+            "argument --limit: 0 is not >= 1",
+        ),
+    ],
+)
+def test_malformed_arguments_are_usage_errors(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["train", "--spec", "{}", "--data", "d", "--out", "o"], "--spec must be a JSON object"),
+        (
+            ["evaluate", "--run", "nowhere", "--data", "d", "--out", "o"],
+            "nowhere is not a finished run directory (no model_config.json or model.safetensors)",
+        ),
+        (
+            ["leakcheck", "--run", "r", "--data", "d", "--out", "o", "--device", "gpu0"],
+            "device='gpu0' is not a device",
+        ),
+    ],
+)
+def test_bad_inputs_are_one_line_errors(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture
+) -> None:
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    ("path", "old", "new", "message"),
+    [
+        (
+            "configs/config.yaml",
+            "suite: default",
+            "suite: defualt",
+            "suite 'defualt' (did you mean 'default'?) has no file",
+        ),
+        (
+            "configs/config.yaml",
+            "suite: default",
+            "suite: default\nseeds_typo: 1",
+            "'seeds_typo' was unexpected",
+        ),
+        (
+            "configs/suites/gpu.yaml",
+            "train_by_dataset:\n  mqar",
+            "train_by_dataset:\n  mqarr",
+            "mqarr",
+        ),
+    ],
+)
+def test_validate_applies_the_workflows_config_checks(
+    tmp_path: Path, path: str, old: str, new: str, message: str, capsys: pytest.CaptureFixture
+) -> None:
+    root = _project_copy(tmp_path)
+    text = (root / path).read_text(encoding="utf-8")
+    assert old in text
+    (root / path).write_text(text.replace(old, new, 1), encoding="utf-8")
+    assert main(["validate", "--root", str(root)]) == 2
+    assert message in capsys.readouterr().err

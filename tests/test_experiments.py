@@ -311,6 +311,19 @@ def test_a_suite_can_extend_another(tmp_path: Path) -> None:
     assert suite.model == {"n_layer": 3, "d_model": 64} and suite.train == {"lr": 0.01}
 
 
+def test_a_suite_extending_another_keeps_its_lm_eval_tasks(tmp_path: Path) -> None:
+    """Setting one lm_eval knob in a child suite must not drop the parent's task list."""
+    suite_file(
+        tmp_path,
+        "seeds: [0]\nmodel: {}\ntrain: {}\n"
+        "lm_eval: {tasks: [blimp, rolling_ppl], blimp_limit: 2}\n",
+    )
+    child = tmp_path / "suites" / "child.yaml"
+    child.write_text("extends: tiny\nlm_eval: {blimp_limit: 1000}\n", encoding="utf-8")
+    lm_eval = load_suite(child, SUITE_SCHEMA).lm_eval
+    assert lm_eval["tasks"] == ["blimp", "rolling_ppl"] and lm_eval["blimp_limit"] == 1000
+
+
 def test_an_extends_cycle_is_refused(tmp_path: Path) -> None:
     path = suite_file(tmp_path, "extends: tiny\nseeds: [0]\nmodel: {}\ntrain: {}\n")
     with pytest.raises(ConfigError, match="'extends' forms a cycle"):

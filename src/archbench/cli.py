@@ -12,19 +12,38 @@ import sys
 from pathlib import Path
 
 import torch
-import yaml
 
-from archbench.errors import ArchbenchError
+from archbench.errors import ArchbenchError, ConfigError
 from archbench.runtime import pick_device
 
 PREEMPTED_EXIT = 128 + 15  # the conventional status of a process ended by SIGTERM
+SPEC_KEYS = ("experiment", "arch", "dataset", "seed", "model", "train")
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not >= 1")
+    return value
+
+
+def json_value(text: str) -> object:
+    """argparse type: a JSON document."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({err})") from None
 
 
 def _cmd_prepare(args: argparse.Namespace) -> None:
     from archbench.data import parse_datasets, prepare_dataset, resolve_mirror
 
     name = args.dataset
-    specs = parse_datasets({name: json.loads(args.dataset_spec)}, source="--dataset-spec")
+    specs = parse_datasets({name: args.dataset_spec}, source="--dataset-spec")
     meta = prepare_dataset(specs[name], Path(args.out), mirror=resolve_mirror(args.mirror))
     print(
         f"prepared {name}: vocab {meta['vocab_size']}, {meta['n_train_tokens']:,} train / "
@@ -36,6 +55,11 @@ def _cmd_prepare(args: argparse.Namespace) -> None:
 def _cmd_train(args: argparse.Namespace) -> None:
     from archbench.train import train_run
 
+    missing = (
+        [k for k in SPEC_KEYS if k not in args.spec] if isinstance(args.spec, dict) else SPEC_KEYS
+    )
+    if missing:
+        raise ArchbenchError(f"--spec must be a JSON object with keys {', '.join(missing)}")
     torch.set_num_threads(args.threads)
     init_dirs = {}
     for item in args.init:
@@ -44,7 +68,7 @@ def _cmd_train(args: argparse.Namespace) -> None:
             raise ArchbenchError(f"--init {item!r} is not of the form TARGET=RUN_DIR")
         init_dirs[target] = Path(run_dir)
     summary = train_run(
-        json.loads(args.spec),
+        args.spec,
         Path(args.data),
         Path(args.out),
         show_progress=not args.no_progress,
@@ -184,7 +208,7 @@ def _cmd_aggregate(args: argparse.Namespace) -> None:
             Path(r["run_dir"]),
             tuple(r.get("result_files", RESULT_FILES)),
         )
-        for r in json.loads(args.runs)
+        for r in args.runs
     ]
     aggregate(
         runs,
@@ -197,15 +221,14 @@ def _cmd_aggregate(args: argparse.Namespace) -> None:
 def _cmd_report(args: argparse.Namespace) -> None:
     from archbench.report.render import render_report
 
-    experiments = json.loads(args.experiments) if args.experiments else None
     paths = render_report(
         Path(args.summary),
         Path(args.curves),
         Path(args.out_dir),
         args.suite,
-        experiments=experiments,
+        experiments=args.experiments,
         samples_json=Path(args.samples) if args.samples else None,
-        defaults=json.loads(args.defaults) if args.defaults else None,
+        defaults=args.defaults,
     )
     for path in paths:
         print(f"wrote {path}", file=sys.stderr)
@@ -233,16 +256,19 @@ def _cmd_validate(args: argparse.Namespace) -> None:
     from archbench.data import parse_datasets
     from archbench.experiments import (
         check_run_fits_data,
+        check_suite_datasets,
         check_suite_names,
+        load_config,
         load_experiments,
         load_suite,
         run_spec,
         suite_names,
         suite_rows,
     )
+    from archbench.options import suggest
 
     root = Path(args.root)
-    config = yaml.safe_load((root / args.config).read_text(encoding="utf-8"))
+    config = load_config(root / args.config, root / "workflow/schemas/config.schema.yaml")
     datasets = parse_datasets(config["datasets"], source=args.config)
     table = root / config["experiments"]
     experiments = load_experiments(
@@ -250,8 +276,15 @@ def _cmd_validate(args: argparse.Namespace) -> None:
     )
     suites_dir = root / "configs/suites"
     check_suite_names(table, experiments, suites_dir)
-    for name in suite_names(suites_dir):
+    suites, chosen = suite_names(suites_dir), config["suite"]
+    if chosen not in suites:
+        raise ConfigError(
+            f"{args.config}: suite '{chosen}'{suggest(chosen, suites)} has no file in "
+            f"{suites_dir}; available suites: {', '.join(suites)}"
+        )
+    for name in suites:
         suite = load_suite(suites_dir / f"{name}.yaml", root / "workflow/schemas/suite.schema.yaml")
+        check_suite_datasets(suite, datasets)
         rows = suite_rows(experiments, suite)
         for experiment in rows:
             check_run_fits_data(run_spec(experiment, suite, suite.seeds[0]), suite.name, datasets)
@@ -274,7 +307,7 @@ def _run_command(
     p.add_argument("--out", required=True, help=out)
     if device is not None:
         p.add_argument("--device", default=device, help="auto, cpu, cuda or mps")
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--threads", type=positive_int, default=1, help="torch threads")
     return p
 
 
@@ -285,16 +318,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("prepare", help="fetch, verify and tokenize one data set")
     p.add_argument("--dataset", required=True, help="data-set name")
-    p.add_argument("--dataset-spec", required=True, help="its registry entry as JSON")
+    p.add_argument(
+        "--dataset-spec", required=True, type=json_value, help="its registry entry as JSON"
+    )
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--mirror", default=None, help="data mirror directory")
     p.set_defaults(func=_cmd_prepare)
 
     p = sub.add_parser("train", help="train one (experiment, seed)")
-    p.add_argument("--spec", required=True, help="run spec as JSON (written by the workflow)")
+    p.add_argument(
+        "--spec", required=True, type=json_value, help="run spec as JSON (written by the workflow)"
+    )
     p.add_argument("--data", required=True, help="prepared data directory")
     p.add_argument("--out", required=True, help="run directory")
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--threads", type=positive_int, default=1, help="torch threads")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument(
         "--init",
@@ -308,8 +345,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = _run_command(
         sub, "evaluate", "perplexity / bits-per-byte / top-k of one run", "eval.json to write"
     )
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--max-tokens", type=int, default=None, help="score only this many tokens")
+    p.add_argument("--batch-size", type=positive_int, default=32)
+    p.add_argument(
+        "--max-tokens", type=positive_int, default=None, help="score only this many tokens"
+    )
     p.set_defaults(func=_cmd_evaluate)
 
     p = _run_command(
@@ -324,8 +363,10 @@ def build_parser() -> argparse.ArgumentParser:
         "task.json to write",
         data="prepared synthetic data directory",
     )
-    p.add_argument("--limit", type=int, default=None, help="score the first N val instances")
-    p.add_argument("--batch-size", type=int, default=64, help="instances per forward pass")
+    p.add_argument(
+        "--limit", type=positive_int, default=None, help="score the first N val instances"
+    )
+    p.add_argument("--batch-size", type=positive_int, default=64, help="instances per forward pass")
     p.set_defaults(func=_cmd_evaluate_task)
 
     p = _run_command(
@@ -333,13 +374,12 @@ def build_parser() -> argparse.ArgumentParser:
         "lm-eval",
         "lm-evaluation-harness tasks (offline) on one run",
         "results JSON to write",
-        device="cpu",
     )
     p.add_argument("--tasks", required=True, choices=("blimp", "rolling_ppl"))
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--limit", type=int, default=None, help="BLiMP pairs per paradigm")
-    p.add_argument("--max-tokens", type=int, default=None, help="rolling: held-out prefix")
-    p.add_argument("--stride", type=int, default=None, help="rolling: window stride")
+    p.add_argument("--batch-size", type=positive_int, default=64)
+    p.add_argument("--limit", type=positive_int, default=None, help="BLiMP pairs per paradigm")
+    p.add_argument("--max-tokens", type=positive_int, default=None, help="rolling: held-out prefix")
+    p.add_argument("--stride", type=positive_int, default=None, help="rolling: window stride")
     p.add_argument(
         "--data-mirror", default="", help="directory with blimp/ (default: embedded BLiMP)"
     )
@@ -362,16 +402,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", help="a run directory instead of --experiment")
     p.add_argument("--data", help="its prepared-data directory (with --run)")
     p.add_argument("--prompt", default="\n", help="text to continue")
-    p.add_argument("--length", type=int, default=200, help="tokens to generate")
+    p.add_argument("--length", type=positive_int, default=200, help="tokens to generate")
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=40, help="sample from the k likeliest (0 = all)")
     p.add_argument("--sample-seed", type=int, default=0, help="seed of the sampling")
     p.add_argument("--submodel", default=None, help="a nested sub-model, e.g. L1.0")
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--threads", type=positive_int, default=1, help="torch threads")
     p.set_defaults(func=_cmd_generate)
 
     p = sub.add_parser("aggregate", help="collect run results into summary.csv / curves.csv")
-    p.add_argument("--runs", required=True, help="JSON list of runs (written by the workflow)")
+    p.add_argument(
+        "--runs", required=True, type=json_value, help="JSON list of runs (written by the workflow)"
+    )
     p.add_argument("--summary", required=True)
     p.add_argument("--curves", required=True)
     p.add_argument("--samples", default="", help="samples.json to collect the runs' samples into")
@@ -384,12 +426,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--suite", required=True)
     p.add_argument(
         "--experiments",
-        default="",
+        type=json_value,
+        default=None,
         help="JSON list of the suite's rows (name, arch, dataset, overrides, baseline, "
         "description), in table order",
     )
     p.add_argument("--samples", default="", help="collected samples.json")
-    p.add_argument("--defaults", default="", help="JSON of the suite's model/training values")
+    p.add_argument(
+        "--defaults",
+        type=json_value,
+        default=None,
+        help="JSON of the suite's model/training values",
+    )
     p.set_defaults(func=_cmd_report)
 
     p = sub.add_parser("options", help="list architectures and their options (Markdown)")

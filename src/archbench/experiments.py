@@ -290,7 +290,20 @@ def _resolve_init_from(path: Path, experiments: list[Experiment]) -> list[Experi
     return [resolve(e.name, ()) for e in experiments]
 
 
-SECTIONS = ("model", "train", "eval", "train_by_dataset", "baselines")
+SECTIONS = ("model", "train", "eval", "train_by_dataset", "baselines", "lm_eval")
+
+
+def load_config(path: Path, schema: Path) -> dict[str, Any]:
+    """Read the workflow's config file and check it against its schema, as the Snakefile does."""
+    if not path.is_file():
+        raise ConfigError(f"no config file {path}")
+    data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    try:
+        validate(data, str(schema))
+    except WorkflowError as err:
+        column, message = _schema_error(err)
+        raise ConfigError(f"{path}, key '{column}': {message}") from None
+    return data
 
 
 def suite_names(directory: Path) -> list[str]:
@@ -300,7 +313,7 @@ def suite_names(directory: Path) -> list[str]:
 
 def _suite_data(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     """The raw mapping of a suite file, with `extends: <suite>` resolved: the named suite's
-    settings first, this file's on top (the model / train / eval sections merged key by key)."""
+    settings first, this file's on top (the SECTIONS merged key by key)."""
     if not path.exists():
         available = ", ".join(suite_names(path.parent))
         raise ConfigError(f"no suite file {path}; available suites: {available}")

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from archbench.checkpoint import load_weights
+from archbench.errors import DataError
 from archbench.io import read_json
 from archbench.models import build_model
 
@@ -22,6 +23,12 @@ def lm_eval_result(task_group: str) -> str:
 
 def load_run(run_dir: Path, device: str | torch.device = "cpu") -> nn.Module:
     """Rebuild the model of a finished run from `model_config.json` and `model.safetensors`."""
+    missing = [n for n in ("model_config.json", "model.safetensors") if not (run_dir / n).is_file()]
+    if missing:
+        raise DataError(
+            f"{run_dir} is not a finished run directory (no {' or '.join(missing)}); "
+            "train the run first"
+        )
     config = read_json(run_dir / "model_config.json")
     model = build_model(
         config["arch"], config["vocab_size"], config["block_size"], **config["options"]

@@ -32,7 +32,12 @@ def pick_device(name: str) -> torch.device:
     """Resolve 'auto' to the best available device (cuda, then mps, then cpu); a named device
     that this machine or torch build cannot use is a ConfigError."""
     if name != "auto":
-        device = torch.device(name)
+        try:
+            device = torch.device(name)
+        except RuntimeError:
+            raise ConfigError(
+                f"device={name!r} is not a device: use auto, cpu, cuda or mps"
+            ) from None
         if not DEVICE_AVAILABLE.get(device.type, lambda: True)():
             raise ConfigError(
                 f"device={name}, but this machine or torch build ({torch.__version__}) cannot "
