@@ -50,7 +50,8 @@ OPTION_VALUES: dict[str, tuple[Any, ...]] = {
 COMBINATIONS = [
     {"compression": "perceiver", "compress_layers": 0},
     {"compression": "perceiver", "widths": "16,24", "upsampling": "attention"},
-    {"upsampling": "attention", "skip": "post", "local_global": "sequential"},
+    {"upsampling": "attention", "skip": "post", "local_global": "sequential", "level_layers": 2},
+    {"local_global": "sequential", "level_layers": 3},
     {"latents": "6,3,1", "widths": "16,24,8", "compression": "perceiver", "merge": "max"},
     {"group_len": 5, "latents": "3,1", "upsampling": "attention", "channels": 3},
 ]
@@ -128,6 +129,17 @@ def test_shapes_and_gradients(overrides: dict) -> None:
     assert list(parts) == ["next_token"] and loss.ndim == 0 and torch.isfinite(loss)
     loss.backward()
     assert all(p.grad is not None for p in model.parameters())
+
+
+def test_block_order_matters_from_two_pairs_on() -> None:
+    """With one local + global pair per level both orders are the same model; from two on,
+    `sequential` (local, local, global, global) is another model than `alternate`."""
+    idx = tokens(3)
+    for pairs, same in ((1, True), (2, False)):
+        a, b = (
+            build({"level_layers": pairs, "local_global": o}) for o in ("alternate", "sequential")
+        )
+        assert torch.equal(a(idx), b(idx)) is same
 
 
 @pytest.mark.parametrize("overrides", CASES, ids=IDS)

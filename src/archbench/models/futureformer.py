@@ -90,8 +90,9 @@ multiply the baseline's largest activation by P + 1. Where that is small (B·T·
 `KEEP_LOGITS_ELEMENTS`, e.g. a character vocabulary) they are kept. Larger head passes (a BPE
 vocabulary) run over chunks of `HEAD_CHUNK_ROWS` positions under activation checkpointing: only
 h (B, T, d), the top tokens and their weights are kept, each chunk's logits are recomputed in the
-backward pass, and `loss` never holds more than one chunk of logits. `forward` builds only the
-returned next-token logits.
+backward pass, and `loss` never holds more than one chunk of logits. `forward` also computes
+each span's (B, T, V) logits, for the top-k memory (chunked the same way when large), but keeps
+only the returned next-token logits.
 
 Size. `n_layer` counts the body blocks: the model has n_layer + P blocks, P of them with a
 cross-attention (4·d² weights with n_kv_heads = n_head), plus the poolers' weights (none for sum,

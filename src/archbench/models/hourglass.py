@@ -58,12 +58,12 @@ Decoder level l (l = n … 1), (B, G, K_l, w_l) → (B, G, K_{l-1}, w_{l-1}), wi
      latents], the latents at their anchor positions (the last K_l slots). The first
      F = K_{l-1} - K_l slots are filled with group g-1's latents, tiled so that the slot just
      before the anchors gets the latest one (slot s takes latent (s - F) mod K_l); group 0 has no
-     previous group and gets F learned vectors. RMS-normalise, project to w_{l-1}, add the slot
-     embedding. The skip is RMS-normalised too. Without these two norms the model did not learn:
-     the upsampled stream is the sum of every residual branch on the deep path (rms about 8 after
-     80 training steps) while the token-level skip stays near the embedding scale (rms about
-     0.03), so the decoder blocks could not see the current token and the loss sat at the unigram
-     entropy; normalised, each joins at unit scale with its own learned gains.
+     previous group and gets F learned vectors. Normalise (`norm`, RMSNorm by default), project to
+     w_{l-1}, add the slot embedding. The skip is normalised too. Without these two norms the model
+     did not learn: the upsampled stream is the sum of every residual branch on the deep path (rms
+     about 8 after 80 training steps) while the token-level skip stays near the embedding scale (rms
+     about 0.03), so the decoder blocks could not see the current token and the loss sat at the
+     unigram entropy; normalised, each joins at unit scale with its own learned gains.
   2. `skip=pre`: add S_{l-1} now (Hourglass Transformers' residual), so the blocks below see the
      group's own earlier tokens.
   3. `upsampling=attention` (Hourglass Transformers' attention upsampling): the slots from 1-2 then
@@ -176,7 +176,8 @@ class HourglassConfig(LayerOptions):
     )
     local_global: str = option(
         "alternate",
-        "order of a level's blocks: local, global, local, ... or all local then all global",
+        "order of a level's blocks: local, global, local, ... or all local then all global "
+        "(the same with level_layers=1)",
         choices=("alternate", "sequential"),
     )
     upsampling: str = option(
@@ -192,19 +193,25 @@ class HourglassConfig(LayerOptions):
     multichannel_every: int = option(
         1, "every k-th latent layer is multi-channel (0 = none)", min=0
     )
-    channels: int = option(2, "attention channels (own q/k/v, MLP) of a multi-channel layer", min=1)
+    channels: int = option(
+        2, "attention channels (own q/k/v, MLP) of a multi-channel layer (unused if none)", min=1
+    )
     shared_channels: int = option(
-        1, "MLPs shared by all channels of a multi-channel layer (DeepSeekMoE)", min=0
+        1,
+        "MLPs shared by all channels of a multi-channel layer (DeepSeekMoE; unused if none)",
+        min=0,
     )
     channel_mlp_multiple: float = option(
         1.0,
-        "MLP hidden of each channel = multiple * vanilla / (channels + shared_channels)",
+        "MLP hidden of each channel = multiple * vanilla / (channels + shared_channels) "
+        "(unused if no multi-channel layer)",
         min=0.0,
         min_exclusive=True,
     )
     merge: str = option(
         "softmax",
-        "channel merge: per-element softmax convex combination, mean, or max",
+        "channel merge: per-element softmax convex combination, mean, or max (unused if no "
+        "multi-channel layer)",
         choices=("softmax", "mean", "max"),
     )
 
