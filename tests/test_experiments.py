@@ -124,6 +124,12 @@ def test_good_row_parses(tmp_path: Path) -> None:
     assert rows[1].runs_in("smoke") and not rows[1].runs_in("gpu") and rows[0].runs_in("gpu")
 
 
+def test_a_table_saved_with_a_byte_order_mark_reads_alike(tmp_path: Path) -> None:
+    """Spreadsheets save UTF-8 with a BOM; the first column must still be 'name'."""
+    rows = load(table(tmp_path, "gpt\tgpt\tchars\n", header="\ufeffname\tarch\tdataset\n"))
+    assert rows[0].name == "gpt"
+
+
 def test_optional_columns_may_be_absent(tmp_path: Path) -> None:
     rows = load(table(tmp_path, "gpt\tgpt\tchars\n", header="name\tarch\tdataset\n"))
     assert rows[0].overrides == {} and rows[0].suites == ()

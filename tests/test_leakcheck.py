@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from torch import nn
 
+from archbench.errors import DataError
 from archbench.evaluate.leakcheck import leak_check
 from archbench.models import build_model
 
@@ -68,3 +70,10 @@ def test_check_leaves_the_model_untouched() -> None:
     leak_check(model, TOKENS, BLOCK, VOCAB)
     assert model.training and all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert next(model.parameters()).dtype == torch.float32
+
+
+def test_too_few_tokens_is_a_data_error() -> None:
+    """With 1 token there is no later token to perturb: passing would claim a check never run."""
+    model = build_model("gpt", 8, 8, n_layer=1, n_head=2, d_model=16)
+    with pytest.raises(DataError, match="needs at least 3"):
+        leak_check(model, np.arange(2), block_size=8, vocab_size=8)

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from archbench.errors import ArchbenchError
+from archbench.errors import ArchbenchError, DataError
 from archbench.evaluate.perplexity import bits_per_byte, evaluate_perplexity
 from archbench.models import build_model
 
@@ -77,6 +77,11 @@ def test_non_finite_logits_are_an_error() -> None:
 
     with pytest.raises(ArchbenchError, match="validation loss is nan"):
         evaluate_perplexity(Broken(4), np.arange(10) % 4, np.ones(4, dtype=np.int64), 4)
+
+
+def test_fewer_than_two_tokens_is_a_data_error() -> None:
+    with pytest.raises(DataError, match="1 validation tokens: scoring needs at least 2"):
+        evaluate_perplexity(Uniform(4), np.arange(1), np.ones(4, dtype=np.int64), 4)
 
 
 def test_top_k_accuracy() -> None:

@@ -193,6 +193,32 @@ def test_checkpoint_of_another_model_shape_is_a_clear_error(tmp_path: Path) -> N
         load_training_state(tmp_path / CHECKPOINT, other, make_optimizer(other, TrainConfig()))
 
 
+@pytest.mark.parametrize("drop", ["rng.torch", "meta", "optim.0.exp_avg"])
+def test_checkpoint_missing_an_entry_is_a_clear_error(tmp_path: Path, drop: str) -> None:
+    """A lost entry, or an optimizer slot under a malformed key, is a CorruptFileError."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    model = build_model("gpt", 64, 16, n_layer=1, n_head=2, d_model=16)
+    optimizer = make_optimizer(model, TrainConfig())
+    model(torch.zeros(1, 4, dtype=torch.long)).sum().backward()
+    optimizer.step()
+    path = tmp_path / CHECKPOINT
+    save_training_state(path, model, optimizer, {"progress": {}})
+    tensors = load_file(path)
+    with safe_open(str(path), framework="pt") as handle:
+        header = handle.metadata()
+    save_file(
+        {k.replace("optim.0.", "optim.zero.") if k == drop else k: v for k, v in tensors.items()}
+        if drop.startswith("optim.")
+        else {k: v for k, v in tensors.items() if k != drop},
+        str(path),
+        {k: v for k, v in header.items() if k != drop},
+    )
+    with pytest.raises(CorruptFileError, match="does not fit this run's model.*delete it"):
+        load_training_state(path, model, make_optimizer(model, TrainConfig()))
+
+
 def test_a_checkpoint_left_half_written_is_removed(tiny_data: Path, tmp_path: Path) -> None:
     partial = tmp_path / f".{CHECKPOINT}.x1y2.tmp"
     partial.write_bytes(b"cut off by kill -9")

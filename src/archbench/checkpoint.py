@@ -69,11 +69,11 @@ def load_training_state(
     except (SafetensorError, OSError) as err:
         raise CorruptFileError(f"cannot read checkpoint {path}: {err}") from err
     slots: dict[int, dict[str, torch.Tensor]] = {}
-    for key, value in tensors.items():
-        if key.startswith("optim."):
-            _, index, slot = key.split(".", 2)
-            slots.setdefault(int(index), {})[slot] = value
     try:
+        for key, value in tensors.items():
+            if key.startswith("optim."):
+                _, index, slot = key.split(".", 2)
+                slots.setdefault(int(index), {})[slot] = value
         model.load_state_dict(
             {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")},
             strict=True,
@@ -81,13 +81,13 @@ def load_training_state(
         optimizer.load_state_dict(
             {"state": slots, "param_groups": json.loads(header["param_groups"])}
         )
-    except (RuntimeError, ValueError, KeyError) as err:
+        _set_rng_states(tensors, _device_of(model))
+        return json.loads(header["meta"])
+    except (RuntimeError, ValueError, KeyError, TypeError) as err:
         raise CorruptFileError(
             f"checkpoint {path} does not fit this run's model or optimizer (was archbench's code "
             f"changed since it was written?); delete it to train from the start: {err}"
         ) from err
-    _set_rng_states(tensors, _device_of(model))
-    return json.loads(header["meta"])
 
 
 def _device_of(model: nn.Module) -> torch.device:

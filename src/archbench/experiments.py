@@ -137,7 +137,7 @@ def load_experiments(path: Path, schema: Path, datasets: Iterable[str]) -> list[
     the suite. Errors name the file, line, experiment and column.
     """
     datasets = sorted(datasets)
-    with open(path, newline="", encoding="utf-8") as handle:
+    with open(path, newline="", encoding="utf-8-sig") as handle:  # a spreadsheet's BOM
         rows = list(csv.DictReader(handle, delimiter="\t"))
     if not rows:
         raise ConfigError(f"{path}: the table has no experiment rows")

@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from archbench.errors import DataError
+
 TOLERANCE = 1e-9  # float64: an honest model differs by rounding noise (~1e-14) at most
 
 
@@ -32,6 +34,8 @@ def leak_check(
 
     `leak_check_passed` is 1.0 when both stay within TOLERANCE, else 0.0.
     """
+    if len(tokens) < 3:
+        raise DataError(f"{len(tokens)} validation tokens: the leak check needs at least 3")
     model = copy.deepcopy(model).double().eval()
     device = next(model.parameters()).device
     rng = np.random.default_rng(seed)

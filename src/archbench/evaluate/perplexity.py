@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from archbench.errors import ArchbenchError
+from archbench.errors import ArchbenchError, DataError
 
 
 def bits_per_byte(total_nats: float, n_bytes: int) -> float:
@@ -44,6 +44,8 @@ def evaluate_perplexity(
     """Score `tokens` with `model`; return loss (nats/token), ppl, bpb, top-1/top-5 accuracy."""
     model.eval()
     tokens = np.asarray(tokens[: max_tokens + 1] if max_tokens else tokens, dtype=np.int64)
+    if len(tokens) < 2:
+        raise DataError(f"{len(tokens)} validation tokens: scoring needs at least 2")
     total_nats, n_targets, n_bytes, top1, top5 = 0.0, 0, 0, 0, 0
     spans = _windows(len(tokens), block_size)
     groups: dict[int, list[int]] = {}
