@@ -20,6 +20,16 @@ PREEMPTED_EXIT = 128 + 15  # the conventional status of a process ended by SIGTE
 SPEC_KEYS = ("experiment", "arch", "dataset", "seed", "model", "train")
 
 
+class HelpFormat(argparse.ArgumentDefaultsHelpFormatter):
+    """`--help` shows an option's default where it has a meaningful one."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        given = action.required or "(default:" in (action.help or "")
+        if given or action.default in (None, "", []) or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def positive_int(text: str) -> int:
     """argparse type: an integer >= 1."""
     try:
@@ -301,7 +311,7 @@ def _run_command(
 ) -> argparse.ArgumentParser:
     """A subcommand that reads one run directory and its data and writes one file: the --run,
     --data, --out, --threads (and, unless `device` is None, --device) arguments."""
-    p = sub.add_parser(name, help=help)
+    p = sub.add_parser(name, help=help, formatter_class=HelpFormat)
     p.add_argument("--run", required=True, help="run directory")
     p.add_argument("--data", required=True, help=data)
     p.add_argument("--out", required=True, help=out)
@@ -316,7 +326,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="archbench", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("prepare", help="fetch, verify and tokenize one data set")
+    p = sub.add_parser(
+        "prepare", help="fetch, verify and tokenize one data set", formatter_class=HelpFormat
+    )
     p.add_argument("--dataset", required=True, help="data-set name")
     p.add_argument(
         "--dataset-spec", required=True, type=json_value, help="its registry entry as JSON"
@@ -325,7 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mirror", default=None, help="data mirror directory")
     p.set_defaults(func=_cmd_prepare)
 
-    p = sub.add_parser("train", help="train one (experiment, seed)")
+    p = sub.add_parser("train", help="train one (experiment, seed)", formatter_class=HelpFormat)
     p.add_argument(
         "--spec", required=True, type=json_value, help="run spec as JSON (written by the workflow)"
     )
@@ -345,7 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = _run_command(
         sub, "evaluate", "perplexity / bits-per-byte / top-k of one run", "eval.json to write"
     )
-    p.add_argument("--batch-size", type=positive_int, default=32)
+    p.add_argument("--batch-size", type=positive_int, default=32, help="windows per forward pass")
     p.add_argument(
         "--max-tokens", type=positive_int, default=None, help="score only this many tokens"
     )
@@ -376,7 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
         "results JSON to write",
     )
     p.add_argument("--tasks", required=True, choices=("blimp", "rolling_ppl"))
-    p.add_argument("--batch-size", type=positive_int, default=64)
+    p.add_argument("--batch-size", type=positive_int, default=64, help="requests per forward pass")
     p.add_argument("--limit", type=positive_int, default=None, help="BLiMP pairs per paradigm")
     p.add_argument("--max-tokens", type=positive_int, default=None, help="rolling: held-out prefix")
     p.add_argument("--stride", type=positive_int, default=None, help="rolling: window stride")
@@ -394,14 +406,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=_cmd_sample)
 
-    p = sub.add_parser("generate", help="generate text from a trained run")
+    p = sub.add_parser(
+        "generate", help="generate text from a trained run", formatter_class=HelpFormat
+    )
     p.add_argument("--experiment", help="experiment row name (with --suite and --seed)")
     p.add_argument("--suite", default="default")
     p.add_argument("--seed", type=int, default=0, help="which training seed's run")
     p.add_argument("--results", default="results", help="results directory")
     p.add_argument("--run", help="a run directory instead of --experiment")
     p.add_argument("--data", help="its prepared-data directory (with --run)")
-    p.add_argument("--prompt", default="\n", help="text to continue")
+    p.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
     p.add_argument("--length", type=positive_int, default=200, help="tokens to generate")
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=40, help="sample from the k likeliest (0 = all)")
@@ -410,20 +424,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=positive_int, default=1, help="torch threads")
     p.set_defaults(func=_cmd_generate)
 
-    p = sub.add_parser("aggregate", help="collect run results into summary.csv / curves.csv")
+    p = sub.add_parser(
+        "aggregate",
+        help="collect run results into summary.csv / curves.csv",
+        formatter_class=HelpFormat,
+    )
     p.add_argument(
         "--runs", required=True, type=json_value, help="JSON list of runs (written by the workflow)"
     )
-    p.add_argument("--summary", required=True)
-    p.add_argument("--curves", required=True)
+    p.add_argument("--summary", required=True, help="summary.csv to write")
+    p.add_argument("--curves", required=True, help="curves.csv to write")
     p.add_argument("--samples", default="", help="samples.json to collect the runs' samples into")
     p.set_defaults(func=_cmd_aggregate)
 
-    p = sub.add_parser("report", help="render the Markdown / HTML report")
-    p.add_argument("--summary", required=True)
-    p.add_argument("--curves", required=True)
-    p.add_argument("--out-dir", required=True)
-    p.add_argument("--suite", required=True)
+    p = sub.add_parser(
+        "report", help="render the Markdown / HTML report", formatter_class=HelpFormat
+    )
+    p.add_argument("--summary", required=True, help="summary.csv from aggregate")
+    p.add_argument("--curves", required=True, help="curves.csv from aggregate")
+    p.add_argument("--out-dir", required=True, help="directory for index.md, index.html, figures")
+    p.add_argument("--suite", required=True, help="suite name, for the title")
     p.add_argument(
         "--experiments",
         type=json_value,
@@ -440,13 +460,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=_cmd_report)
 
-    p = sub.add_parser("options", help="list architectures and their options (Markdown)")
-    p.add_argument("arch", nargs="?", default=None)
+    p = sub.add_parser(
+        "options",
+        help="list architectures and their options (Markdown)",
+        formatter_class=HelpFormat,
+    )
+    p.add_argument("arch", nargs="?", default=None, help="one architecture (default: all)")
     p.set_defaults(func=_cmd_options)
 
-    p = sub.add_parser("validate", help="check the config, the experiments table and suites")
+    p = sub.add_parser(
+        "validate",
+        help="check the config, the experiments table and suites",
+        formatter_class=HelpFormat,
+    )
     p.add_argument("--root", default=".", help="project directory")
-    p.add_argument("--config", default="configs/config.yaml")
+    p.add_argument("--config", default="configs/config.yaml", help="config file, under --root")
     p.set_defaults(func=_cmd_validate)
     return parser
 
