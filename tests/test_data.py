@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import re
 import time
 from pathlib import Path
 
@@ -202,6 +203,20 @@ def test_download_with_wrong_contents_is_refused_and_not_cached(tmp_path: Path) 
     with pytest.raises(DataError, match="sha256 mismatch"):
         load_text(spec, cache_dir=cache)
     assert not cache.exists() or not [p for p in cache.rglob("*") if p.is_file()]
+
+
+@pytest.mark.parametrize("cached_bytes", [None, b"garbage"])
+def test_without_a_url_the_error_says_what_the_cache_holds(
+    tmp_path: Path, cached_bytes: bytes | None
+) -> None:
+    spec = spec_for(SMALL_TEXT.encode("utf-8"))
+    cached = tmp_path / "cache" / spec.path
+    if cached_bytes is not None:
+        cached.parent.mkdir(parents=True)
+        cached.write_bytes(cached_bytes)
+    expected = "does not match its sha256 (delete it)" if cached_bytes else "is not in the cache"
+    with pytest.raises(DataError, match=rf"{re.escape(expected)}.* and it has no url"):
+        load_text(spec, cache_dir=tmp_path / "cache")
 
 
 def test_corrupt_cached_file_is_downloaded_again(tmp_path: Path) -> None:

@@ -291,10 +291,14 @@ def _read_cached(spec: DatasetSpec, path: Path) -> bytes | None:
 def _download(spec: DatasetSpec, path: Path) -> bytes:
     """Fetch spec.url, verify it and only then store it at `path` (atomically)."""
     if spec.url is None:
+        cached = (
+            f"its cached copy {path} does not match its sha256 (delete it)"
+            if path.is_file()
+            else f"it is not in the cache ({path})"
+        )
         raise DataError(
             f"data set {spec.name} is not available: no data mirror is set (data_mirror=DIR or "
-            f"{MIRROR_ENV}), it has no embedded copy, it is not in the cache ({path}) "
-            "and it has no url"
+            f"{MIRROR_ENV}), it has no embedded copy, {cached} and it has no url"
         )
     try:
         with urllib.request.urlopen(spec.url, timeout=DOWNLOAD_TIMEOUT_S) as response:
