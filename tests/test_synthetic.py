@@ -24,6 +24,7 @@ from archbench.data import (
     make_task,
     parse_datasets,
     prepare_dataset,
+    synthetic,
 )
 from archbench.data.synthetic import MQAR, PathStar
 from archbench.errors import ConfigError, DataError
@@ -179,6 +180,18 @@ def test_generation_is_deterministic_with_separate_streams(name: str, knobs: dic
     assert not np.array_equal(task.generate(1, "train").ids[:50], train.ids[:50])
     bigger = make_task(name, {**knobs, "n_train": 200, "n_val": 80}).generate(0, "val")
     assert not np.array_equal(bigger.ids[:50], train.ids[:50])
+
+
+@pytest.mark.parametrize(("name", "knobs"), [("mqar", {}), ("path_star", {})])
+def test_drawing_in_chunks_gives_the_same_instances(
+    name: str, knobs: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Bounded memory for large vocabularies must not change a seed's data."""
+    task = make_task(name, {**knobs, "n_train": 300, "n_val": 5})
+    whole = task.generate(0, "train")
+    monkeypatch.setattr(synthetic, "SUBSET_CHUNK_FLOATS", 100)  # a few rows per chunk
+    chunked = task.generate(0, "train")
+    assert np.array_equal(whole.ids, chunked.ids) and np.array_equal(whole.mask, chunked.mask)
 
 
 def test_tokenizer_decodes_symbol_names() -> None:
@@ -570,7 +583,9 @@ def test_evaluate_task_cli_writes_flat_numbers_and_refuses_text_data(
     text = ["evaluate-task", "--run", str(trained), "--data", str(tiny_data), "--out", str(out)]
     assert main(text) == 2
     assert "is not a synthetic task" in capsys.readouterr().err
-    assert main([*args, "--limit", "0"]) == 2
+    with pytest.raises(SystemExit) as usage_error:
+        main([*args, "--limit", "0"])
+    assert usage_error.value.code == 2 and "--limit: 0 is not >= 1" in capsys.readouterr().err
 
 
 def test_prepare_cli_generates_a_synthetic_data_set(tmp_path: Path) -> None:

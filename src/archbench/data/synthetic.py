@@ -61,9 +61,22 @@ class Instances:
     mask: np.ndarray
 
 
+SUBSET_CHUNK_FLOATS = 1 << 24  # random keys drawn at once: 128 MiB, whatever n and population
+
+
 def _random_subsets(rng: np.random.Generator, n: int, population: int, size: int) -> np.ndarray:
-    """(n, size) int64: per row, `size` distinct values of range(population) in random order."""
-    return np.argsort(rng.random((n, population)), axis=1)[:, :size]
+    """(n, size) int64: per row, `size` distinct values of range(population) in random order.
+
+    Each row ranks `population` uniform keys. The rows are drawn in chunks, which consume the
+    generator's stream exactly as one (n, population) draw would (same instances), in bounded
+    memory when the vocabulary is large.
+    """
+    rows = max(1, SUBSET_CHUNK_FLOATS // population)
+    chunks = [
+        np.argsort(rng.random((min(rows, n - start), population)), axis=1)[:, :size]
+        for start in range(0, n, rows)
+    ]
+    return np.concatenate(chunks)
 
 
 @dataclass(frozen=True)
