@@ -41,6 +41,7 @@ from archbench.evaluate.tasks.utils import (
     _embedded_blimp,
     blimp_checksums,
     blimp_process_results,
+    heldout_dataset,
     read_blimp,
 )
 from archbench.models import build_model
@@ -375,3 +376,21 @@ def test_blimp_run_is_offline(
     paradigms = [written[f"blimp_{p}"] for p in blimp_checksums()]
     assert written["blimp_overall"] == pytest.approx(sum(paradigms) / N_PARADIGMS)
     assert written["lm_eval_blimp_seconds"] >= written["lm_eval_blimp_model_seconds"] > 0
+
+
+def test_a_cut_inside_a_character_drops_its_bytes_from_the_rolling_text(tmp_path: Path) -> None:
+    """'é' is not in the train split, so it is two byte-fallback tokens; a cut between them must
+    not turn the first into U+FFFD (3 other bytes) in the text the harness scores."""
+    from archbench.data import DatasetSpec, prepare_dataset
+
+    raw = ("abc " * 225 + "é" * 50).encode()
+    (tmp_path / "mirror" / "t").mkdir(parents=True)
+    (tmp_path / "mirror" / "t" / "input.txt").write_bytes(raw)
+    spec = DatasetSpec(name="t", path="t/input.txt", sha256=hashlib.sha256(raw).hexdigest())
+    prepare_dataset(spec, tmp_path / "data", mirror=tmp_path / "mirror")
+    val, tokenizer = load_tokens(tmp_path / "data", "val"), load_tokenizer(tmp_path / "data")
+    first = next(i for i, t in enumerate(val) if tokenizer.id_to_token(int(t)).startswith("<0x"))
+    assert first > 0
+    for max_tokens, expected_e in ((first + 1, 1), (first, 0), (first + 2, 1), (first + 3, 2)):
+        text = heldout_dataset(str(tmp_path / "data"), max_tokens)["test"]["text"][0]
+        assert "\ufffd" not in text and text.count("é") == expected_e, (max_tokens, text[-5:])

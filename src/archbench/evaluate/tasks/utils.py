@@ -111,13 +111,26 @@ def heldout_dataset(
     """custom_dataset of the rolling task: the validation split's text as one document.
 
     With `archbench_max_tokens` > 0 only the first max_tokens + 1 tokens are kept: the same text
-    that `archbench.evaluate.perplexity` scores with its `max_tokens`.
+    that `archbench.evaluate.perplexity` scores with its `max_tokens`, less the byte tokens of a
+    character that the cut splits (decoded, they would become U+FFFD, 3 bytes of another text).
     """
     data_dir = Path(archbench_data_dir)
-    ids = load_tokens(data_dir, "val")
-    if archbench_max_tokens > 0:
-        ids = ids[: archbench_max_tokens + 1]
-    return {"test": datasets.Dataset.from_dict({"text": [decode(load_tokenizer(data_dir), ids)]})}
+    tokenizer, ids = load_tokenizer(data_dir), load_tokens(data_dir, "val")
+    if 0 < archbench_max_tokens < len(ids) - 1:
+        text = _whole_characters(tokenizer, ids[: archbench_max_tokens + 1])
+    else:
+        text = decode(tokenizer, ids)
+    return {"test": datasets.Dataset.from_dict({"text": [text]})}
+
+
+def _whole_characters(tokenizer: Any, ids: Any) -> str:
+    """The text of `ids` without the trailing byte tokens of a character cut off after them (a
+    UTF-8 character has at most 4 bytes, so at most 3 are dropped)."""
+    for end in range(len(ids), max(len(ids) - 4, 0), -1):
+        text = decode(tokenizer, ids[:end])
+        if not text.endswith("\ufffd"):
+            return text
+    return decode(tokenizer, ids)
 
 
 def heldout_text(doc: dict[str, Any]) -> str:
