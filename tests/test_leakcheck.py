@@ -28,6 +28,23 @@ class PeeksAhead(nn.Module):
         return self.inner(idx) + 0.1 * self.inner.embed(ahead) @ self.inner.embed.weight.T
 
 
+class PeeksAheadOnce(PeeksAhead):
+    """Leaks token p + 1 into position p for one p only, away from the few cuts that every
+    window is checked at."""
+
+    def __init__(self, at: int):
+        super().__init__()
+        self.at = at
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        logits = self.inner(idx).clone()
+        if idx.shape[1] > self.at + 1:
+            logits[:, self.at] += (
+                0.1 * self.inner.embed(idx[:, self.at + 1]) @ self.inner.embed.weight.T
+            )
+        return logits
+
+
 class LengthDependent(nn.Module):
     """Causal in the perturbation sense, but its logits depend on the sequence length, so it
     computes something else on a prefix than on the full window."""
@@ -54,6 +71,13 @@ def test_peeking_model_fails_the_perturbation_test() -> None:
     result = leak_check(PeeksAhead(), TOKENS, BLOCK, VOCAB)
     assert result["leak_check_passed"] == 0.0
     assert result["leak_perturbation_max_diff"] > 1e-3
+
+
+@pytest.mark.parametrize("at", [3, BLOCK // 2 + 3, BLOCK - 3])
+def test_a_leak_at_a_single_position_is_found_wherever_it_is(at: int) -> None:
+    torch.manual_seed(0)
+    result = leak_check(PeeksAheadOnce(at), TOKENS, BLOCK, VOCAB)
+    assert result["leak_check_passed"] == 0.0 and result["leak_perturbation_max_diff"] > 1e-6
 
 
 def test_length_dependent_model_fails_the_prefix_test() -> None:
