@@ -177,6 +177,7 @@ def test_bad_inputs_are_one_line_errors(
             "train_by_dataset:\n  mqarr",
             "mqarr",
         ),
+        ("configs/config.yaml", "seeds: null", "seeds: [0, '0']", "seeds [0, 0]: a seed is listed"),
     ],
 )
 def test_validate_applies_the_workflows_config_checks(

@@ -13,6 +13,7 @@ from archbench.experiments import (
     load_experiments,
     load_suite,
     parse_overrides,
+    run_seeds,
     run_spec,
     split_overrides,
     suite_rows,
@@ -315,6 +316,20 @@ def test_a_suite_can_extend_another(tmp_path: Path) -> None:
     suite = load_suite(child, SUITE_SCHEMA)
     assert suite.name == "child" and suite.seeds == (5,)
     assert suite.model == {"n_layer": 3, "d_model": 64} and suite.train == {"lr": 0.01}
+
+
+def test_a_suite_that_runs_no_row_is_an_error(tmp_path: Path) -> None:
+    rows = load(table(tmp_path, "gpt\tgpt\tchars\t\tother\t\n"))
+    suite = load_suite(suite_file(tmp_path, "seeds: [0]\nmodel: {}\ntrain: {}\n"), SUITE_SCHEMA)
+    with pytest.raises(ConfigError, match="no row of the table runs in suite 'tiny'"):
+        suite_rows(rows, suite)
+
+
+def test_seeds_from_the_command_line_are_integers_and_unique(tmp_path: Path) -> None:
+    suite = load_suite(suite_file(tmp_path, "seeds: [4, 5]\nmodel: {}\ntrain: {}\n"), SUITE_SCHEMA)
+    assert run_seeds(None, suite) == [4, 5] and run_seeds(["0", 1], suite) == [0, 1]
+    with pytest.raises(ConfigError, match=r"seeds \[0, 0\]: a seed is listed twice"):
+        run_seeds([0, "0"], suite)
 
 
 def test_a_suite_extending_another_keeps_its_lm_eval_tasks(tmp_path: Path) -> None:

@@ -99,5 +99,6 @@ def test_check_leaves_the_model_untouched() -> None:
 def test_too_few_tokens_is_a_data_error() -> None:
     """With 1 token there is no later token to perturb: passing would claim a check never run."""
     model = build_model("gpt", 8, 8, n_layer=1, n_head=2, d_model=16)
-    with pytest.raises(DataError, match="needs at least 3"):
-        leak_check(model, np.arange(2), block_size=8, vocab_size=8)
+    with pytest.raises(DataError, match="needs at least 2"):
+        leak_check(model, np.arange(1), block_size=8, vocab_size=8)
+    assert leak_check(model, np.arange(2), block_size=8, vocab_size=8)["leak_check_passed"] == 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import math
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -108,6 +109,11 @@ def test_training_writes_every_output(tiny_data: Path, tmp_path: Path) -> None:
     assert logged[summary["best_val_step"]] == summary["best_val_loss"]
 
 
+def read_metrics_with_timing(run_dir: Path) -> list[dict]:
+    with open(run_dir / "metrics.csv", newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
 def test_best_val_is_the_lowest_estimate_and_its_step() -> None:
     """nanoGPT's shakespeare_char reference (~1.47) is the lowest val loss of the run: the model
     overfits long before its last step, so the final estimate alone would hide it."""
@@ -117,6 +123,39 @@ def test_best_val_is_the_lowest_estimate_and_its_step() -> None:
         progress.add_val(val, 0.25)
     assert (progress.last_val, progress.best_val, progress.best_val_step) == (1.5, 1.5, 500)
     assert (progress.val_seconds, progress.elapsed) == (1.0, 0.0)  # steps are timed apart
+
+
+def test_train_seconds_leave_out_validation_and_checkpoints(
+    tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With a clock that jumps 100 s in every validation and 1000 s in every checkpoint save,
+    the optimizer steps' time must contain neither jump, and eval_seconds only the first."""
+    import archbench.train as train
+
+    offset = [0.0]
+    real_clock, real_val, real_save = (
+        time.perf_counter,
+        train.estimate_val_loss,
+        train.save_training_state,
+    )
+
+    def jump(seconds: float, fn):
+        def wrapped(*args, **kwargs):
+            result = fn(*args, **kwargs)
+            offset[0] += seconds
+            return result
+
+        return wrapped
+
+    monkeypatch.setattr(train.time, "perf_counter", lambda: real_clock() + offset[0])
+    monkeypatch.setattr(train, "estimate_val_loss", jump(100.0, real_val))
+    monkeypatch.setattr(train, "save_training_state", jump(1000.0, real_save))
+    summary = train_run(tiny_spec(), tiny_data, tmp_path, show_progress=False)
+    n_evals = 3  # tiny_spec: 12 steps, eval_every 4
+    assert summary["train_seconds"] < 100
+    assert n_evals * 100 <= summary["eval_seconds"] < n_evals * 100 + 100
+    rows = read_metrics_with_timing(tmp_path)
+    assert all(float(r["elapsed_seconds"]) < 100 for r in rows)
 
 
 def test_same_seed_gives_identical_weights_and_metrics(tiny_data: Path, tmp_path: Path) -> None:

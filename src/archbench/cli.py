@@ -271,6 +271,7 @@ def _cmd_validate(args: argparse.Namespace) -> None:
         load_config,
         load_experiments,
         load_suite,
+        run_seeds,
         run_spec,
         suite_names,
         suite_rows,
@@ -295,6 +296,8 @@ def _cmd_validate(args: argparse.Namespace) -> None:
     for name in suites:
         suite = load_suite(suites_dir / f"{name}.yaml", root / "workflow/schemas/suite.schema.yaml")
         check_suite_datasets(suite, datasets)
+        if name == chosen:
+            run_seeds(config.get("seeds"), suite)
         rows = suite_rows(experiments, suite)
         for experiment in rows:
             check_run_fits_data(run_spec(experiment, suite, suite.seeds[0]), suite.name, datasets)
@@ -410,7 +413,7 @@ def build_parser() -> argparse.ArgumentParser:
         "generate", help="generate text from a trained run", formatter_class=HelpFormat
     )
     p.add_argument("--experiment", help="experiment row name (with --suite and --seed)")
-    p.add_argument("--suite", default="default")
+    p.add_argument("--suite", default="default", help="suite of the run (with --experiment)")
     p.add_argument("--seed", type=int, default=0, help="which training seed's run")
     p.add_argument("--results", default="results", help="results directory")
     p.add_argument("--run", help="a run directory instead of --experiment")

@@ -365,12 +365,26 @@ def load_suite(path: Path, schema: Path) -> Suite:
     )
 
 
+def run_seeds(seeds: list[int | str] | None, suite: Suite) -> list[int]:
+    """The seeds to train: the config's `seeds` (from `--config 'seeds=[0,1]'` they are strings
+    of digits) or, when null, the suite's. A seed listed twice is a ConfigError."""
+    chosen = [int(seed) for seed in seeds or suite.seeds]
+    if len(set(chosen)) < len(chosen):
+        raise ConfigError(f"seeds {chosen}: a seed is listed twice")
+    return chosen
+
+
 def suite_rows(experiments: list[Experiment], suite: Suite) -> list[Experiment]:
     """The rows of the table that run in `suite`, each with its baseline (and sub-model baselines)
-    replaced where the suite's `baselines` names a replacement. ConfigError if a key is not a row
-    of the table, or a replacement is not a row that runs in the suite on the key's data set."""
+    replaced where the suite's `baselines` names a replacement. ConfigError if no row runs in
+    the suite, a key is not a row of the table, or a replacement is not a row that runs in the
+    suite on the key's data set."""
     by_name = {e.name: e for e in experiments}
     rows = [e for e in experiments if e.runs_in(suite.name)]
+    if not rows:
+        raise ConfigError(
+            f"no row of the table runs in suite '{suite.name}' (check the `suites` column)"
+        )
     where = f"suite '{suite.name}', baselines"
     for named, replacement in suite.baselines.items():
         if named not in by_name:

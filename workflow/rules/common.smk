@@ -11,9 +11,10 @@ from snakemake.exceptions import WorkflowError
 from archbench.data import (MASK_FILES, SyntheticSpec, check_local_copy, parse_datasets,
                             resolve_mirror)
 from archbench.data.blimp import check_blimp_mirror
-from archbench.errors import ArchbenchError, ConfigError
+from archbench.errors import ArchbenchError
 from archbench.experiments import (check_run_fits_data, check_suite_datasets, check_suite_names,
-                                   load_experiments, load_suite, run_spec, suite_rows)
+                                   load_experiments, load_suite, run_seeds, run_spec,
+                                   suite_rows)
 from archbench.runs import RESULT_FILES, lm_eval_result
 
 SCHEMAS = Path(workflow.basedir) / "workflow" / "schemas"
@@ -29,9 +30,7 @@ try:
                              DATASETS)
     check_suite_names(Path(config["experiments"]), table, Path("configs/suites"))
     EXPERIMENTS = {e.name: e for e in suite_rows(table, SUITE)}
-    SEEDS = [int(seed) for seed in config.get("seeds") or SUITE.seeds]
-    if len(set(SEEDS)) < len(SEEDS):
-        raise ConfigError(f"seeds {SEEDS}: a seed is listed twice")
+    SEEDS = run_seeds(config.get("seeds"), SUITE)
     SPECS = {(name, seed): run_spec(e, SUITE, seed)
              for name, e in EXPERIMENTS.items() for seed in SEEDS}
     for spec in SPECS.values():
@@ -45,10 +44,6 @@ try:
         check_blimp_mirror(MIRROR_DIR)  # lm_eval reads BLiMP from the mirror too
 except ArchbenchError as err:
     raise WorkflowError(f"archbench: {err}") from None
-
-if not EXPERIMENTS:
-    raise WorkflowError(f"archbench: no row of {config['experiments']} runs in suite "
-                        f"'{SUITE.name}' (check the `suites` column)")
 
 MIRROR = str(MIRROR_DIR or "")
 RESULTS = f"results/{SUITE.name}"

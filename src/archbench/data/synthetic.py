@@ -61,7 +61,7 @@ class Instances:
     mask: np.ndarray
 
 
-SUBSET_CHUNK_FLOATS = 1 << 24  # random keys drawn at once: 128 MiB, whatever n and population
+SUBSET_CHUNK_FLOATS = 1 << 24  # random keys ranked at once (128 MiB, and their argsort as much)
 
 
 def _random_subsets(rng: np.random.Generator, n: int, population: int, size: int) -> np.ndarray:
@@ -71,12 +71,12 @@ def _random_subsets(rng: np.random.Generator, n: int, population: int, size: int
     generator's stream exactly as one (n, population) draw would (same instances), in bounded
     memory when the vocabulary is large.
     """
+    subsets = np.empty((n, size), dtype=np.int64)
     rows = max(1, SUBSET_CHUNK_FLOATS // population)
-    chunks = [
-        np.argsort(rng.random((min(rows, n - start), population)), axis=1)[:, :size]
-        for start in range(0, n, rows)
-    ]
-    return np.concatenate(chunks)
+    for start in range(0, n, rows):
+        stop = min(n, start + rows)
+        subsets[start:stop] = np.argsort(rng.random((stop - start, population)), axis=1)[:, :size]
+    return subsets
 
 
 @dataclass(frozen=True)
