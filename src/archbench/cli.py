@@ -30,6 +30,13 @@ class HelpFormat(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+class Subcommand(argparse.ArgumentParser):
+    """A subcommand's parser: its `--help` shows the defaults (HelpFormat)."""
+
+    def __init__(self, **kwargs: object) -> None:
+        super().__init__(formatter_class=HelpFormat, **kwargs)
+
+
 def positive_int(text: str) -> int:
     """argparse type: an integer >= 1."""
     try:
@@ -314,7 +321,7 @@ def _run_command(
 ) -> argparse.ArgumentParser:
     """A subcommand that reads one run directory and its data and writes one file: the --run,
     --data, --out, --threads (and, unless `device` is None, --device) arguments."""
-    p = sub.add_parser(name, help=help, formatter_class=HelpFormat)
+    p = sub.add_parser(name, help=help)
     p.add_argument("--run", required=True, help="run directory")
     p.add_argument("--data", required=True, help=data)
     p.add_argument("--out", required=True, help=out)
@@ -327,11 +334,9 @@ def _run_command(
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the `archbench` command."""
     parser = argparse.ArgumentParser(prog="archbench", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Subcommand)
 
-    p = sub.add_parser(
-        "prepare", help="fetch, verify and tokenize one data set", formatter_class=HelpFormat
-    )
+    p = sub.add_parser("prepare", help="fetch, verify and tokenize one data set")
     p.add_argument("--dataset", required=True, help="data-set name")
     p.add_argument(
         "--dataset-spec", required=True, type=json_value, help="its registry entry as JSON"
@@ -340,7 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mirror", default=None, help="data mirror directory")
     p.set_defaults(func=_cmd_prepare)
 
-    p = sub.add_parser("train", help="train one (experiment, seed)", formatter_class=HelpFormat)
+    p = sub.add_parser("train", help="train one (experiment, seed)")
     p.add_argument(
         "--spec", required=True, type=json_value, help="run spec as JSON (written by the workflow)"
     )
@@ -409,9 +414,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=_cmd_sample)
 
-    p = sub.add_parser(
-        "generate", help="generate text from a trained run", formatter_class=HelpFormat
-    )
+    p = sub.add_parser("generate", help="generate text from a trained run")
     p.add_argument("--experiment", help="experiment row name (with --suite and --seed)")
     p.add_argument("--suite", default="default", help="suite of the run (with --experiment)")
     p.add_argument("--seed", type=int, default=0, help="which training seed's run")
@@ -427,11 +430,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=positive_int, default=1, help="torch threads")
     p.set_defaults(func=_cmd_generate)
 
-    p = sub.add_parser(
-        "aggregate",
-        help="collect run results into summary.csv / curves.csv",
-        formatter_class=HelpFormat,
-    )
+    p = sub.add_parser("aggregate", help="collect run results into summary.csv / curves.csv")
     p.add_argument(
         "--runs", required=True, type=json_value, help="JSON list of runs (written by the workflow)"
     )
@@ -440,9 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", default="", help="samples.json to collect the runs' samples into")
     p.set_defaults(func=_cmd_aggregate)
 
-    p = sub.add_parser(
-        "report", help="render the Markdown / HTML report", formatter_class=HelpFormat
-    )
+    p = sub.add_parser("report", help="render the Markdown / HTML report")
     p.add_argument("--summary", required=True, help="summary.csv from aggregate")
     p.add_argument("--curves", required=True, help="curves.csv from aggregate")
     p.add_argument("--out-dir", required=True, help="directory for index.md, index.html, figures")
@@ -463,19 +460,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=_cmd_report)
 
-    p = sub.add_parser(
-        "options",
-        help="list architectures and their options (Markdown)",
-        formatter_class=HelpFormat,
-    )
+    p = sub.add_parser("options", help="list architectures and their options (Markdown)")
     p.add_argument("arch", nargs="?", default=None, help="one architecture (default: all)")
     p.set_defaults(func=_cmd_options)
 
-    p = sub.add_parser(
-        "validate",
-        help="check the config, the experiments table and suites",
-        formatter_class=HelpFormat,
-    )
+    p = sub.add_parser("validate", help="check the config, the experiments table and suites")
     p.add_argument("--root", default=".", help="project directory")
     p.add_argument("--config", default="configs/config.yaml", help="config file, under --root")
     p.set_defaults(func=_cmd_validate)
