@@ -450,3 +450,23 @@ def test_bad_suite_baselines_are_refused(tmp_path: Path, mapping: str, message: 
     rows = load(table(tmp_path, *SUBSTITUTION_TABLE, header=SUBSTITUTION_HEADER))
     with pytest.raises(ConfigError, match=message):
         resolve(tmp_path, rows, mapping)
+
+
+def test_plan_suite_applies_the_configs_seeds_to_its_own_suite_only() -> None:
+    from archbench.experiments import load_config
+    from archbench.plan import plan_suite
+
+    schemas = ROOT / "workflow/schemas"
+    config = {**load_config(ROOT / "configs/config.yaml", schemas / "config.schema.yaml")}
+    config.update(suite="smoke", seeds=["7", "3"])
+    smoke = plan_suite(ROOT, config, schemas)
+    assert smoke.suite.name == "smoke" and smoke.seeds == [7, 3]
+    assert set(smoke.specs) == {(row, seed) for row in smoke.experiments for seed in (7, 3)}
+    assert all(smoke.specs[row, 7]["seed"] == 7 for row in smoke.experiments)
+    default = plan_suite(ROOT, config, schemas, suite="default")
+    assert default.seeds == list(default.suite.seeds) != [7, 3]
+    assert list(default.experiments) == [
+        e.name
+        for e in load_experiments(ROOT / config["experiments"], ROW_SCHEMA, config["datasets"])
+        if e.runs_in("default")
+    ]

@@ -270,45 +270,22 @@ def _cmd_options(args: argparse.Namespace) -> None:
 
 
 def _cmd_validate(args: argparse.Namespace) -> None:
-    from archbench.data import parse_datasets
-    from archbench.experiments import (
-        check_run_fits_data,
-        check_suite_datasets,
-        check_suite_names,
-        load_config,
-        load_experiments,
-        load_suite,
-        run_seeds,
-        run_spec,
-        suite_names,
-        suite_rows,
-    )
+    from archbench.experiments import load_config, suite_names
     from archbench.options import suggest
+    from archbench.plan import SUITES_DIR, plan_suite
 
     root = Path(args.root)
-    config = load_config(root / args.config, root / "workflow/schemas/config.schema.yaml")
-    datasets = parse_datasets(config["datasets"], source=args.config)
-    table = root / config["experiments"]
-    experiments = load_experiments(
-        table, root / "workflow/schemas/experiments.schema.yaml", datasets
-    )
-    suites_dir = root / "configs/suites"
-    check_suite_names(table, experiments, suites_dir)
-    suites, chosen = suite_names(suites_dir), config["suite"]
+    schemas = root / "workflow/schemas"
+    config = load_config(root / args.config, schemas / "config.schema.yaml")
+    suites, chosen = suite_names(root / SUITES_DIR), config["suite"]
     if chosen not in suites:
         raise ConfigError(
             f"{args.config}: suite '{chosen}'{suggest(chosen, suites)} has no file in "
-            f"{suites_dir}; available suites: {', '.join(suites)}"
+            f"{root / SUITES_DIR}; available suites: {', '.join(suites)}"
         )
     for name in suites:
-        suite = load_suite(suites_dir / f"{name}.yaml", root / "workflow/schemas/suite.schema.yaml")
-        check_suite_datasets(suite, datasets)
-        if name == chosen:
-            run_seeds(config.get("seeds"), suite)
-        rows = suite_rows(experiments, suite)
-        for experiment in rows:
-            check_run_fits_data(run_spec(experiment, suite, suite.seeds[0]), suite.name, datasets)
-        print(f"suite {suite.name}: {len(rows)} experiments x {len(suite.seeds)} seeds: ok")
+        plan = plan_suite(root, config, schemas, suite=name, config_source=args.config)
+        print(f"suite {name}: {len(plan.experiments)} experiments x {len(plan.seeds)} seeds: ok")
 
 
 def _run_command(

@@ -8,13 +8,11 @@ from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
 
-from archbench.data import (MASK_FILES, SyntheticSpec, check_local_copy, parse_datasets,
-                            resolve_mirror)
+from archbench.data import MASK_FILES, SyntheticSpec, check_local_copy, resolve_mirror
 from archbench.data.blimp import check_blimp_mirror
 from archbench.errors import ArchbenchError
-from archbench.experiments import (check_run_fits_data, check_suite_datasets, check_suite_names,
-                                   load_experiments, load_suite, run_seeds, run_spec,
-                                   suite_rows)
+from archbench.experiments import run_spec
+from archbench.plan import plan_suite
 from archbench.runs import RESULT_FILES, lm_eval_result
 
 SCHEMAS = Path(workflow.basedir) / "workflow" / "schemas"
@@ -22,19 +20,10 @@ SCHEMAS = Path(workflow.basedir) / "workflow" / "schemas"
 ARCHBENCH = f"{shlex.quote(sys.executable)} -m archbench"
 
 try:
-    DATASETS = parse_datasets(config["datasets"], source="configs/config.yaml (datasets)")
-    SUITE = load_suite(Path("configs/suites") / f"{config['suite']}.yaml",
-                       SCHEMAS / "suite.schema.yaml")
-    check_suite_datasets(SUITE, DATASETS)
-    table = load_experiments(Path(config["experiments"]), SCHEMAS / "experiments.schema.yaml",
-                             DATASETS)
-    check_suite_names(Path(config["experiments"]), table, Path("configs/suites"))
-    EXPERIMENTS = {e.name: e for e in suite_rows(table, SUITE)}
-    SEEDS = run_seeds(config.get("seeds"), SUITE)
-    SPECS = {(name, seed): run_spec(e, SUITE, seed)
-             for name, e in EXPERIMENTS.items() for seed in SEEDS}
-    for spec in SPECS.values():
-        check_run_fits_data(spec, SUITE.name, DATASETS)  # a synthetic row's block holds an instance
+    PLAN = plan_suite(Path(), config, SCHEMAS)
+    DATASETS, SUITE, EXPERIMENTS, SEEDS, SPECS = (
+        PLAN.datasets, PLAN.suite, PLAN.experiments, PLAN.seeds, PLAN.specs
+    )
     MIRROR_DIR = resolve_mirror(config.get("data_mirror"))
     for name in sorted({e.dataset for e in EXPERIMENTS.values()}):
         check_local_copy(DATASETS[name], MIRROR_DIR)  # a bad data file stops us before any job
