@@ -189,3 +189,13 @@ def test_validate_applies_the_workflows_config_checks(
     (root / path).write_text(text.replace(old, new, 1), encoding="utf-8")
     assert main(["validate", "--root", str(root)]) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag", ["--mirror", "--data-mirror"])
+def test_lm_eval_takes_the_mirror_flag_that_prepare_takes(flag: str) -> None:
+    from archbench.cli import build_parser
+
+    common = ["--run", "r", "--data", "d", "--out", "o.json", "--tasks", "blimp"]
+    args = build_parser().parse_args(["lm-eval", *common, flag, "/m"])
+    assert args.mirror == "/m"
+    assert build_parser().parse_args(["lm-eval", *common]).mirror is None

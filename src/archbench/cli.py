@@ -159,7 +159,7 @@ def _cmd_lm_eval(args: argparse.Namespace) -> None:
         device=args.device,
         stride=args.stride,
         max_tokens=args.max_tokens,
-        data_mirror=args.data_mirror or None,
+        data_mirror=args.mirror,
     )
     print(json.dumps(result, indent=2), file=sys.stderr)
 
@@ -378,7 +378,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=positive_int, default=None, help="rolling: held-out prefix")
     p.add_argument("--stride", type=positive_int, default=None, help="rolling: window stride")
     p.add_argument(
-        "--data-mirror", default="", help="directory with blimp/ (default: embedded BLiMP)"
+        "--mirror",
+        "--data-mirror",
+        dest="mirror",
+        default=None,
+        help="data mirror directory with blimp/ (default: $ARCHBENCH_DATA_MIRROR, else the "
+        "embedded BLiMP)",
     )
     p.set_defaults(func=_cmd_lm_eval)
 

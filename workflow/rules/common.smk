@@ -35,6 +35,9 @@ except ArchbenchError as err:
     raise WorkflowError(f"archbench: {err}") from None
 
 MIRROR = str(MIRROR_DIR or "")
+# Not a param of any rule: every data file is sha256-checked wherever it comes from, so switching
+# the mirror re-runs nothing.
+MIRROR_ARG = f"--mirror {shlex.quote(MIRROR)}" if MIRROR else ""
 RESULTS = f"results/{SUITE.name}"
 REPORT = f"report/{SUITE.name}"
 RUN = RESULTS + "/{experiment}/seed{seed}"

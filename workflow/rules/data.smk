@@ -4,8 +4,6 @@
 
 import re
 
-MIRROR_ARG = f"--mirror {shlex.quote(MIRROR)}" if MIRROR else ""
-
 
 def one_of(names):
     """A wildcard pattern matching exactly `names` (nothing if there are none)."""

@@ -24,11 +24,6 @@ rule evaluate_perplexity:
         "--batch-size {params.batch_size} {params.max_tokens} --threads {threads} 2> {log}"
 
 
-# Not a param: BLiMP is sha256-checked wherever it comes from, so switching the mirror re-runs
-# nothing.
-LM_EVAL_MIRROR_ARG = f"--data-mirror {shlex.quote(MIRROR)}" if MIRROR else ""
-
-
 rule lm_eval:
     input:
         data_inputs,
@@ -51,5 +46,5 @@ rule lm_eval:
     shell:
         "{ARCHBENCH} lm-eval --run {params.run} --data {params.data} "
         "--tasks {wildcards.lm_eval_task} --out {output} --batch-size {params.batch_size} "
-        "{params.limit} {params.max_tokens} {LM_EVAL_MIRROR_ARG} --device auto --threads {threads} "
+        "{params.limit} {params.max_tokens} {MIRROR_ARG} --device auto --threads {threads} "
         "2> {log}"
