@@ -169,6 +169,48 @@ def test_greedy_flag_and_long_requests_through_windows() -> None:
     assert got[1][0] < -5 and got[1][1] is False
 
 
+class WidthNoise(Bigram):
+    """Bigram logits shifted by 1e-4 per padded column: like float rounding that depends on the
+    batch's padded width, which real models have at about 1e-6."""
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return super().forward(idx) + 1e-4 * idx.shape[1]
+
+
+def test_equal_requests_score_identically_whatever_batch_they_fall_in() -> None:
+    tok = train_tokenizer("char", "abcdefghij x")
+    lm = ArchbenchLM(WidthNoise(tok.get_vocab_size(), block_size=64), tok, batch_size=2)
+    sentence = "abc def ghij"
+    # Longest first: the filler and one copy share a batch padded to the filler's width.
+    got = lm.loglikelihood(
+        requests("loglikelihood", ("", "x" * 30), ("", sentence), ("", sentence))
+    )
+    assert got[1] == got[2]
+    assert blimp_process_results({}, got[1:]) == {"acc": 0.5}
+    texts = ("abcabc", "x" * 30, "abcabc")
+    rolling = lm.loglikelihood_rolling(requests("loglikelihood_rolling", *((t,) for t in texts)))
+    assert rolling[0] == rolling[2]
+
+
+class Uniform(nn.Module):
+    """All-zero logits: every token ties."""
+
+    def __init__(self, block_size: int):
+        super().__init__()
+        self.config = SimpleNamespace(block_size=block_size)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(*idx.shape, 266)
+
+
+def test_greedy_flag_is_what_greedy_generation_picks_among_tied_tokens() -> None:
+    lm = ArchbenchLM(Uniform(block_size=8), train_tokenizer("char", "abcdefghij"))
+    (generated,) = lm.generate_until(requests("generate_until", ("abc", {"max_gen_toks": 3})))
+    other = "j" if generated[0] != "j" else "i"
+    got = lm.loglikelihood(requests("loglikelihood", ("abc", generated), ("abc", other * 3)))
+    assert [greedy for _, greedy in got] == [True, False]
+
+
 def test_a_token_across_the_boundary_falls_back_to_encoding_the_continuation_alone() -> None:
     tok = train_tokenizer("bpe", "hello hello hello world " * 20, vocab_size=270)
     context, continuation = " hel", "lo"

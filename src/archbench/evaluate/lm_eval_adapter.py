@@ -201,9 +201,23 @@ class ArchbenchLM(LM):
             ids[r, : len(row)] = row
         return torch.from_numpy(ids).to(self._device), torch.from_numpy(lengths).to(self._device)
 
-    @torch.inference_mode()
     def _score(self, sequences: list[list[int]], firsts: list[int]) -> list[tuple[float, bool]]:
-        """(sum of log-probs of targets first.., all of them greedy?) for each sequence."""
+        """(sum of log-probs of targets first.., all of them greedy?) for each sequence. Equal
+        requests are scored once, so they get bit-identical results (a BLiMP pair of two equal
+        sentences is a tie, whichever batch padding each would have landed in)."""
+        unique: dict[tuple[tuple[int, ...], int], int] = {}
+        slots = [
+            unique.setdefault((tuple(sequence), first), len(unique))
+            for sequence, first in zip(sequences, firsts, strict=True)
+        ]
+        scores = self._score_unique([list(key) for key, _ in unique], [f for _, f in unique])
+        return [scores[slot] for slot in slots]
+
+    @torch.inference_mode()
+    def _score_unique(
+        self, sequences: list[list[int]], firsts: list[int]
+    ) -> list[tuple[float, bool]]:
+        """`_score` without the deduplication: every sequence in length-sorted batches."""
         windows = [  # (sequence index, start, end, n_scored)
             (i, *window)
             for i, (sequence, first) in enumerate(zip(sequences, firsts, strict=True))
@@ -226,7 +240,7 @@ class ArchbenchLM(LM):
             positions = torch.arange(inputs.shape[1], device=self._device)
             scored = (positions >= (n_inputs - n_scored)[:, None]) & (positions < n_inputs[:, None])
             sums = torch.where(scored, log_probs.double(), 0.0).sum(-1)
-            hits = ((target_logits >= best) | ~scored).all(-1)  # no token is more likely
+            hits = ((logits.argmax(-1) == targets) | ~scored).all(-1)  # argmax, as generated
             index = np.fromiter((i for i, *_ in chosen), dtype=np.int64, count=len(chosen))
             np.add.at(totals, index, sums.cpu().numpy())
             np.logical_and.at(greedy, index, hits.cpu().numpy())
