@@ -570,11 +570,11 @@ def test_comparisons_mark_wins_losses_noise_and_size(report: dict) -> None:
     assert gelu[column["p (paired t)"]] == f"{p_gelu:.3f}"
     assert gelu[column["Δ (95% CI, not Holm-adjusted)"]].startswith("-0.1000 ± ")
     assert gelu[column["compared on"]] == "val\\_loss"
-    assert deep[column["size"]] == "⚠ not size-matched (+47.8% parameters)"
+    assert deep[column["size"]] == "⚠ not size-matched (+47.78% parameters)"
     assert mqa[column["size"]] == "matched" and mqa[column["parameters (vs baseline)"]] == (
         "0.79M (-2.7%)"
     )
-    assert "Power: " in md and "seeds cannot tell a real effect from noise" in md
+    assert "Power: " in md and "'Within noise' does not mean 'no effect'" in md
     assert 'class="win"' in report["html"] and 'class="loss"' in report["html"]
 
 
@@ -687,6 +687,7 @@ def test_number_formats() -> None:
     assert format_scientific(1.2e13) == "1.2e13"
     assert format_scientific(3.0e-4) == "3.0e-4"
     assert format_p(0.01234) == "0.012" and format_p(0.00012) == "1.2e-4"
+    assert (format_p(0.0499), format_p(0.0504), format_p(0.0556)) == ("0.0499", "0.0504", "0.056")
 
 
 # ---------------------------------------------------------------- headless browser
@@ -749,3 +750,29 @@ def test_a_pair_with_neither_score_is_untested_and_says_why() -> None:
     leaks = {"task_row": "pass", "task_base": "pass"}
     (row,) = comparisons(summary, ["task_base", "task_row"], {"task_row": "task_base"}, leaks)
     assert row.result is None and row.verdict == NO_SCORE
+
+
+def test_power_figures_are_at_holms_strictest_level() -> None:
+    """With m tested comparisons the detectable Δ and seed counts are quoted at ALPHA / m: a
+    difference found there stays significant after Holm's correction."""
+    seeds = [0, 1, 2]
+    values = {"base": [1.50, 1.52, 1.49], "a": [1.45, 1.49, 1.43], "b": [1.51, 1.50, 1.50]}
+    values["c"] = [1.40, 1.41, 1.42]
+    summary = pl.DataFrame(
+        {
+            "experiment": [name for name in values for _ in seeds],
+            "seed": seeds * len(values),
+            "metric": ["val_loss"] * 3 * len(values),
+            "value": [v for name in values for v in values[name]],
+        }
+    )
+    rows = comparisons(
+        summary, list(values), {n: "base" for n in "abc"}, dict.fromkeys(values, "pass")
+    )
+    base = dict(zip(seeds, values["base"], strict=True))
+    for row in rows:
+        mine = dict(zip(seeds, values[row.experiment], strict=True))
+        strict, loose = compare(mine, base, alpha=0.05 / 3), compare(mine, base)
+        assert row.result.mde == pytest.approx(strict.mde) and strict.mde > 1.5 * loose.mde
+        assert row.result.seeds_needed == strict.seeds_needed >= loose.seeds_needed
+    assert math.isnan(compare(mine, base, alpha=None).mde)

@@ -248,9 +248,11 @@ def how_to_read() -> list[str]:
         f"by more than {SIZE_TOLERANCE:.0%} are flagged as not size-matched.",
         f"Power: 'detectable Δ' is the smallest true difference the deciding test would find "
         f"with {POWER:.0%} probability at these seeds and the observed spread (exact, from the "
-        f"noncentral t distribution); a smaller observed Δ cannot be told from noise. 'seeds "
+        f"noncentral t distribution), at level {ALPHA}/m for the m tested comparisons: Holm's "
+        f"strictest threshold, so a difference found there is significant after the correction "
+        f"too. A row 'within noise' may still differ by up to about its detectable Δ. 'seeds "
         f"to detect this Δ' is how many seeds per row would find the observed Δ with "
-        f"{POWER:.0%} power (> {MAX_SEEDS}: practically never).",
+        f"{POWER:.0%} power at the same level (> {MAX_SEEDS}: practically never).",
         "Ablation views: rows with the same architecture and data set that differ in exactly "
         "one option form an axis; each axis has a table, the final validation loss against "
         "the option's value (mean with 95% CI, dots = seeds) and the rows' validation curves. "

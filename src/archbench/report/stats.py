@@ -107,9 +107,10 @@ class Comparison:
 
     `test` is the test whose p-value decides (PAIRED when at least two seeds are shared, else
     WELCH, else "" when there are too few seeds); `p_welch` and `p_paired` are both kept.
-    `mde` is the smallest |Δ| that test would detect with probability POWER at level ALPHA,
-    given the observed spread and seeds; `seeds_needed` is the seed count (per row) at which the
-    observed |Δ| would be detected with that power (inf when Δ = 0 or beyond MAX_SEEDS).
+    `mde` is the smallest |Δ| that test would detect with probability POWER at the level that
+    `compare` was given, with the observed spread and seeds; `seeds_needed` is the seed count
+    (per row) at which the observed |Δ| would be detected with that power (inf when Δ = 0 or
+    beyond MAX_SEEDS).
     """
 
     n_row: int
@@ -238,12 +239,19 @@ def seeds_needed(
     return float(high)
 
 
-def compare(row: dict[int, float], base: dict[int, float], confidence: float = 0.95) -> Comparison:
+def compare(
+    row: dict[int, float],
+    base: dict[int, float],
+    confidence: float = 0.95,
+    alpha: float | None = ALPHA,
+) -> Comparison:
     """Compare a row's per-seed values with its baseline's (both keyed by seed).
 
     The same seed gives both rows the same data order, so when at least two seeds are shared
     the paired t-test on per-seed differences decides; otherwise Welch's test on all seeds.
-    `half_width` is the t half-width of Δ from the deciding test's se and df.
+    `half_width` is the t half-width of Δ from the deciding test's se and df. `mde` and
+    `seeds_needed` are at level `alpha` (a corrected level where a family of tests decides);
+    alpha None leaves them NaN (a quick pass for the p-values only).
     """
     row = {s: v for s, v in row.items() if math.isfinite(v)}
     base = {s: v for s, v in base.items() if math.isfinite(v)}
@@ -262,6 +270,7 @@ def compare(row: dict[int, float], base: dict[int, float], confidence: float = 0
     else:
         test, (delta, p, se, df), spread = "", welch, math.nan
     quantile = float(sps.t.ppf(0.5 + confidence / 2.0, df)) if df == df else math.nan
+    power = bool(test) and alpha is not None
     return Comparison(
         n_row=len(row),
         n_base=len(base),
@@ -272,6 +281,6 @@ def compare(row: dict[int, float], base: dict[int, float], confidence: float = 0
         p_value=p if test else math.nan,
         p_welch=welch[1],
         p_paired=paired[1],
-        mde=minimum_detectable_effect(se, df) if test else math.nan,
-        seeds_needed=seeds_needed(delta, spread, paired=test == PAIRED) if test else math.nan,
+        mde=minimum_detectable_effect(se, df, alpha) if power else math.nan,
+        seeds_needed=seeds_needed(delta, spread, test == PAIRED, alpha) if power else math.nan,
     )

@@ -19,6 +19,7 @@ from archbench.report.stats import (
     ALPHA,
     MAX_SEEDS,
     PAIRED,
+    POWER,
     WELCH,
     Comparison,
     compare,
@@ -68,15 +69,18 @@ def format_scientific(value: float) -> str:
 
 
 def format_p(p: float) -> str:
-    """A p-value: three decimals, or scientific below 0.001."""
+    """A p-value: three decimals, scientific below 0.001, and four near ALPHA, so that the
+    printed value never seems to contradict the verdict (0.0499 and 0.0504, not 0.050 twice)."""
     if math.isnan(p):
         return MISSING
-    return format_scientific(p) if p < 0.001 else f"{p:.3f}"
+    if p < 0.001:
+        return format_scientific(p)
+    return f"{p:.4f}" if round(p, 3) == ALPHA else f"{p:.3f}"
 
 
-def format_relative(ratio: float) -> str:
+def format_relative(ratio: float, decimals: int = 1) -> str:
     """A ratio as a signed percentage difference, e.g. 1.041 -> "+4.1%"."""
-    return MISSING if math.isnan(ratio) else f"{(ratio - 1) * 100:+.1f}%"
+    return MISSING if math.isnan(ratio) else f"{(ratio - 1) * 100:+.{decimals}f}%"
 
 
 def format_seeds(n: float) -> str:
@@ -335,6 +339,9 @@ def score_of(metrics: set[str]) -> Score | None:
     return Score(exact[0], lower_is_better=False, decimals=3) if exact else None
 
 
+SeedPair = tuple[dict[int, float], dict[int, float]]  # per-seed values of a row and its baseline
+
+
 @dataclass(frozen=True)
 class ComparisonRow:
     """A row against its baseline on `score`: the test (None if not run), Holm p and verdict."""
@@ -359,6 +366,13 @@ def verdict_of(result: Comparison, holm_p: float, score: Score = VAL_LOSS) -> st
     return "✔ significantly better" if better else "✘ significantly worse"
 
 
+def power_level(p_values: list[float]) -> float:
+    """The level of the power figures: ALPHA / m, m the tested comparisons (finite p-values).
+    Holm's step-down never asks more of a p-value than this, so a difference detected at this
+    level stays significant after the correction."""
+    return ALPHA / max(1, sum(math.isfinite(p) for p in p_values))
+
+
 def comparisons(
     summary: pl.DataFrame,
     order: list[str],
@@ -369,13 +383,15 @@ def comparisons(
     val loss, synthetic-task rows on their task's exact match (`score_of`).
 
     Rows (or baselines) that failed the leak check are excluded and say so; a baseline that is
-    not in this suite's results is reported, not an error.
+    not in this suite's results is reported, not an error. The power figures are at Holm's
+    strictest level, ALPHA / m for m tested comparisons (`power_level`): a difference found at
+    that level is significant after the correction too.
     """
     metrics = {
         name: set(found)
         for name, found in summary.group_by("experiment").agg(pl.col("metric").unique()).iter_rows()
     }
-    pending: list[tuple[str, str, Comparison | None, str, Score | None]] = []
+    pending: list[tuple[str, str, SeedPair | None, str, Score | None]] = []
     for experiment in order:
         baseline = baselines.get(experiment)
         if not baseline:
@@ -391,15 +407,23 @@ def comparisons(
             why = NO_SCORE
         else:
             values = per_seed_values(summary, score.metric)
-            result = compare(values.get(experiment, {}), values.get(baseline, {}), CONFIDENCE)
-            pending.append((experiment, baseline, result, "", score))
+            pair = (values.get(experiment, {}), values.get(baseline, {}))
+            pending.append((experiment, baseline, pair, "", score))
             continue
         pending.append((experiment, baseline, None, why, score))
-    adjusted = holm(r.p_value if r is not None else math.nan for _, _, r, _, _ in pending)
-    return [
-        ComparisonRow(e, b, r, p, verdict_of(r, p, score) if r is not None else why, score)
-        for (e, b, r, why, score), p in zip(pending, adjusted, strict=True)
+    p_values = [
+        compare(*pair, CONFIDENCE, alpha=None).p_value if pair else math.nan
+        for _, _, pair, _, _ in pending
     ]
+    adjusted = holm(p_values)
+    level = power_level(p_values)
+    rows = []
+    for (e, b, pair, why, score), p in zip(pending, adjusted, strict=True):
+        r = compare(*pair, CONFIDENCE, alpha=level) if pair else None
+        rows.append(
+            ComparisonRow(e, b, r, p, verdict_of(r, p, score) if r is not None else why, score)
+        )
+    return rows
 
 
 def _against_baseline(cells: Cells, row: ComparisonRow, metric: str) -> tuple[float, float]:
@@ -417,7 +441,7 @@ def comparison_table(rows: list[ComparisonRow], cells: Cells) -> Table:
         if math.isnan(size_ratio):
             fair = MISSING
         elif abs(size_ratio - 1) > SIZE_TOLERANCE:
-            fair = f"⚠ not size-matched ({format_relative(size_ratio)} parameters)"
+            fair = f"⚠ not size-matched ({format_relative(size_ratio, 2)} parameters)"
         else:
             fair = "matched"
         r, score = row.result, row.score or VAL_LOSS
@@ -469,8 +493,8 @@ def comparison_table(rows: list[ComparisonRow], cells: Cells) -> Table:
         "deciding test",
         "Holm p",
         "verdict",
-        "detectable Δ (80% power)",
-        "seeds to detect this Δ",
+        f"detectable Δ ({POWER:.0%} power, level {ALPHA}/m)",
+        f"seeds to detect this Δ (level {ALPHA}/m)",
     ]
     return Table(headers, out, id="comparisons", row_classes=classes)
 
@@ -488,15 +512,14 @@ def power_summary(rows: list[ComparisonRow]) -> str | None:
     mdes = sorted(r.result.mde for r in tested)
     median = statistics.median(mdes)
     significant = sum(r.verdict.startswith(("✔", "✘")) for r in tested)
-    hidden = sum(abs(r.result.delta) < r.result.mde for r in tested)
     return (
         f"Power: with the seeds used and the observed seed-to-seed spread, the smallest "
-        f"difference in validation loss that these tests detect with 80% probability ranges "
-        f"from {mdes[0]:.4f} to {mdes[-1]:.4f} nats (median {median:.4f}). "
-        f"{significant} of {len(tested)} tested differences are significant after the Holm "
-        f"correction; {hidden} of {len(tested)} observed differences are smaller than their "
-        f"detectable Δ, so for those rows these seeds cannot tell a real effect from noise — "
-        f"the last column says how many seeds each would need."
+        f"difference in validation loss that these tests detect with {POWER:.0%} probability "
+        f"after the Holm correction ranges from {mdes[0]:.4f} to {mdes[-1]:.4f} nats (median "
+        f"{median:.4f}). {significant} of {len(tested)} tested differences are significant "
+        f"after the correction. 'Within noise' does not mean 'no effect': a true difference "
+        f"smaller than a row's detectable Δ is likely to be missed at these seeds — the last "
+        f"column says how many seeds each observed Δ would need."
     )
 
 
