@@ -29,6 +29,7 @@ from archbench.report import (
     render_report,
     summarize,
 )
+from archbench.report.aggregate import CURVES_SCHEMA
 from archbench.report.document import (
     Paragraph,
     Preformatted,
@@ -41,7 +42,7 @@ from archbench.report.document import (
     markdown_page,
     markdown_table,
 )
-from archbench.report.figures import curve_bands, pareto_front
+from archbench.report.figures import curve_bands, pareto_front, plot_axis
 from archbench.report.stats import (
     PAIRED,
     WELCH,
@@ -52,6 +53,8 @@ from archbench.report.stats import (
 )
 from archbench.report.tables import (
     NO_SCORE,
+    axis_score,
+    axis_table,
     comparisons,
     format_count,
     format_p,
@@ -776,3 +779,23 @@ def test_power_figures_are_at_holms_strictest_level() -> None:
         assert row.result.mde == pytest.approx(strict.mde) and strict.mde > 1.5 * loose.mde
         assert row.result.seeds_needed == strict.seeds_needed >= loose.seeds_needed
     assert math.isnan(compare(mine, base, alpha=None).mde)
+
+
+def test_an_axis_of_task_rows_is_scored_on_exact_match(tmp_path: Path) -> None:
+    """Task rows have no val loss: their axis table and figure show the task's exact match."""
+    rows = [
+        {"name": "gpt_path", "arch": "gpt", "dataset": "path_star", "overrides": {}},
+        {"name": "gpt_l5_path", "arch": "gpt", "dataset": "path_star", "overrides": {"n_layer": 5}},
+    ]
+    (axis,) = ablation_axes(rows, {"n_layer": 4})
+    metric = "path_star_exact_match"
+    cells = {("gpt_path", metric): (0.25, 0.1), ("gpt_l5_path", metric): (0.5, 0.2)}
+    assert axis_score(axis, cells).metric == metric
+    table = axis_table(axis, cells, {"gpt_path": "pass", "gpt_l5_path": "pass"}, {})
+    assert "path star exact match" in table.headers and "val loss" not in table.headers
+    assert [row[3] for row in table.rows] == ["0.250 ± 0.100", "0.500 ± 0.200"]
+    per_seed = {"gpt_path": {0: 0.2, 1: 0.3}, "gpt_l5_path": {0: 0.4, 1: 0.6}}
+    curves = pl.DataFrame(schema=CURVES_SCHEMA)
+    figure = plot_axis(axis, metric, per_seed, cells, curves, {"gpt_path": "C0",
+                       "gpt_l5_path": "C1"}, set(), tmp_path / "axis.png")  # fmt: skip
+    assert figure.path.is_file() and "final path star exact match" in figure.caption

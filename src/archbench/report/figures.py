@@ -24,7 +24,7 @@ from matplotlib.ticker import EngFormatter, NullFormatter
 from archbench.io import atomic_path
 from archbench.report.axes import Axis
 from archbench.report.stats import t_half_width
-from archbench.report.tables import CONFIDENCE, PRIMARY, Cells
+from archbench.report.tables import CONFIDENCE, Cells
 
 PALETTE = "colorblind"
 SMOOTHING_POINTS = 25  # train-loss curves are smoothed to about this many independent points
@@ -215,6 +215,7 @@ def plot_aux(
 
 def plot_axis(
     axis: Axis,
+    metric: str,
     per_seed: dict[str, dict[int, float]],
     cells: Cells,
     curves: pl.DataFrame,
@@ -222,14 +223,15 @@ def plot_axis(
     excluded: set[str],
     path: Path,
 ) -> FigureFile:
-    """Left: PRIMARY against the axis value (mean ± 95% CI, seeds as dots). Right: the rows'
-    validation curves with seed bands. Rows in `excluded` (failed leak check) are left out."""
+    """Left: `metric` (per_seed holds its values) against the axis value (mean ± 95% CI, seeds
+    as dots). Right: the rows' validation curves with seed bands. Rows in `excluded` (failed
+    leak check) are left out."""
     points = [p for p in axis.points if p.experiment not in excluded]
     numeric = axis.numeric
     with _canvas(path, ncols=2, size=(11, 4.4)) as (left, right):
         for index, point in enumerate(points):
             x = float(point.value) if numeric else float(index)
-            mean, half = cells.get((point.experiment, PRIMARY), (math.nan, math.nan))
+            mean, half = cells.get((point.experiment, metric), (math.nan, math.nan))
             colour = colours[point.experiment]
             seeds = sorted(per_seed.get(point.experiment, {}).values())
             left.scatter([x] * len(seeds), seeds, color=colour, alpha=0.45, s=14, linewidths=0)
@@ -250,14 +252,14 @@ def plot_axis(
         else:
             left.set_xticks(range(len(points)), [p.label for p in points])
         left.tick_params(axis="x", labelrotation=30 if not numeric else 0)
-        if not points:
+        if not any((p.experiment, metric) in cells for p in points):
             _no_data(left)
-        left.set(title=f"{PRIMARY} by {axis.key}", xlabel=axis.key, ylabel=PRIMARY)
+        left.set(title=f"{metric} by {axis.key}", xlabel=axis.key, ylabel=metric)
         _draw_bands(right, curves, "val_loss", [p.experiment for p in points], colours)
         right.set(title="validation loss curves", ylabel="val_loss")
     left_out = [p.experiment for p in axis.points if p.experiment in excluded]
     caption = (
-        f"Ablation axis {axis.title}. Left: final validation loss for each value of "
+        f"Ablation axis {axis.title}. Left: final {metric.replace('_', ' ')} for each value of "
         f"{axis.key} (mean over seeds with a 95% t-interval; dots are single seeds). Right: "
         f"the periodic validation estimate during training (eval_batches windows; the left "
         f"panel scores the whole split), mean over seeds with a 95% t-interval band."

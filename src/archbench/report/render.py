@@ -48,8 +48,8 @@ from archbench.report.submodels import (
 from archbench.report.tables import (
     CONFIDENCE,
     MISSING,
-    PRIMARY,
     SIZE_TOLERANCE,
+    axis_score,
     axis_table,
     comparison_table,
     comparisons,
@@ -158,12 +158,13 @@ def _draw_figures(
                     "Training loss (total, including auxiliary parts)",
                     "training loss (nats/token)"),
     ]  # fmt: skip
-    per_seed = per_seed_values(summary, PRIMARY)
-    axis_figures = [
-        plot_axis(axis, per_seed, cells, curves, colours, excluded,
-                  figures_dir / f"axis{index:02d}-{axis.slug}.png")
-        for index, axis in enumerate(axes)
-    ]  # fmt: skip
+    axis_figures = []
+    for index, axis in enumerate(axes):
+        metric = axis_score(axis, cells).metric
+        axis_figures.append(
+            plot_axis(axis, metric, per_seed_values(summary, metric), cells, curves, colours,
+                      excluded, figures_dir / f"axis{index:02d}-{axis.slug}.png")
+        )  # fmt: skip
     datasets = {e: identity[e][1] for e in order}
     extra = [plot_pareto(cells, datasets, order, colours, excluded, figures_dir / "pareto.png")]
     for arch in dict.fromkeys(identity[e][0] for e in order):
@@ -254,8 +255,9 @@ def how_to_read() -> list[str]:
         f"to detect this Δ' is how many seeds per row would find the observed Δ with "
         f"{POWER:.0%} power at the same level (> {MAX_SEEDS}: practically never).",
         "Ablation views: rows with the same architecture and data set that differ in exactly "
-        "one option form an axis; each axis has a table, the final validation loss against "
-        "the option's value (mean with 95% CI, dots = seeds) and the rows' validation curves. "
+        "one option form an axis; each axis has a table, the final validation loss (a task "
+        "row's exact match) against the option's value (mean with 95% CI, dots = seeds) and the "
+        "rows' validation curves. "
         "Curves show the mean over seeds with a 95% t-interval band (min–max where fewer than "
         "two seeds logged a step). Samples are continuations of a fixed prompt by the first "
         "seed's checkpoint, greedy and sampled, shown verbatim.",

@@ -523,15 +523,24 @@ def power_summary(rows: list[ComparisonRow]) -> str | None:
     )
 
 
+def axis_score(axis: Axis, cells: Cells) -> Score:
+    """What an axis's rows are scored on: val loss for text rows, a synthetic task's exact match
+    for task rows (`score_of`; val loss when they have neither)."""
+    names = {p.experiment for p in axis.points}
+    return score_of({metric for experiment, metric in cells if experiment in names}) or VAL_LOSS
+
+
 def axis_table(axis: Axis, cells: Cells, leaks: dict[str, str], seeds: dict[str, int]) -> Table:
-    """One ablation axis: each value's row with its seeds, scores, size and compute."""
+    """One ablation axis: each value's row with its seeds, scores, size and compute (text rows:
+    val loss and bpb; task rows: the task's exact match)."""
+    score = axis_score(axis, cells)
+    metrics = ["val_loss", "val_bpb"] if score == VAL_LOSS else [score.metric]
     rows = [
         [
             point.label,
             point.experiment,
             str(seeds.get(point.experiment, 0)),
-            format_interval(*_cell(cells, point.experiment, "val_loss"), 4),
-            format_interval(*_cell(cells, point.experiment, "val_bpb"), 4),
+            *(format_interval(*_cell(cells, point.experiment, m), score.decimals) for m in metrics),
             format_count(_cell(cells, point.experiment, "n_params")[0]),
             format_scientific(_cell(cells, point.experiment, "train_flops")[0]),
             leaks.get(point.experiment, MISSING),
@@ -542,7 +551,8 @@ def axis_table(axis: Axis, cells: Cells, leaks: dict[str, str], seeds: dict[str,
         "excluded" if leaks.get(p.experiment, "").startswith("FAIL") else "" for p in axis.points
     ]
     headers = [
-        *(axis.key, "experiment", "seeds (n)", "val loss", "val bpb"),
+        *(axis.key, "experiment", "seeds (n)"),
+        *(m.replace("_", " ") for m in metrics),
         *("parameters", "train FLOPs", "leak check"),
     ]
     return Table(headers, rows, id=f"axis-{axis.slug}", row_classes=classes)
