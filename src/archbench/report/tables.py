@@ -518,8 +518,8 @@ def power_summary(rows: list[ComparisonRow]) -> str | None:
         f"after the Holm correction ranges from {mdes[0]:.4f} to {mdes[-1]:.4f} nats (median "
         f"{median:.4f}). {significant} of {len(tested)} tested differences are significant "
         f"after the correction. 'Within noise' does not mean 'no effect': a true difference "
-        f"smaller than a row's detectable Δ is likely to be missed at these seeds — the last "
-        f"column says how many seeds each observed Δ would need."
+        f"smaller than a row's detectable Δ is found with less than {POWER:.0%} probability at "
+        f"these seeds — the last column says how many seeds each observed Δ would need."
     )
 
 
