@@ -59,6 +59,7 @@ from archbench.report.tables import (
     format_count,
     format_p,
     format_scientific,
+    per_seed_table,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -799,3 +800,11 @@ def test_an_axis_of_task_rows_is_scored_on_exact_match(tmp_path: Path) -> None:
     figure = plot_axis(axis, metric, per_seed, cells, curves, {"gpt_path": "C0",
                        "gpt_l5_path": "C1"}, set(), tmp_path / "axis.png")  # fmt: skip
     assert figure.path.is_file() and "final path star exact match" in figure.caption
+
+
+def test_per_seed_table_shows_a_task_rows_exact_match() -> None:
+    summary = _task_summary("path_star_exact_match", [0.60, 0.71, 0.52], [0.50, 0.60, 0.40])
+    table = per_seed_table(summary, ["task_base", "task_row"])
+    assert table.headers[-1] == "task exact match"
+    assert [row[-1] for row in table.rows] == ["0.500", "0.600", "0.400", "0.600", "0.710", "0.520"]
+    assert {row[2] for row in table.rows} == {"—"}  # no val loss on a task

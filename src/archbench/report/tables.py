@@ -260,8 +260,14 @@ def per_seed_values(summary: pl.DataFrame, metric: str) -> dict[str, dict[int, f
 
 
 def per_seed_table(summary: pl.DataFrame, order: list[str]) -> Table:
-    """One row per experiment × seed with the raw validation metrics behind the means."""
+    """One row per experiment × seed with the raw values behind the means: validation loss and
+    bpb, and a synthetic-task row's exact match (the score its comparisons use)."""
     values = {metric: per_seed_values(summary, metric) for metric in PER_SEED_METRICS}
+    exact = summary.filter(pl.col("metric").str.ends_with(EXACT_MATCH))
+    task_values = {
+        (experiment, seed): value
+        for experiment, seed, value in exact.select("experiment", "seed", "value").iter_rows()
+    }
     seeds_of = dict(summary.group_by("experiment").agg(pl.col("seed").unique().sort()).iter_rows())
     rows = [
         [
@@ -271,11 +277,13 @@ def per_seed_table(summary: pl.DataFrame, order: list[str]) -> Table:
                 format_interval(values[m].get(experiment, {}).get(seed, math.nan), math.nan, 4)
                 for m in PER_SEED_METRICS
             ),
+            format_interval(task_values.get((experiment, seed), math.nan), math.nan, 3),
         ]
         for experiment in order
         for seed in seeds_of[experiment]
     ]
-    return Table(["experiment", "seed", *PER_SEED_METRICS], rows, id="per-seed")
+    headers = ["experiment", "seed", *PER_SEED_METRICS, "task exact match"]
+    return Table(headers, rows, id="per-seed")
 
 
 def lm_eval_table(stats: pl.DataFrame, order: list[str]) -> Table | None:
