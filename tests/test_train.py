@@ -14,11 +14,16 @@ import torch
 from conftest import tiny_spec
 from safetensors.torch import load_file
 
-from archbench.checkpoint import CorruptFileError, load_training_state, save_training_state
+from archbench.checkpoint import (
+    CorruptFileError,
+    load_training_state,
+    read_training_meta,
+    save_training_state,
+)
 from archbench.errors import ConfigError
 from archbench.io import read_json
 from archbench.models import ARCHITECTURES, build_model
-from archbench.runtime import make_runtime
+from archbench.runtime import Runtime, make_runtime
 from archbench.train import (
     CHECKPOINT,
     DivergedError,
@@ -59,8 +64,8 @@ def test_lr_schedule_warmup_then_cosine_to_floor() -> None:
     assert lr_at(0, config) == pytest.approx(0.1)
     assert lr_at(9, config) == pytest.approx(1.0)
     assert lr_at(10, config) == pytest.approx(1.0)
-    assert lr_at(55, config) == pytest.approx(0.55)  # halfway through the cosine
-    assert lr_at(99, config) == pytest.approx(0.1, abs=1e-3)
+    assert lr_at(54, config) > 0.55 > lr_at(55, config)  # halfway (step 54.5) through the cosine
+    assert lr_at(99, config) == pytest.approx(0.1, abs=1e-12)  # the floor at the last step
     lrs = [lr_at(s, config) for s in range(10, 100)]
     assert all(a >= b for a, b in zip(lrs, lrs[1:], strict=False))
 
@@ -269,13 +274,17 @@ def test_step_window_reads_pending_steps_in_order_and_names_the_first_diverged_o
     window = StepWindow()
     for step, (total, part) in enumerate([(2.0, 1.5), (float("nan"), float("inf")), (3.0, 2.0)], 7):
         window.open(step)  # only the first open of a window starts it
-        window.add(
-            torch.tensor(total), {"next_token": torch.tensor(1.0), "future": torch.tensor(part)}
-        )
+        parts = {"next_token": torch.tensor(1.0), "future": torch.tensor(part)}
+        window.add(torch.tensor(total), parts, torch.tensor(0.5))
     losses = window.close()
     assert losses.first_step == 7
     assert [row["train_loss"] for row in losses.rows][0::2] == [2.0, 3.0]
-    assert losses.rows[0] == {"train_loss": 2.0, "train_next_token": 1.0, "train_future": 1.5}
+    assert losses.rows[0] == {
+        "train_loss": 2.0,
+        "train_next_token": 1.0,
+        "train_future": 1.5,
+        "grad_norm": 0.5,
+    }
     with pytest.raises(
         DivergedError,
         match=r"'tiny' seed 3: loss diverged at step 9 "
@@ -283,15 +292,18 @@ def test_step_window_reads_pending_steps_in_order_and_names_the_first_diverged_o
     ):
         check_finite({"experiment": "tiny", "seed": 3}, losses)
     window.open(10)
-    window.add(torch.tensor(1.0), {})
-    assert window.close().first_step == 10
+    window.add(torch.tensor(1.0), {}, torch.tensor(float("inf")))
+    losses = window.close()
+    assert losses.first_step == 10
+    with pytest.raises(DivergedError, match=r"gradient norm at step 11 is inf"):
+        check_finite({"experiment": "tiny", "seed": 3}, losses)
 
 
 def test_divergence_names_experiment_seed_step_and_part(tiny_data: Path, tmp_path: Path) -> None:
     with pytest.raises(
         DivergedError,
-        match=r"'tiny' seed 0: loss diverged at step \d+ "
-        r"\(non-finite part: next_token",
+        match=r"'tiny' seed 0: (loss diverged at step \d+ \(non-finite part: next_token|"
+        r"the gradient norm at step \d+ is (nan|inf))",
     ):
         train_run(
             tiny_spec(lr=1e6, grad_clip=0.0, warmup_steps=0),
@@ -300,6 +312,77 @@ def test_divergence_names_experiment_seed_step_and_part(tiny_data: Path, tmp_pat
             show_progress=False,
         )
     assert not (tmp_path / "model.safetensors").exists()
+
+
+def test_a_checkpoint_from_another_device_or_precision_is_not_resumed(
+    tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """precision "auto" is fp32 on this CPU and bf16 on a GPU: a run preempted on one kind of
+    machine and requeued on another must not continue in the other precision."""
+    import archbench.train as train_module
+
+    spec = tiny_spec(precision="auto")
+    assert train_run(spec, tiny_data, tmp_path, show_progress=False, stop_after=5) is None
+    assert read_training_meta(tmp_path / CHECKPOINT)["runtime"] == "cpu fp32"
+    monkeypatch.setattr(
+        train_module, "make_runtime", lambda device, precision: Runtime(torch.device("cpu"), True)
+    )
+    with pytest.raises(ConfigError, match=r"written on cpu fp32, this job runs on cpu bf16"):
+        train_run(spec, tiny_data, tmp_path, show_progress=False)
+    assert (tmp_path / CHECKPOINT).exists()
+
+
+def _diverging_optimizer(monkeypatch: pytest.MonkeyPatch, at_step: int, where: str) -> None:
+    """Make the first parameter's gradient infinite at 1-based `at_step`: in the backward pass
+    (`where="backward"`, a finite loss with a non-finite gradient) or just before the update
+    (`where="update"`, after the gradient norm was taken)."""
+    import archbench.train as train_module
+
+    make = train_module.make_optimizer
+
+    def patched(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+        optimizer, first = make(model, config), next(model.parameters())
+        updates = [0]  # optimizer steps begun
+
+        def in_backward(grad: torch.Tensor) -> torch.Tensor:
+            poisoned = where == "backward" and updates[0] == at_step - 1
+            return grad.fill_(math.inf) if poisoned else grad
+
+        def before_update(*_: object) -> None:
+            updates[0] += 1
+            if where == "update" and updates[0] == at_step:
+                first.grad.fill_(math.inf)
+
+        first.register_hook(in_backward)
+        optimizer.register_step_pre_hook(before_update)
+        return optimizer
+
+    monkeypatch.setattr(train_module, "make_optimizer", patched)
+
+
+def test_a_non_finite_gradient_stops_training_before_any_checkpoint_holds_it(
+    tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _diverging_optimizer(monkeypatch, at_step=5, where="backward")
+    spec = tiny_spec(log_every=2, eval_every=4, checkpoint_every=5, grad_clip=0.0)
+    with pytest.raises(DivergedError, match=r"gradient norm at step 5 is inf"):
+        train_run(spec, tiny_data, tmp_path, show_progress=False)
+    assert not (tmp_path / CHECKPOINT).exists() and not (tmp_path / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("at_step", [5, 12])  # before a checkpoint; the last step (final outputs)
+def test_weights_that_diverge_in_the_update_are_never_saved(
+    at_step: int, tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _diverging_optimizer(monkeypatch, at_step=at_step, where="update")
+    spec = tiny_spec(log_every=2, eval_every=4, checkpoint_every=5)
+    assert make_train_config(spec["train"]).steps == 12
+    with pytest.raises(DivergedError, match=r"not finite|validation loss after step 12 is nan"):
+        train_run(spec, tiny_data, tmp_path, show_progress=False)
+    assert not (tmp_path / "model.safetensors").exists()
+    saved = load_file(tmp_path / CHECKPOINT) if at_step > 5 else {}  # steps 5, 10: before it
+    assert (tmp_path / CHECKPOINT).exists() == bool(saved)
+    assert all(torch.isfinite(tensor).all() for tensor in saved.values())
 
 
 def test_step_flops_are_close_to_the_6nd_estimate() -> None:

@@ -114,8 +114,8 @@ def generate_text(
             f"the tokenizer produced id {int(ids.max())}, but the model has only {vocab_size} "
             f"tokens: the tokenizer does not belong to this run's data set"
         )
-    generator = torch.Generator().manual_seed(seed)
     device = next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(seed)  # multinomial needs its device
     prompt_ids = torch.from_numpy(ids).unsqueeze(0).to(device)
     out = generate(model, prompt_ids, length, temperature, top_k, generator)
     return decode(tokenizer, out[0, len(ids) :].cpu().numpy())

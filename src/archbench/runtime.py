@@ -65,6 +65,11 @@ class Runtime:
     bf16: bool
 
     @property
+    def label(self) -> str:
+        """The device type and precision, e.g. "cuda bf16" (a checkpoint records it)."""
+        return f"{self.device.type} {'bf16' if self.bf16 else 'fp32'}"
+
+    @property
     def is_cuda(self) -> bool:
         """Whether the device is a CUDA GPU."""
         return self.device.type == "cuda"

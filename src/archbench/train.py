@@ -47,7 +47,11 @@ from archbench.options import coerce_all, option
 from archbench.runtime import Runtime, fork_rng, make_runtime
 
 LOSS_MASKS = ("answers", "all")
-BASE_COLUMNS = ("step", "tokens", "lr", "train_loss", "val_loss", "elapsed_seconds", "tokens_per_s")
+GRAD_NORM = "grad_norm"  # the total gradient norm before clipping, mean over a metrics row's steps
+BASE_COLUMNS = (
+    *("step", "tokens", "lr", "train_loss", "val_loss", GRAD_NORM),
+    *("elapsed_seconds", "tokens_per_s"),
+)
 CHECKPOINT = "checkpoint.safetensors"
 PARTIAL_LOG = "metrics.partial.csv"
 
@@ -151,10 +155,11 @@ def make_train_config(values: dict[str, Any]) -> TrainConfig:
 
 
 def lr_at(step: int, config: TrainConfig) -> float:
-    """Learning rate for 0-based `step`: linear warmup, then cosine decay to min_lr_ratio * lr."""
+    """Learning rate for 0-based `step`: linear warmup, then cosine decay that reaches
+    min_lr_ratio * lr at the last step."""
     if step < config.warmup_steps:
         return config.lr * (step + 1) / config.warmup_steps
-    span = max(1, config.steps - config.warmup_steps)
+    span = max(1, config.steps - 1 - config.warmup_steps)
     progress = min(1.0, (step - config.warmup_steps) / span)
     floor = config.lr * config.min_lr_ratio
     return floor + 0.5 * (config.lr - floor) * (1.0 + math.cos(math.pi * progress))
@@ -443,7 +448,7 @@ def train_run(
     fingerprint = spec_fingerprint(spec, data_meta)
 
     log = MetricsLog(out_dir / PARTIAL_LOG, columns)
-    progress = _resume(out_dir / CHECKPOINT, fingerprint, model, optimizer)
+    progress = _resume(out_dir / CHECKPOINT, fingerprint, runtime.label, model, optimizer)
     progress.compile_seconds += compile_seconds
     log.restore(progress.step)
 
@@ -469,10 +474,9 @@ def train_run(
                 loss, parts = loss_fn(runtime.put(x), runtime.put(y))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            if config.grad_clip > 0:
-                nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            grad_norm = gradient_norm(model, config.grad_clip)
             optimizer.step()
-            window.add(loss, parts)
+            window.add(loss, parts, grad_norm)
             bar.update(1)
 
             done = step + 1
@@ -492,16 +496,22 @@ def train_run(
             if evaluating:
                 tick = time.perf_counter()
                 val_loss = estimate_val_loss(model, data.val_batches, runtime)
+                check_finite_val(spec, done, val_loss)
                 progress.add_val(val_loss, time.perf_counter() - tick)
                 bar.set_postfix(val=f"{val_loss:.3f}")
             if logging:
                 log.append(progress.take_row(lr, val_loss, data.tokens_per_step))
             if saving:
+                check_finite_weights(spec, done, model)
                 save_training_state(
                     out_dir / CHECKPOINT,
                     model,
                     optimizer,
-                    {"fingerprint": fingerprint, "progress": asdict(progress)},
+                    {
+                        "fingerprint": fingerprint,
+                        "runtime": runtime.label,
+                        "progress": asdict(progress),
+                    },
                 )
             if stopping:
                 bar.close()
@@ -587,20 +597,33 @@ class Progress:
 
 
 def _resume(
-    path: Path, fingerprint: str, model: nn.Module, optimizer: torch.optim.Optimizer
+    path: Path,
+    fingerprint: str,
+    runtime_label: str,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
 ) -> Progress:
-    """Load the checkpoint at `path` if it belongs to this run and return its progress."""
+    """Load the checkpoint at `path` if it belongs to this run and return its progress. A
+    checkpoint of this run written on another device type or precision is a ConfigError: one
+    run must not mix them (device and precision "auto" resolve per machine)."""
     for partial in path.parent.glob(f".{path.name}.*.tmp"):  # a job killed while saving
         partial.unlink()
     if not path.exists():
         return Progress()
-    if read_training_meta(path).get("fingerprint") != fingerprint:
+    meta = read_training_meta(path)
+    if meta.get("fingerprint") != fingerprint:
         print(
             f"archbench: ignoring {path}: it was written for a different spec or data",
             file=sys.stderr,
         )
         path.unlink()
         return Progress()
+    if meta.get("runtime", runtime_label) != runtime_label:
+        raise ConfigError(
+            f"{path} was written on {meta['runtime']}, this job runs on {runtime_label}: resume "
+            f"it on a machine like the first one (or set device/precision to match), or delete "
+            f"the checkpoint to start the run over"
+        )
     progress = Progress(**load_training_state(path, model, optimizer)["progress"])
     print(f"archbench: resuming from {path} at step {progress.step}", file=sys.stderr)
     return progress
@@ -626,12 +649,13 @@ class StepWindow:
         if not self._values:
             self.first_step, self.started = step, time.perf_counter()
 
-    def add(self, loss: torch.Tensor, parts: dict[str, torch.Tensor]) -> None:
-        """Keep one step's total loss and named parts (no device sync)."""
-        self._names = ["train_loss", *(f"train_{name}" for name in parts)]
-        self._values.append(
-            torch.stack([loss.detach().float(), *(p.detach().float() for p in parts.values())])
-        )
+    def add(
+        self, loss: torch.Tensor, parts: dict[str, torch.Tensor], grad_norm: torch.Tensor
+    ) -> None:
+        """Keep one step's total loss, named parts and gradient norm (no device sync)."""
+        self._names = ["train_loss", *(f"train_{name}" for name in parts), GRAD_NORM]
+        values = [loss, *parts.values(), grad_norm]
+        self._values.append(torch.stack([value.detach().float() for value in values]))
 
     def close(self) -> StepLosses:
         """Read the pending steps' losses in one transfer and empty the window."""
@@ -650,18 +674,58 @@ class StepLosses:
     rows: list[dict[str, float]]
 
 
+def gradient_norm(model: nn.Module, grad_clip: float) -> torch.Tensor:
+    """The total gradient norm before clipping, a tensor on the model's device; clips the
+    gradients to `grad_clip` when it is positive."""
+    if grad_clip > 0:
+        return nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    return nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
+
+
 def check_finite(spec: dict[str, Any], losses: StepLosses) -> None:
-    """Stop with an error naming experiment, seed, the first step whose loss is not finite and
-    the diverged loss parts."""
+    """Stop with an error naming experiment, seed, the first step whose loss or gradient norm
+    is not finite and the diverged loss parts (a non-finite gradient makes the update's weights
+    non-finite, so no checkpoint is written after it)."""
     for offset, row in enumerate(losses.rows):
-        if math.isfinite(row["train_loss"]):
-            continue
-        parts = {name.removeprefix("train_"): value for name, value in row.items()}
-        total = parts.pop("loss")
-        bad = [name for name, value in parts.items() if not math.isfinite(value)] or ["total"]
+        where = f"experiment '{spec['experiment']}' seed {spec['seed']}"
+        step = losses.first_step + offset + 1
+        if not math.isfinite(row["train_loss"]):
+            parts = {
+                name.removeprefix("train_"): value
+                for name, value in row.items()
+                if name.startswith("train_")
+            }
+            total = parts.pop("loss")
+            bad = [name for name, value in parts.items() if not math.isfinite(value)] or ["total"]
+            raise DivergedError(
+                f"{where}: loss diverged at step {step} (non-finite part: {', '.join(bad)}; "
+                f"total = {total})"
+            )
+        if not math.isfinite(row[GRAD_NORM]):
+            raise DivergedError(
+                f"{where}: the gradient norm at step {step} is {row[GRAD_NORM]} (the loss, "
+                f"{row['train_loss']:.4f}, was finite): the update diverged"
+            )
+
+
+def check_finite_weights(spec: dict[str, Any], step: int, model: nn.Module) -> None:
+    """Before a checkpoint: stop with an error naming the parameters that are not finite after
+    `step` steps (an update can diverge on finite losses and gradients, e.g. in the optimizer)."""
+    bad = [name for name, p in model.named_parameters() if not torch.isfinite(p).all()]
+    if bad:
         raise DivergedError(
-            f"experiment '{spec['experiment']}' seed {spec['seed']}: loss diverged at step "
-            f"{losses.first_step + offset + 1} (non-finite part: {', '.join(bad)}; total = {total})"
+            f"experiment '{spec['experiment']}' seed {spec['seed']}: after step {step} "
+            f"{len(bad)} parameter(s) are not finite ({', '.join(bad[:3])}"
+            f"{', ...' if len(bad) > 3 else ''}); no checkpoint was written"
+        )
+
+
+def check_finite_val(spec: dict[str, Any], step: int, val_loss: float) -> None:
+    """Stop with an error when the validation loss after `step` steps is not finite."""
+    if not math.isfinite(val_loss):
+        raise DivergedError(
+            f"experiment '{spec['experiment']}' seed {spec['seed']}: validation loss after step "
+            f"{step} is {val_loss}: the weights diverged"
         )
 
 
