@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+import json
 import shutil
 from pathlib import Path
 
@@ -199,3 +201,20 @@ def test_lm_eval_takes_the_mirror_flag_that_prepare_takes(flag: str) -> None:
     args = build_parser().parse_args(["lm-eval", *common, flag, "/m"])
     assert args.mirror == "/m"
     assert build_parser().parse_args(["lm-eval", *common]).mirror is None
+
+
+def test_json_arguments_can_come_from_a_file(tmp_path: Path) -> None:
+    """The workflow passes long run lists as @file: inline they exceed Linux's 128 KiB limit on
+    one argument."""
+    from archbench.cli import json_value
+
+    runs = [{"experiment": f"row{i}", "seed": i} for i in range(5000)]
+    path = tmp_path / "runs.json"
+    path.write_text(json.dumps(runs), encoding="utf-8")
+    assert len(path.read_bytes()) > 131_072
+    assert json_value(f"@{path}") == runs and json_value('{"a": 1}') == {"a": 1}
+    with pytest.raises(argparse.ArgumentTypeError, match="cannot read"):
+        json_value(f"@{tmp_path / 'missing.json'}")
+    path.write_text("{", encoding="utf-8")
+    with pytest.raises(argparse.ArgumentTypeError, match=f"not valid {path}"):
+        json_value(f"@{path}")

@@ -49,11 +49,19 @@ def positive_int(text: str) -> int:
 
 
 def json_value(text: str) -> object:
-    """argparse type: a JSON document."""
+    """argparse type: a JSON document, inline or, as `@path`, in a file (a long list would
+    exceed the operating system's limit on one command-line argument, 128 KiB on Linux)."""
+    source = "JSON"
+    if text.startswith("@"):
+        source = text[1:]
+        try:
+            text = Path(source).read_text(encoding="utf-8")
+        except OSError as err:
+            raise argparse.ArgumentTypeError(f"cannot read {source}: {err.strerror}") from None
     try:
         return json.loads(text)
     except json.JSONDecodeError as err:
-        raise argparse.ArgumentTypeError(f"not valid JSON ({err})") from None
+        raise argparse.ArgumentTypeError(f"not valid {source} ({err})") from None
 
 
 def _cmd_prepare(args: argparse.Namespace) -> None:
@@ -324,7 +332,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train one (experiment, seed)")
     p.add_argument(
-        "--spec", required=True, type=json_value, help="run spec as JSON (written by the workflow)"
+        "--spec",
+        required=True,
+        type=json_value,
+        help="run spec as JSON, or @file (written by the workflow)",
     )
     p.add_argument("--data", required=True, help="prepared data directory")
     p.add_argument("--out", required=True, help="run directory")
@@ -414,7 +425,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("aggregate", help="collect run results into summary.csv / curves.csv")
     p.add_argument(
-        "--runs", required=True, type=json_value, help="JSON list of runs (written by the workflow)"
+        "--runs",
+        required=True,
+        type=json_value,
+        help="JSON list of runs, or @file (the workflow writes results/<suite>/runs.json)",
     )
     p.add_argument("--summary", required=True, help="summary.csv to write")
     p.add_argument("--curves", required=True, help="curves.csv to write")
@@ -431,14 +445,14 @@ def build_parser() -> argparse.ArgumentParser:
         type=json_value,
         default=None,
         help="JSON list of the suite's rows (name, arch, dataset, overrides, baseline, "
-        "description), in table order",
+        "description), in table order, or @file (the workflow writes results/<suite>/rows.json)",
     )
     p.add_argument("--samples", default="", help="collected samples.json")
     p.add_argument(
         "--defaults",
         type=json_value,
         default=None,
-        help="JSON of the suite's model/training values",
+        help="JSON of the suite's model/training values, or @file (results/<suite>/defaults.json)",
     )
     p.set_defaults(func=_cmd_report)
 

@@ -12,7 +12,33 @@ def run_refs():
          "run_dir": RUN.format(experiment=name, seed=seed),
          "result_files": result_files(name)}
         for name, seed in all_runs()
-    ])
+    ], indent=1)
+
+
+# The run list and the rows go to `aggregate` and `report` as files: inline, a large suite's
+# list exceeds Linux's 128 KiB limit on one argument (the ablations suite at 7 seeds). Written
+# in Snakemake's own process; a changed list (a param) rewrites the file and re-runs its reader.
+rule run_list:
+    output:
+        f"{RESULTS}/runs.json",
+    params:
+        runs=run_refs(),
+    localrule: True
+    run:
+        Path(output[0]).write_text(params.runs + "\n", encoding="utf-8")
+
+
+rule row_list:
+    output:
+        rows=f"{RESULTS}/rows.json",
+        defaults=f"{RESULTS}/defaults.json",
+    params:
+        rows=json.dumps([e.describe() for e in EXPERIMENTS.values()], indent=1),
+        defaults=json.dumps({**SUITE.model, **SUITE.train}, indent=1),
+    localrule: True
+    run:
+        Path(output.rows).write_text(params.rows + "\n", encoding="utf-8")
+        Path(output.defaults).write_text(params.defaults + "\n", encoding="utf-8")
 
 
 rule sample:
@@ -40,16 +66,15 @@ rule aggregate:
         metrics=[f"{RUN}/metrics.csv".format(experiment=e, seed=s) for e, s in all_runs()],
         samples=[f"{RUN}/samples.json".format(experiment=e, seed=SAMPLE_SEED)
                  for e in EXPERIMENTS if not synthetic(e)],  # text samples of text rows
+        runs=f"{RESULTS}/runs.json",
     output:
         summary=f"{RESULTS}/summary.csv",
         curves=f"{RESULTS}/curves.csv",
         samples=f"{RESULTS}/samples.json",
-    params:
-        runs=run_refs(),
     log:
         f"{RESULTS}/logs/aggregate.log",
     shell:
-        "{ARCHBENCH} aggregate --runs {params.runs:q} --summary {output.summary} "
+        "{ARCHBENCH} aggregate --runs @{input.runs} --summary {output.summary} "
         "--curves {output.curves} --samples {output.samples} 2> {log}"
 
 
@@ -58,17 +83,16 @@ rule report:
         summary=f"{RESULTS}/summary.csv",
         curves=f"{RESULTS}/curves.csv",
         samples=f"{RESULTS}/samples.json",
+        rows=f"{RESULTS}/rows.json",
+        defaults=f"{RESULTS}/defaults.json",
     output:
         md=f"{REPORT}/index.md",
         html=f"{REPORT}/index.html",
         figures=report(directory(f"{REPORT}/figures"), patterns=["{name}.png"],
                        caption="../report/figures.rst", category="Figures"),
-    params:
-        experiments=json.dumps([e.describe() for e in EXPERIMENTS.values()]),
-        defaults=json.dumps({**SUITE.model, **SUITE.train}),
     log:
         f"{RESULTS}/logs/report.log",
     shell:
         "{ARCHBENCH} report --summary {input.summary} --curves {input.curves} "
         "--samples {input.samples} --out-dir {REPORT} --suite {SUITE.name} "
-        "--experiments {params.experiments:q} --defaults {params.defaults:q} 2> {log}"
+        "--experiments @{input.rows} --defaults @{input.defaults} 2> {log}"
