@@ -120,6 +120,17 @@ def test_seeds_from_the_command_line_add_only_the_new_seeds_runs(project: Path) 
     assert "seed=0" not in dry.stdout and "seed=1" not in dry.stdout
 
 
+def test_a_large_suites_commands_fit_in_one_argument(project: Path) -> None:
+    """Every shell command of the ablations suite at 10 seeds stays under Linux's 128 KiB limit
+    on one argument (bash -c gets the whole command as one): the run list goes as a file."""
+    seeds = "seeds=[" + ",".join(map(str, range(10))) + "]"
+    dry = snakemake(project, "suite=ablations", seeds, "--dry-run", "--printshellcmds")
+    assert dry.returncode == 0, dry.stderr[-4000:]
+    commands = [line for line in dry.stdout.splitlines() if " -m archbench " in line]
+    assert any(" aggregate --runs @results/ablations/runs.json " in c for c in commands)
+    assert max(len(c.encode()) for c in commands) < 131_072
+
+
 def test_a_new_row_schedules_only_its_own_jobs_and_reaches_the_report(project: Path) -> None:
     with open(project / "configs/experiments.tsv", "a", encoding="utf-8") as handle:
         handle.write(NEW_ROW)
