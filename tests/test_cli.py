@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from conftest import tiny_spec
 
 from archbench.cli import main
 
@@ -218,3 +219,26 @@ def test_json_arguments_can_come_from_a_file(tmp_path: Path) -> None:
     path.write_text("{", encoding="utf-8")
     with pytest.raises(argparse.ArgumentTypeError, match=f"not valid {path}"):
         json_value(f"@{path}")
+
+
+@pytest.mark.parametrize("command", ["evaluate", "leakcheck", "sample", "lm-eval", "evaluate-task"])
+def test_a_run_and_data_of_different_data_sets_are_refused(
+    command: str, tiny_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """Another data set's token ids mean other characters: scores on them would mean nothing."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "train_config.json").write_text('{"dataset": "path_star"}', encoding="utf-8")
+    args = [command, "--run", str(run), "--data", str(tiny_data), "--out", str(tmp_path / "o")]
+    assert main([*args, *(["--tasks", "blimp"] if command == "lm-eval" else [])]) == 2
+    err = capsys.readouterr().err
+    assert f"run {run} belongs to data set 'path_star', but {tiny_data} holds 'tiny'" in err
+
+
+def test_train_refuses_data_of_another_data_set(
+    tiny_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    spec = {**tiny_spec(), "dataset": "mqar"}
+    args = ["train", "--spec", json.dumps(spec), "--data", str(tiny_data), "--out", str(tmp_path)]
+    assert main([*args, "--no-progress"]) == 2
+    assert "experiment 'tiny' belongs to data set 'mqar'" in capsys.readouterr().err

@@ -582,7 +582,7 @@ def test_evaluate_task_cli_writes_flat_numbers_and_refuses_text_data(
     capsys.readouterr()
     text = ["evaluate-task", "--run", str(trained), "--data", str(tiny_data), "--out", str(out)]
     assert main(text) == 2
-    assert "is not a synthetic task" in capsys.readouterr().err
+    assert "belongs to data set 'ps', but" in capsys.readouterr().err  # the run's own data set
     with pytest.raises(SystemExit) as usage_error:
         main([*args, "--limit", "0"])
     assert usage_error.value.code == 2 and "--limit: 0 is not >= 1" in capsys.readouterr().err

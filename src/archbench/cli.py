@@ -305,8 +305,10 @@ def _run_command(
     device: str | None = "auto",
 ) -> argparse.ArgumentParser:
     """A subcommand that reads one run directory and its data and writes one file: the --run,
-    --data, --out, --threads (and, unless `device` is None, --device) arguments."""
+    --data, --out, --threads (and, unless `device` is None, --device) arguments. `main` checks
+    that the data is the run's data set before the command runs."""
     p = sub.add_parser(name, help=help)
+    p.set_defaults(reads_run_and_data=True)
     p.add_argument("--run", required=True, help="run directory")
     p.add_argument("--data", required=True, help=data)
     p.add_argument("--out", required=True, help=out)
@@ -473,6 +475,10 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     try:
+        if getattr(args, "reads_run_and_data", False):
+            from archbench.runs import check_run_data
+
+            check_run_data(Path(args.run), Path(args.data))
         args.func(args)
     except Preempted as err:
         print(f"archbench: {err}", file=sys.stderr)

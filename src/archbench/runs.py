@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from archbench.checkpoint import load_weights
+from archbench.data import load_meta_of
 from archbench.errors import DataError
 from archbench.io import read_json
 from archbench.models import build_model
@@ -19,6 +20,16 @@ RESULT_FILES = ("train_summary.json", "eval.json", "leak_check.json")
 def lm_eval_result(task_group: str) -> str:
     """File name, in a run directory, of the flat JSON that one lm-eval task group writes."""
     return f"lm_eval_{task_group}.json"
+
+
+def check_run_data(run_dir: Path, data_dir: Path) -> None:
+    """DataError unless `data_dir` holds the data set that the run in `run_dir` trained on (as
+    its train_config.json records; a run directory without one is not checked)."""
+    config_path = run_dir / "train_config.json"
+    if config_path.is_file():
+        dataset = read_json(config_path).get("dataset")
+        if dataset:
+            load_meta_of(data_dir, dataset, f"run {run_dir}")
 
 
 def load_run(run_dir: Path, device: str | torch.device = "cpu") -> nn.Module:

@@ -37,7 +37,7 @@ from archbench.checkpoint import (
     save_training_state,
     save_weights,
 )
-from archbench.data import Instances, load_instances, load_meta, load_tokens
+from archbench.data import Instances, load_instances, load_meta, load_meta_of, load_tokens
 from archbench.errors import ArchbenchError, ConfigError
 from archbench.init_from import initialise
 from archbench.io import atomic_path, write_json
@@ -424,7 +424,7 @@ def train_run(
             f"{config.steps} steps: the learning rate only warms up, it never decays",
             file=sys.stderr,
         )
-    data_meta = load_meta(data_dir)
+    data_meta = load_meta_of(data_dir, spec["dataset"], f"experiment '{spec['experiment']}'")
     data = load_training_data(data_dir, spec["dataset"], config)
     runtime = make_runtime(config.device, config.precision)
     seed = int(spec["seed"])

@@ -157,6 +157,19 @@ def load_meta(data_dir: Path) -> dict:
     return meta
 
 
+def load_meta_of(data_dir: Path, dataset: str, user: str) -> dict:
+    """meta.json of `data_dir`, which must hold the data set `dataset` that `user` (e.g. "run
+    results/default/gpt/seed0") was made for: a DataError names both otherwise (another data
+    set's token ids mean other characters, and scores on them mean nothing)."""
+    meta = load_meta(data_dir)
+    if meta.get("dataset") != dataset:
+        raise DataError(
+            f"{user} belongs to data set '{dataset}', but {data_dir} holds "
+            f"'{meta.get('dataset')}': pass --data results/data/{dataset}"
+        )
+    return meta
+
+
 def load_tokens(data_dir: Path, split: str) -> np.memmap:
     """Read-only memmap of the token ids of `split` ("train" or "val"), length-checked."""
     if split not in SPLITS:
