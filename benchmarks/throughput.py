@@ -525,6 +525,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     unknown = sorted(set(args.archs) - set(ARCHITECTURES))
     if unknown:
         parser.error(f"unknown architectures {unknown}; registered: {sorted(ARCHITECTURES)}")
+    unknown = sorted(set(args.shapes.split(",") if args.shapes else ()) - set(SHAPES))
+    if unknown:
+        parser.error(f"unknown shapes {unknown}; choose from {', '.join(SHAPES)}")
+    if args.nanogpt and not args.nanogpt.is_file():
+        parser.error(f"--nanogpt {args.nanogpt}: no such file")
     return args
 
 
@@ -549,6 +554,8 @@ def main(argv: list[str] | None = None) -> None:
     for shape in shapes:
         if shape.name not in skipped:
             rows += run_shape(shape, args, runtime, nanogpt)
+    if not rows:
+        sys.exit(f"throughput.py: error: no shape to run on {runtime.device}")
     args.csv.parent.mkdir(parents=True, exist_ok=True)
     with open(args.csv, "w", newline="") as handle:
         writer = csv.DictWriter(handle, list(rows[0]))

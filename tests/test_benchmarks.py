@@ -81,6 +81,20 @@ def test_throughput_refuses_a_cpu_clock_on_a_gpu(tmp_path: Path) -> None:
     assert result.returncode == 2 and "--clock cpu" in result.stderr
 
 
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--shapes", "tinny"), "unknown shapes ['tinny']; choose from tiny,"),
+        (("--nanogpt", "/nonexistent/model.py"), "--nanogpt /nonexistent/model.py: no such file"),
+        (("--shapes", "gpt2", "--device", "cpu"), "no shape to run on cpu"),
+    ],
+)
+def test_throughput_names_bad_arguments(tmp_path: Path, args: tuple, message: str) -> None:
+    result = run_benchmark(tmp_path, "--archs", "gpt", *args)
+    assert result.returncode != 0 and message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_compiled_benchmark_also_times_nanogpt_eagerly(tmp_path: Path) -> None:
     """With --compile, nanoGPT runs compiled and, as its README trains on the CPU, eagerly."""
     nanogpt = tmp_path / "model.py"

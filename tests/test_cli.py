@@ -181,6 +181,12 @@ def test_bad_inputs_are_one_line_errors(
             "mqarr",
         ),
         ("configs/config.yaml", "seeds: null", "seeds: [0, '0']", "seeds [0, 0]: a seed is listed"),
+        (
+            "configs/config.yaml",
+            "experiments: configs/experiments.tsv",
+            "experiments: nosuch.tsv",
+            "no experiments table",
+        ),
     ],
 )
 def test_validate_applies_the_workflows_config_checks(
@@ -242,3 +248,18 @@ def test_train_refuses_data_of_another_data_set(
     args = ["train", "--spec", json.dumps(spec), "--data", str(tiny_data), "--out", str(tmp_path)]
     assert main([*args, "--no-progress"]) == 2
     assert "experiment 'tiny' belongs to data set 'mqar'" in capsys.readouterr().err
+
+
+def test_output_into_a_closed_pipe_ends_quietly() -> None:
+    """`archbench options | head -3`: no BrokenPipeError traceback when the reader stops."""
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        f"{sys.executable} -m archbench options | head -3",
+        shell=True,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.stdout.strip() and "Traceback" not in result.stderr, result.stderr

@@ -23,7 +23,7 @@ from archbench.checkpoint import (
 from archbench.errors import ConfigError
 from archbench.io import read_json
 from archbench.models import ARCHITECTURES, build_model
-from archbench.runtime import Runtime, make_runtime
+from archbench.runtime import Runtime, inductor_cpp_compiler, make_runtime
 from archbench.train import (
     CHECKPOINT,
     DivergedError,
@@ -430,6 +430,19 @@ def test_compiling_on_a_cpu_without_a_cxx_compiler_is_a_clear_error(
     monkeypatch.setattr("archbench.runtime.shutil.which", lambda name: None)
     with pytest.raises(ConfigError, match="needs a C\\+\\+ compiler.*compile: false"):
         train_run(tiny_spec(compile=True, device="cpu"), tiny_data, tmp_path, show_progress=False)
+
+
+def test_the_compiler_check_looks_for_the_one_inductor_uses(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Inductor builds with $CXX when it is set (else g++ on Linux): another compiler on the
+    PATH does not help it."""
+    monkeypatch.setenv("CXX", "/nonexistent/g++")
+    runtime = Runtime(torch.device("cpu"), False)
+    with pytest.raises(ConfigError, match=r"inductor's \(/nonexistent/g\+\+, from \$CXX"):
+        runtime.compile(lambda x: x)
+    monkeypatch.delenv("CXX")
+    assert inductor_cpp_compiler() == "g++"
 
 
 @pytest.mark.slow

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -486,6 +487,9 @@ def main(argv: list[str] | None = None) -> int:
     except ArchbenchError as err:
         print(f"archbench: error: {err}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # e.g. `archbench options | head`: the reader has gone
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit
+        return 1
     return 0
 
 

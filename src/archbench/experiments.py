@@ -137,6 +137,8 @@ def load_experiments(path: Path, schema: Path, datasets: Iterable[str]) -> list[
     the suite. Errors name the file, line, experiment and column.
     """
     datasets = sorted(datasets)
+    if not Path(path).is_file():
+        raise ConfigError(f"no experiments table {path} (config key 'experiments')")
     with open(path, newline="", encoding="utf-8-sig") as handle:  # a spreadsheet's BOM
         rows = list(csv.DictReader(handle, delimiter="\t"))
     if not rows:

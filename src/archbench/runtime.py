@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -18,7 +19,6 @@ import torch
 from archbench.errors import ConfigError
 
 # What torch.compile's CPU backend (inductor) builds its kernels with: $CXX, else one of these.
-CPP_COMPILERS = ("g++", "c++", "clang++")
 
 
 # Whether this torch build can use a device type, for the ones that are not always there.
@@ -86,10 +86,11 @@ class Runtime:
         On the CPU, inductor writes C++ and needs a compiler; without one, torch fails only at
         the first step, with a long traceback, so this says so up front.
         """
-        compilers = (os.environ.get("CXX", ""), *CPP_COMPILERS)
-        if self.device.type == "cpu" and not any(c and shutil.which(c) for c in compilers):
+        compiler = inductor_cpp_compiler()
+        if self.device.type == "cpu" and not shutil.which(compiler):
             raise ConfigError(
-                "compile=true on the CPU needs a C++ compiler (g++ or clang++, or $CXX): "
+                f"compile=true on the CPU needs a C++ compiler, and inductor's ({compiler}, from "
+                f"$CXX or else the platform's default) is not found: "
                 "torch.compile builds its CPU kernels with it. Install one, or turn compilation "
                 "off: `compile: false` in the suite's train section or compile=false in the row."
             )
@@ -106,6 +107,12 @@ class Runtime:
         if self.is_cuda:
             return tensor.pin_memory().to(self.device, non_blocking=True)
         return tensor.to(self.device)
+
+
+def inductor_cpp_compiler() -> str:
+    """The C++ compiler that torch.compile's CPU kernels are built with: $CXX if set, else g++
+    (clang++ on macOS), as inductor's `config.cpp.cxx` picks it."""
+    return os.environ.get("CXX") or ("clang++" if sys.platform == "darwin" else "g++")
 
 
 def make_runtime(device: str, precision: str) -> Runtime:
