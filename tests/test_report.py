@@ -42,7 +42,7 @@ from archbench.report.document import (
     markdown_page,
     markdown_table,
 )
-from archbench.report.figures import curve_bands, pareto_front, plot_axis
+from archbench.report.figures import curve_bands, experiment_colours, pareto_front, plot_axis
 from archbench.report.stats import (
     PAIRED,
     WELCH,
@@ -808,3 +808,9 @@ def test_per_seed_table_shows_a_task_rows_exact_match() -> None:
     assert table.headers[-1] == "task exact match"
     assert [row[-1] for row in table.rows] == ["0.500", "0.600", "0.400", "0.600", "0.710", "0.520"]
     assert {row[2] for row in table.rows} == {"—"}  # no val loss on a task
+
+
+@pytest.mark.parametrize("n", [3, 10, 14, 77])
+def test_every_experiment_gets_its_own_colour(n: int) -> None:
+    colours = experiment_colours([f"row{i}" for i in range(n)])
+    assert len(colours) == n and len(set(colours.values())) == n

@@ -54,8 +54,11 @@ Colours = dict[str, tuple[float, float, float]]
 
 
 def experiment_colours(order: list[str]) -> Colours:
-    """One colour-blind-safe colour per experiment, fixed by table order across all figures."""
-    return dict(zip(order, sns.color_palette(PALETTE, n_colors=max(1, len(order))), strict=False))
+    """One colour per experiment, fixed by table order across all figures: colour-blind-safe
+    up to the palette's 10 colours, evenly spaced hues beyond (a palette would repeat)."""
+    n = max(1, len(order))
+    palette = PALETTE if n <= len(sns.color_palette(PALETTE)) else "husl"
+    return dict(zip(order, sns.color_palette(palette, n_colors=n), strict=False))
 
 
 @contextmanager
@@ -262,7 +265,7 @@ def plot_axis(
         f"Ablation axis {axis.title}. Left: final {metric.replace('_', ' ')} for each value of "
         f"{axis.key} (mean over seeds with a 95% t-interval; dots are single seeds). Right: "
         f"the periodic validation estimate during training (eval_batches windows; the left "
-        f"panel scores the whole split), mean over seeds with a 95% t-interval band."
+        f"panel scores the split), mean over seeds with a 95% t-interval band."
         + (f" Left out (failed the leak check): {', '.join(left_out)}." if left_out else "")
     )
     return FigureFile(path, f"Ablation: {axis.title}", caption)
