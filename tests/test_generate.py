@@ -155,6 +155,8 @@ def test_locate_run_finds_the_data_set(run_dir: Path) -> None:
     assert locate_run(results, "smoke", "gpt", 0) == (run_dir, results / "data" / "tiny")
     with pytest.raises(ArchbenchError, match="no finished run.*seed 1"):
         locate_run(results, "smoke", "gpt", 1)
+    with pytest.raises(ArchbenchError, match=r"'gtp' \(did you mean 'gpt'\?\).*there: gpt"):
+        locate_run(results, "smoke", "gtp", 0)
 
 
 @pytest.fixture

@@ -7,6 +7,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import socket
 from pathlib import Path
 from types import SimpleNamespace
@@ -436,3 +437,14 @@ def test_a_cut_inside_a_character_drops_its_bytes_from_the_rolling_text(tmp_path
     for max_tokens, expected_e in ((first + 1, 1), (first, 0), (first + 2, 1), (first + 3, 2)):
         text = heldout_dataset(str(tmp_path / "data"), max_tokens)["test"]["text"][0]
         assert "\ufffd" not in text and text.count("é") == expected_e, (max_tokens, text[-5:])
+
+
+def test_a_synthetic_task_is_refused_with_the_command_that_scores_it(
+    tiny_data: Path, tmp_path: Path
+) -> None:
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    meta = json.loads((data / "meta.json").read_text())
+    (data / "meta.json").write_text(json.dumps({**meta, "instance_length": 25}))
+    with pytest.raises(ConfigError, match="synthetic task.*archbench evaluate-task"):
+        run_lm_eval(tmp_path / "run", data, "blimp", tmp_path / "out.json")

@@ -28,6 +28,7 @@ from torch import nn
 from archbench.data import decode, encode, load_tokenizer
 from archbench.errors import ArchbenchError, ConfigError
 from archbench.io import read_json, write_json
+from archbench.options import suggest
 from archbench.runs import load_run
 
 DEFAULT_PROMPT = "ROMEO:\n"
@@ -170,8 +171,15 @@ def locate_run(results_dir: Path, suite: str, experiment: str, seed: int) -> tup
     The run is results/<suite>/<experiment>/seed<k>; its data set is read from the run's
     train_config.json and prepared in results/data/<dataset>.
     """
-    run_dir = Path(results_dir) / suite / experiment / f"seed{seed}"
+    suite_dir = Path(results_dir) / suite
+    run_dir = suite_dir / experiment / f"seed{seed}"
     config = run_dir / "train_config.json"
+    trained = sorted(d.name for d in suite_dir.glob("*") if any(d.glob("seed*/model.safetensors")))
+    if trained and experiment not in trained:
+        raise ArchbenchError(
+            f"no run of experiment '{experiment}'{suggest(experiment, trained)} in {suite_dir}; "
+            f"trained there: {', '.join(trained)}"
+        )
     if not config.is_file():
         raise ArchbenchError(
             f"no finished run at {run_dir} (missing train_config.json): train experiment "

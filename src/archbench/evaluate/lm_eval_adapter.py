@@ -61,7 +61,7 @@ from lm_eval.tasks import TaskManager  # noqa: E402
 from tokenizers import Tokenizer  # noqa: E402
 from torch import nn  # noqa: E402
 
-from archbench.data import load_tokenizer, resolve_mirror  # noqa: E402
+from archbench.data import load_meta, load_tokenizer, resolve_mirror  # noqa: E402
 from archbench.errors import ConfigError  # noqa: E402
 from archbench.evaluate.tasks import TASKS_DIR  # noqa: E402
 from archbench.io import write_json  # noqa: E402
@@ -314,6 +314,11 @@ def run_lm_eval(
     $ARCHBENCH_DATA_MIRROR (`archbench.data.resolve_mirror`).
     """
     _task_group(tasks)  # before loading anything
+    if "instance_length" in load_meta(Path(data_dir)):
+        raise ConfigError(
+            f"{data_dir} holds a synthetic task: lm-eval's tasks are English text; score the run "
+            f"with `archbench evaluate-task`"
+        )
     started = time.perf_counter()
     chosen = pick_device(device)
     lm = ArchbenchLM(
