@@ -361,10 +361,11 @@ def test_baselines_default_to_the_first_gpt_row_of_the_data_set(tmp_path: Path) 
             "c\tgpt\tchars\tb\n",
             "d\tmtp\tbpe512\t\n",
             "e\tmtp\tchars\tc\n",
+            "f\tgpt\tchars\tnone\n",
             header=header,
         )
     )
-    assert [r.baseline for r in rows] == ["b", None, "b", None, "c"]
+    assert [r.baseline for r in rows] == ["b", None, "b", None, "c", None]  # f: none
 
 
 @pytest.mark.parametrize(
@@ -379,6 +380,11 @@ def test_bad_baselines_are_refused(tmp_path: Path, cell: str, message: str) -> N
     header = "name\tarch\tdataset\tbaseline\n"
     with pytest.raises(ConfigError, match=message):
         load(table(tmp_path, "other\tgpt\tbpe512\t\n", f"x\tgpt\tchars\t{cell}\n", header=header))
+
+
+def test_the_name_none_is_reserved_for_no_baseline(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"column 'name': 'none' is reserved"):
+        load(table(tmp_path, "none\tgpt\tchars\t\n", header="name\tarch\tdataset\tbaseline\n"))
 
 
 SUBSTITUTION_TABLE = (

@@ -26,6 +26,7 @@ from archbench.models import list_options, make_config
 from archbench.options import options_of, suggest, unknown_key_error
 from archbench.train import TrainConfig, check_instances_fit, make_train_config
 
+NO_BASELINE = "none"  # the baseline cell of a row compared with nothing
 PLACEHOLDER_VOCAB = 256  # options are validated before the data (and its vocabulary) exist
 
 
@@ -155,6 +156,11 @@ def load_experiments(path: Path, schema: Path, datasets: Iterable[str]) -> list[
         except WorkflowError as err:
             column, message = _schema_error(err)
             raise ConfigError(f"{where}, column '{column}': {message}") from None
+        if row["name"] == NO_BASELINE:
+            raise ConfigError(
+                f"{where}, column 'name': '{NO_BASELINE}' is reserved (baseline={NO_BASELINE} "
+                "means no comparison)"
+            )
         if row["name"] in seen:
             raise ConfigError(f"{where}, column 'name': duplicate of line {seen[row['name']]}")
         seen[row["name"]] = line
@@ -197,7 +203,8 @@ def load_experiments(path: Path, schema: Path, datasets: Iterable[str]) -> list[
 
 
 def _resolve_baselines(path: Path, experiments: list[Experiment]) -> list[Experiment]:
-    """Check each `baseline` cell; fill empty ones with the data set's first `gpt` row."""
+    """Check each `baseline` cell; fill empty ones with the data set's first `gpt` row; `none`
+    compares the row with nothing (it then does not count in the report's Holm family)."""
     by_name = {e.name: e for e in experiments}
     default: dict[str, str] = {}
     for e in experiments:
@@ -209,6 +216,9 @@ def _resolve_baselines(path: Path, experiments: list[Experiment]) -> list[Experi
         if e.baseline is None:
             baseline = default.get(e.dataset)
             resolved.append(replace(e, baseline=None if baseline == e.name else baseline))
+            continue
+        if e.baseline == NO_BASELINE:
+            resolved.append(replace(e, baseline=None))
             continue
         if e.baseline not in by_name:
             raise ConfigError(f"{where}: no row named '{e.baseline}'{suggest(e.baseline, by_name)}")
