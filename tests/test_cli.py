@@ -8,8 +8,10 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import tiny_spec
 
+import archbench
 from archbench.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,6 +28,14 @@ def test_options_lists_every_option_with_default(capsys: pytest.CaptureFixture) 
     out = capsys.readouterr().out
     assert "architecture `gpt`" in out and "training options" in out
     assert "| `n_kv_heads` | `0` |" in out and "swiglu \\| gelu" in out and "`token_budget`" in out
+
+
+def test_version_names_the_package_and_torch(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert out == f"archbench {archbench.__version__} (torch {torch.__version__})\n"
 
 
 def test_validate_accepts_the_repository_config(capsys: pytest.CaptureFixture) -> None:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+import archbench
 from archbench.errors import ArchbenchError, ConfigError
 from archbench.runtime import pick_device
 
@@ -322,6 +323,11 @@ def _run_command(
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the `archbench` command."""
     parser = argparse.ArgumentParser(prog="archbench", description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--version",
+        action="version",
+        version=f"archbench {archbench.__version__} (torch {torch.__version__})",
+    )
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Subcommand)
 
     p = sub.add_parser("prepare", help="fetch, verify and tokenize one data set")
