@@ -40,7 +40,11 @@ def test_version_names_the_package_and_torch(capsys: pytest.CaptureFixture) -> N
 
 def test_validate_accepts_the_repository_config(capsys: pytest.CaptureFixture) -> None:
     assert main(["validate", "--root", str(ROOT)]) == 0
-    assert "suite smoke:" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "suite smoke: 12 experiments x 2 seeds: ok" in out
+    # smoke trains no parameter-matched baselines: validate says which comparisons it leaves out
+    assert "do not run in suite smoke" in out and "futureformer -> gpt_m5" in out
+    assert "do not run in suite default" not in out
 
 
 def test_validate_refuses_a_misspelled_suite_in_the_table(

@@ -296,6 +296,14 @@ def _cmd_validate(args: argparse.Namespace) -> None:
     for name in suites:
         plan = plan_suite(root, config, schemas, suite=name, config_source=args.config)
         print(f"suite {name}: {len(plan.experiments)} experiments x {len(plan.seeds)} seeds: ok")
+        absent = plan.absent_baselines()
+        if absent:
+            pairs = ", ".join(f"{row} -> {baseline}" for row, baseline in absent)
+            print(
+                f"  note: {len(absent)} baseline(s) do not run in suite {name}, so the report "
+                f"leaves those comparisons out: {pairs} (add the baseline rows to the suite, or "
+                "map them to rows that run under the suite's `baselines:`)"
+            )
 
 
 def _run_command(

@@ -38,6 +38,16 @@ class SuitePlan:
     seeds: list[int]
     specs: dict[tuple[str, int], dict[str, Any]]
 
+    def absent_baselines(self) -> list[tuple[str, str]]:
+        """(row, baseline) for each baseline or sub-model baseline that does not run in this
+        suite: the report lists those comparisons as not made."""
+        return [
+            (e.name, baseline)
+            for e in self.experiments.values()
+            for baseline in dict.fromkeys([e.baseline, *e.submodel_baselines.values()])
+            if baseline and baseline not in self.experiments
+        ]
+
 
 def plan_suite(
     root: Path,
