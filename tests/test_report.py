@@ -42,7 +42,13 @@ from archbench.report.document import (
     markdown_page,
     markdown_table,
 )
-from archbench.report.figures import curve_bands, experiment_colours, pareto_front, plot_axis
+from archbench.report.figures import (
+    curve_bands,
+    experiment_colours,
+    pareto_front,
+    plot_axis,
+    plot_curves,
+)
 from archbench.report.stats import (
     PAIRED,
     WELCH,
@@ -814,3 +820,28 @@ def test_per_seed_table_shows_a_task_rows_exact_match() -> None:
 def test_every_experiment_gets_its_own_colour(n: int) -> None:
     colours = experiment_colours([f"row{i}" for i in range(n)])
     assert len(colours) == n and len(set(colours.values())) == n
+
+
+def _png_width(path: Path) -> int:
+    return int.from_bytes(path.read_bytes()[16:20], "big")  # IHDR width
+
+
+def test_loss_curves_of_different_data_sets_get_their_own_panels(tmp_path: Path) -> None:
+    """Losses on different data sets are not on one scale: one panel per data set."""
+    curves = pl.DataFrame(
+        [
+            {"experiment": e, "seed": s, "step": step, "tokens": 100 * step, "metric": "val_loss",
+             "value": base - 0.1 * step + 0.01 * s}
+            for e, base in (("gpt", 4.0), ("mtp", 3.9), ("gpt_task", 1.0))
+            for s in (0, 1)
+            for step in range(4)
+        ],
+        schema=CURVES_SCHEMA,
+    )  # fmt: skip
+    colours = experiment_colours(["gpt", "mtp", "gpt_task"])
+    one_set = {"gpt": "text", "mtp": "text"}
+    one = plot_curves(curves, "val_loss", one_set, colours, tmp_path / "one.png", "Val", "nats")
+    two_sets = {**one_set, "gpt_task": "task"}
+    two = plot_curves(curves, "val_loss", two_sets, colours, tmp_path / "two.png", "Val", "nats")
+    assert "panel" not in one.caption and "One panel per data set." in two.caption
+    assert _png_width(two.path) > 1.2 * _png_width(one.path)

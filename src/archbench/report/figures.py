@@ -159,20 +159,35 @@ def _smoothing_note(window: int) -> str:
 def plot_curves(
     curves: pl.DataFrame,
     metric: str,
-    experiments: list[str],
+    datasets: dict[str, str],
     colours: Colours,
     path: Path,
     title: str,
     ylabel: str,
 ) -> FigureFile:
-    """One curve figure of `metric` for `experiments` (mean over seeds with a band)."""
-    with _canvas(path) as (axes,):
-        window = _draw_bands(axes, curves, metric, experiments, colours)
-        axes.set(title=title, ylabel=ylabel)
+    """One curve figure of `metric` for the experiments of `datasets` ({experiment: data set},
+    in table order): mean over seeds with a band, one panel per data set, since losses on
+    different data sets (and tokenizers) are not on one scale."""
+    groups: dict[str, list[str]] = {}
+    for experiment, dataset in datasets.items():
+        groups.setdefault(dataset, []).append(experiment)
+    ncols = min(3, len(groups))
+    nrows = max(1, math.ceil(len(groups) / ncols)) if groups else 1
+    size = (8, 4.8) if ncols <= 1 else (5.5 * ncols, 4.2 * nrows)
+    with _canvas(path, max(1, ncols), size, nrows) as panels:
+        windows = {1}
+        for axes, (dataset, experiments) in zip(panels, groups.items(), strict=False):
+            windows.add(_draw_bands(axes, curves, metric, experiments, colours))
+            axes.set(title=f"data set {dataset}" if len(groups) > 1 else title, ylabel=ylabel)
+        if not groups:
+            _no_data(panels[0])
+        for axes in panels[len(groups) :]:
+            axes.set_visible(False)
     caption = (
         f"{title} against training tokens: the mean over seeds as a line and a 95% t-interval "
         f"over seeds as the band (min–max where fewer than two seeds logged a step)."
-        + _smoothing_note(window)
+        + (" One panel per data set." if len(groups) > 1 else "")
+        + _smoothing_note(max(windows))
     )
     return FigureFile(path, title, caption)
 

@@ -150,11 +150,12 @@ def _draw_figures(
     """Draw every figure: (loss curves, one per ablation axis, Pareto / auxiliary / BLiMP)."""
     colours = experiment_colours(order)
     cells = metric_cells(stats)
+    datasets = {e: identity[e][1] for e in order}
     curve_figures = [
-        plot_curves(curves, "val_loss", order, colours, figures_dir / "val_loss.png",
+        plot_curves(curves, "val_loss", datasets, colours, figures_dir / "val_loss.png",
                     "Validation loss (periodic estimate on eval_batches windows)",
                     "validation loss (nats/token)"),
-        plot_curves(curves, "train_loss", order, colours, figures_dir / "train_loss.png",
+        plot_curves(curves, "train_loss", datasets, colours, figures_dir / "train_loss.png",
                     "Training loss (total, including auxiliary parts)",
                     "training loss (nats/token)"),
     ]  # fmt: skip
@@ -165,7 +166,6 @@ def _draw_figures(
             plot_axis(axis, metric, per_seed_values(summary, metric), cells, curves, colours,
                       excluded, figures_dir / f"axis{index:02d}-{axis.slug}.png")
         )  # fmt: skip
-    datasets = {e: identity[e][1] for e in order}
     extra = [plot_pareto(cells, datasets, order, colours, excluded, figures_dir / "pareto.png")]
     for arch in dict.fromkeys(identity[e][0] for e in order):
         rows = [e for e in order if identity[e][0] == arch]
