@@ -2,7 +2,13 @@
 # aggregate -> report.  Run `snakemake --cores all` (suite from configs/config.yaml) or
 # `snakemake --cores all --config suite=smoke`.  See README.md.
 
-from snakemake.utils import min_version, validate
+from pathlib import Path
+
+from snakemake.exceptions import WorkflowError
+from snakemake.utils import min_version
+
+from archbench.errors import ArchbenchError
+from archbench.experiments import check_config
 
 min_version("9.0")
 
@@ -10,7 +16,11 @@ min_version("9.0")
 configfile: "configs/config.yaml"
 
 
-validate(config, "workflow/schemas/config.schema.yaml")
+try:  # snakemake's schema validation, with a one-line error for a misspelled key
+    check_config(config, Path(workflow.basedir) / "workflow/schemas/config.schema.yaml",
+                 "config (configs/config.yaml and --config)")
+except ArchbenchError as err:
+    raise WorkflowError(f"archbench: {err}") from None
 
 report: "workflow/report/workflow.rst"
 

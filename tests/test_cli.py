@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -186,7 +188,7 @@ def test_bad_inputs_are_one_line_errors(
             "configs/config.yaml",
             "suite: default",
             "suite: default\nseeds_typo: 1",
-            "'seeds_typo' was unexpected",
+            "'seeds_typo' was unexpected) (did you mean 'seeds'?); known keys: suite, seeds,",
         ),
         (
             "configs/suites/gpu.yaml",
@@ -277,3 +279,20 @@ def test_output_into_a_closed_pipe_ends_quietly() -> None:
         timeout=120,
     )
     assert result.stdout.strip() and "Traceback" not in result.stderr, result.stderr
+
+
+def test_snakemake_names_a_misspelled_config_key_in_one_line(tmp_path: Path) -> None:
+    """Snakemake's own schema error prints the whole schema; the workflow's is one line."""
+    project = _project_copy(tmp_path)
+    shutil.copy(ROOT / "Snakefile", project)
+    result = subprocess.run(
+        [sys.executable, "-m", "snakemake", "-n", "--cores", "1", "--config", "suitee=smoke"],
+        cwd=project,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "key 'suitee': Additional properties are not allowed" in output
+    assert "(did you mean 'suite'?)" in output and "Failed validating" not in output

@@ -310,12 +310,23 @@ def load_config(path: Path, schema: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"no config file {path}")
     data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    check_config(data, schema, str(path))
+    return data
+
+
+def check_config(config: dict[str, Any], schema: Path, source: str) -> None:
+    """Check the workflow config against its schema (snakemake's `validate`), as one line that
+    names the key and suggests the closest known key for a misspelled one (snakemake's own
+    message prints the whole schema)."""
     try:
-        validate(data, str(schema))
+        validate(config, str(schema))
     except WorkflowError as err:
         column, message = _schema_error(err)
-        raise ConfigError(f"{path}, key '{column}': {message}") from None
-    return data
+        hint = ""
+        if "was unexpected" in message:
+            known = yaml.safe_load(schema.read_text(encoding="utf-8"))["properties"]
+            hint = f"{suggest(column, known)}; known keys: {', '.join(known)}"
+        raise ConfigError(f"{source}, key '{column}': {message}{hint}") from None
 
 
 def suite_names(directory: Path) -> list[str]:
