@@ -61,6 +61,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # step's own compute; with several it is their sum).
 CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.process_time}
 CPU_CLOCK_ONLY = "--clock cpu measures CPU work; GPU steps need --clock wall"
+# torch.compile's modes besides its default ("reduce-overhead" replays CUDA graphs).
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 MATCH_TOLERANCE = 0.005  # relative parameter difference below which `gpt` itself is the baseline
 
 
@@ -244,9 +246,15 @@ def plan(
 
 
 def build(
-    entry: Planned, shape: Shape, runtime: Runtime, nanogpt: Any, compile_loss: bool
+    entry: Planned,
+    shape: Shape,
+    runtime: Runtime,
+    nanogpt: Any,
+    compile_loss: bool,
+    compile_mode: str | None = None,
 ) -> Candidate:
-    """Instantiate one planned candidate on the device with its optimizer and loss function."""
+    """Instantiate one planned candidate on the device with its optimizer and loss function
+    (compiled with torch.compile's `compile_mode` when `compile_loss`)."""
     if entry.arch == "nanogpt":
         config = nanogpt.GPTConfig(
             block_size=shape.block_size,
@@ -276,7 +284,7 @@ def build(
         entry.options,
         model,
         make_optimizer(model, TrainConfig()),
-        runtime.compile(loss) if compile_loss and not entry.eager else loss,
+        runtime.compile(loss, compile_mode) if compile_loss and not entry.eager else loss,
         loss,
         entry.baseline,
         count_params(model),
@@ -342,7 +350,9 @@ def run_shape(
         # a recompilation of it: past dynamo's limit (8) the rest would silently run eagerly.
         torch._dynamo.reset()
         torch._dynamo.config.recompile_limit = max(8, 2 * len(planned))
-    candidates = [build(entry, shape, runtime, nanogpt, args.compile) for entry in planned]
+    candidates = [
+        build(entry, shape, runtime, nanogpt, args.compile, args.compile_mode) for entry in planned
+    ]
     for c in candidates:
         for _ in range(args.warmup):
             train_step(c, x, y, runtime)
@@ -412,7 +422,9 @@ def device_peak_tflops(runtime: Runtime, override: float | None) -> float | None
     return next((peak for key, peak in BF16_PEAK_TFLOPS if key in name), None)
 
 
-def machine_description(runtime: Runtime, clock: str, compiled: bool) -> list[str]:
+def machine_description(
+    runtime: Runtime, clock: str, compiled: bool, compile_mode: str | None = None
+) -> list[str]:
     """Machine, versions and commit, for the header of the Markdown output."""
     cpu = platform.processor() or platform.machine()
     with contextlib.suppress(OSError):
@@ -434,11 +446,18 @@ def machine_description(runtime: Runtime, clock: str, compiled: bool) -> list[st
         f"{platform.release()}",
         f"- device: {device}; torch threads: {torch.get_num_threads()}; "
         f"precision: {'bf16 autocast' if runtime.bf16 else 'fp32'}; step clock: {clock}; "
-        f"torch.compile: {'yes (but not the models labelled eager)' if compiled else 'no'}",
+        f"torch.compile: {compile_description(compiled, compile_mode)}",
         f"- versions: Python {platform.python_version()}, torch {torch.__version__}; "
         f"archbench commit {commit or 'unknown'}",
         "- command: `python " + " ".join(shlex.quote(a) for a in sys.argv) + "`",
     ]
+
+
+def compile_description(compiled: bool, mode: str | None) -> str:
+    """Whether (and in which mode) the losses were compiled, for the output's header."""
+    if not compiled:
+        return "no"
+    return f"yes{f', mode {mode}' if mode else ''} (but not the models labelled eager)"
 
 
 def markdown(rows: list[dict[str, Any]], header: list[str]) -> str:
@@ -497,6 +516,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
     parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"))
     parser.add_argument("--compile", action="store_true", help="torch.compile every loss")
+    parser.add_argument(
+        "--compile-mode",
+        choices=COMPILE_MODES,
+        help="torch.compile's mode (implies --compile; reduce-overhead: CUDA graphs)",
+    )
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     parser.add_argument(
         "--warmup", type=int, help="untimed steps per model (default 5; 10 with --compile)"
@@ -519,6 +543,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.clock == "cpu" and args.device not in ("auto", "cpu"):
         parser.error(CPU_CLOCK_ONLY)
+    args.compile = args.compile or args.compile_mode is not None
     args.archs = args.archs.split(",") if args.archs else sorted(ARCHITECTURES)
     if args.warmup is None:
         args.warmup = 10 if args.compile else 5
@@ -561,7 +586,8 @@ def main(argv: list[str] | None = None) -> None:
         writer = csv.DictWriter(handle, list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    table = markdown(rows, machine_description(runtime, args.clock, args.compile))
+    header = machine_description(runtime, args.clock, args.compile, args.compile_mode)
+    table = markdown(rows, header)
     if args.markdown:
         args.markdown.write_text(table, encoding="utf-8")
     print(table)

@@ -108,3 +108,16 @@ def test_compiled_benchmark_also_times_nanogpt_eagerly(tmp_path: Path) -> None:
     table = (tmp_path / "out.md").read_text()
     assert "as fast as nanoGPT's `model.py` run eagerly" in table
     assert "torch.compile: yes" in table
+
+
+def test_compile_mode_implies_compile_and_is_named_in_the_header(tmp_path: Path) -> None:
+    """--compile-mode compiles every loss in that mode and says so in the table's header."""
+    result = run_benchmark(tmp_path, "--archs", "gpt", "--compile-mode", "default")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "torch.compile: yes, mode default" in (tmp_path / "out.md").read_text()
+
+
+def test_unknown_compile_mode_is_refused_with_the_choices(tmp_path: Path) -> None:
+    result = run_benchmark(tmp_path, "--compile-mode", "fastest")
+    assert result.returncode == 2
+    assert "reduce-overhead" in result.stderr

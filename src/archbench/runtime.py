@@ -80,8 +80,9 @@ class Runtime:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             yield
 
-    def compile(self, fn: Callable) -> Callable:
-        """`torch.compile(fn)`, after checking that kernels can be built for this device.
+    def compile(self, fn: Callable, mode: str | None = None) -> Callable:
+        """`torch.compile(fn, mode=mode)`, after checking that kernels can be built for this
+        device (`mode`: torch.compile's, e.g. "reduce-overhead" for CUDA graphs; None: default).
 
         On the CPU, inductor writes C++ and needs a compiler; without one, torch fails only at
         the first step, with a long traceback, so this says so up front.
@@ -94,7 +95,7 @@ class Runtime:
                 "torch.compile builds its CPU kernels with it. Install one, or turn compilation "
                 "off: `compile: false` in the suite's train section or compile=false in the row."
             )
-        return torch.compile(fn)
+        return torch.compile(fn, mode=mode)
 
     def synchronize(self) -> None:
         """Wait for the device's queued work (GPU kernels run asynchronously), so that a clock
