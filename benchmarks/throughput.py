@@ -52,7 +52,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from archbench.errors import ConfigError
 from archbench.models import ARCHITECTURES, build_model
-from archbench.runtime import Runtime, make_runtime
+from archbench.runtime import COMPILE_MODES, Runtime, make_runtime
 from archbench.train import TrainConfig, make_optimizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,8 +61,6 @@ ROOT = Path(__file__).resolve().parents[1]
 # step's own compute; with several it is their sum).
 CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.process_time}
 CPU_CLOCK_ONLY = "--clock cpu measures CPU work; GPU steps need --clock wall"
-# torch.compile's modes besides its default ("reduce-overhead" replays CUDA graphs).
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 MATCH_TOLERANCE = 0.005  # relative parameter difference below which `gpt` itself is the baseline
 
 
@@ -251,7 +249,7 @@ def build(
     runtime: Runtime,
     nanogpt: Any,
     compile_loss: bool,
-    compile_mode: str | None = None,
+    compile_mode: str = "default",
 ) -> Candidate:
     """Instantiate one planned candidate on the device with its optimizer and loss function
     (compiled with torch.compile's `compile_mode` when `compile_loss`)."""
@@ -351,7 +349,8 @@ def run_shape(
         torch._dynamo.reset()
         torch._dynamo.config.recompile_limit = max(8, 2 * len(planned))
     candidates = [
-        build(entry, shape, runtime, nanogpt, args.compile, args.compile_mode) for entry in planned
+        build(entry, shape, runtime, nanogpt, args.compile, args.compile_mode or "default")
+        for entry in planned
     ]
     for c in candidates:
         for _ in range(args.warmup):

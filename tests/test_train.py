@@ -445,6 +445,53 @@ def test_the_compiler_check_looks_for_the_one_inductor_uses(
     assert inductor_cpp_compiler() == "g++"
 
 
+def compile_recorder(monkeypatch: pytest.MonkeyPatch) -> dict[str, list]:
+    """Replace torch.compile by the identity and count CUDA-graph step marks; returns the
+    modes asked for and the marks."""
+    seen: dict[str, list] = {"modes": [], "marks": []}
+
+    def fake_compile(fn, mode=None):
+        seen["modes"].append(mode)
+        return fn
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    monkeypatch.setattr(
+        torch.compiler, "cudagraph_mark_step_begin", lambda: seen["marks"].append(1)
+    )
+    return seen
+
+
+@pytest.mark.parametrize(("mode", "marks_steps"), [("default", False), ("reduce-overhead", True)])
+def test_compile_mode_reaches_torch_compile_and_cuda_graphs_mark_every_step(
+    tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: str, marks_steps: bool
+) -> None:
+    """compile_mode is torch.compile's mode; in a CUDA-graph mode every call of the loss (the
+    warm-up and each step) first tells torch that a new step begins, so that the graphs may
+    reuse the memory of the previous step's outputs. The weights are those of an eager run."""
+    seen = compile_recorder(monkeypatch)
+    spec = tiny_spec(compile=True, compile_mode=mode)
+    summary = train_run(spec, tiny_data, tmp_path / mode, show_progress=False)
+    assert seen["modes"] == [mode]
+    assert len(seen["marks"]) == (1 + summary["train_steps"] if marks_steps else 0)
+    train_run(tiny_spec(), tiny_data, tmp_path / "eager", show_progress=False)
+    a, b = (load_file(tmp_path / n / "model.safetensors") for n in (mode, "eager"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_unknown_compile_mode_is_a_clear_error() -> None:
+    with pytest.raises(ConfigError, match="compile_mode.*reduce-overhead"):
+        make_train_config({"compile_mode": "fastest"})
+
+
+def test_compile_mode_without_compile_warns(
+    tiny_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    train_run(tiny_spec(compile_mode="reduce-overhead"), tiny_data, tmp_path, show_progress=False)
+    assert (
+        "compile_mode=reduce-overhead has no effect with compile=false" in capsys.readouterr().err
+    )
+
+
 @pytest.mark.slow
 def test_compiled_bf16_training_matches_eager_closely(tiny_data: Path, tmp_path: Path) -> None:
     """torch.compile (as in the gpu suite) on the CPU gives the eager run's losses."""

@@ -44,7 +44,7 @@ from archbench.io import atomic_path, write_json
 from archbench.models import build_model
 from archbench.models.blocks import IGNORE_INDEX
 from archbench.options import coerce_all, option
-from archbench.runtime import Runtime, fork_rng, make_runtime
+from archbench.runtime import COMPILE_MODES, Runtime, fork_rng, make_runtime
 
 LOSS_MASKS = ("answers", "all")
 GRAD_NORM = "grad_norm"  # the total gradient norm before clipping, mean over a metrics row's steps
@@ -118,6 +118,12 @@ class TrainConfig:
         choices=("auto", "fp32", "bf16"),
     )
     compile: bool = option(False, "torch.compile the training step's loss function")
+    compile_mode: str = option(
+        "default",
+        "torch.compile's mode with compile=true (reduce-overhead, max-autotune: CUDA graphs on "
+        "a GPU; measured in the benchmark, not yet in a GPU training run)",
+        choices=COMPILE_MODES,
+    )
     loss_mask: str = option(
         "answers",
         "synthetic data sets only (text ignores it): targets in the loss, the answer tokens "
@@ -424,6 +430,12 @@ def train_run(
             f"{config.steps} steps: the learning rate only warms up, it never decays",
             file=sys.stderr,
         )
+    if config.compile_mode != "default" and not config.compile:
+        print(
+            f"archbench: warning: compile_mode={config.compile_mode} has no effect with "
+            "compile=false",
+            file=sys.stderr,
+        )
     data_meta = load_meta_of(data_dir, spec["dataset"], f"experiment '{spec['experiment']}'")
     data = load_training_data(data_dir, spec["dataset"], config)
     runtime = make_runtime(config.device, config.precision)
@@ -442,7 +454,7 @@ def train_run(
     step_flops = measure_step_flops(model, runtime.put(x0), runtime.put(y0))
     with torch.no_grad(), fork_rng(runtime.device):
         _, parts0 = model.loss(runtime.put(x0[:1]), runtime.put(y0[:1]))
-    loss_fn = runtime.compile(model.loss) if config.compile else model.loss
+    loss_fn = runtime.compile(model.loss, config.compile_mode) if config.compile else model.loss
     compile_seconds = warm_up(loss_fn, model, runtime, x0, y0) if config.compile else 0.0
     columns = list(BASE_COLUMNS) + [f"train_{name}" for name in parts0]
     fingerprint = spec_fingerprint(spec, data_meta)
