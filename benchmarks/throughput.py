@@ -18,9 +18,14 @@ on CUDA). On CUDA the model FLOPs utilisation is the FLOPs torch counts for forw
 `--nanogpt PATH` adds karpathy/nanoGPT's `model.py` (a copy you supply; it is not part of this
 repository) at the same shape, compared with the `gpt` baseline in the same alternation.
 
+`--profile DIR` then runs `--steps` more steps of each model under torch.profiler and writes the
+ops that took the most time (GPU time on CUDA, CPU time otherwise) to DIR/<shape>-<model>.txt:
+where a step's time goes, for a model slower than its baseline.
+
     python benchmarks/throughput.py                                  # tiny CPU shape, < 2 min
     python benchmarks/throughput.py --threads 2 --nanogpt ../nanoGPT/model.py
     python benchmarks/throughput.py --device cuda --compile          # all shapes on a GPU
+    python benchmarks/throughput.py --archs hourglass --profile results/benchmarks/profiles
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ import importlib.util
 import io
 import os
 import platform
+import re
 import shlex
 import statistics
 import subprocess
@@ -46,6 +52,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.profiler import ProfilerActivity, profile
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode
@@ -62,6 +69,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.process_time}
 CPU_CLOCK_ONLY = "--clock cpu measures CPU work; GPU steps need --clock wall"
 MATCH_TOLERANCE = 0.005  # relative parameter difference below which `gpt` itself is the baseline
+PROFILE_ROWS = 30  # ops listed per profile
 
 
 @dataclass(frozen=True)
@@ -367,7 +375,32 @@ def run_shape(
                 train_step(c, x, y, runtime)
             runtime.synchronize()
             c.step_times.append((CLOCKS[args.clock]() - tick) / args.steps)
+    if args.profile:
+        for c in candidates:
+            name = re.sub(r"[^A-Za-z0-9_.=-]+", "_", f"{shape.name}-{c.label}")
+            write_profile(c, x, y, runtime, args.steps, args.profile / f"{name}.txt")
     return summarize(shape, candidates, runtime, args.peak_tflops)
+
+
+def write_profile(
+    c: Candidate, x: torch.Tensor, y: torch.Tensor, runtime: Runtime, steps: int, path: Path
+) -> None:
+    """Profile `steps` training steps of `c`; write its most expensive ops as a table to `path`."""
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if runtime.is_cuda else [])
+    with profile(activities=activities) as profiler:
+        for _ in range(steps):
+            train_step(c, x, y, runtime)
+        runtime.synchronize()
+    sort_by = "self_cuda_time_total" if runtime.is_cuda else "self_cpu_time_total"
+    table = profiler.key_averages().table(
+        sort_by=sort_by, row_limit=PROFILE_ROWS, max_name_column_width=70
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(
+        f"{c.label}: {steps} training steps, sorted by {sort_by}\n{table}",
+        encoding="utf-8",
+    )
+    print(f"  profile: {path}", file=sys.stderr)
 
 
 def summarize(
@@ -533,6 +566,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--csv", type=Path, default=ROOT / "results/benchmarks/throughput.csv", help="CSV output"
     )
     parser.add_argument("--markdown", type=Path, help="also write the Markdown table here")
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        help="also profile --steps steps per model; tables go to this folder",
+    )
     parser.add_argument(
         "--clock",
         default="wall",

@@ -121,3 +121,18 @@ def test_unknown_compile_mode_is_refused_with_the_choices(tmp_path: Path) -> Non
     result = run_benchmark(tmp_path, "--compile-mode", "fastest")
     assert result.returncode == 2
     assert "reduce-overhead" in result.stderr
+
+
+def test_profile_writes_each_models_most_expensive_ops(tmp_path: Path) -> None:
+    """--profile writes one op table per model, named after shape and model, with the matmuls."""
+    result = run_benchmark(tmp_path, "--archs", "mtp", "--profile", str(tmp_path / "profiles"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    with open(tmp_path / "out.csv", newline="") as handle:
+        models = [row["model"] for row in csv.DictReader(handle)]
+    files = sorted(path.name for path in (tmp_path / "profiles").iterdir())
+    expected = sorted(f"tiny-{model.replace(' ', '_')}.txt" for model in models)
+    assert files == expected and len(files) >= 2
+    for name in files:
+        text = (tmp_path / "profiles" / name).read_text()
+        assert "1 training steps, sorted by self_cpu_time_total" in text.splitlines()[0]
+        assert "aten::mm" in text and "aten::_fused_adamw_" in text
