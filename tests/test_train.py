@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from conftest import tiny_spec
 from safetensors.torch import load_file
 
@@ -39,6 +40,11 @@ from archbench.train import (
     train_run,
     warm_up,
 )
+
+# The gpu suite's train settings, which the tests below run on the CPU.
+GPU_SUITE_TRAIN = yaml.safe_load(
+    (Path(__file__).resolve().parents[1] / "configs/suites/gpu.yaml").read_text(encoding="utf-8")
+)["train"]
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
@@ -418,7 +424,7 @@ def test_every_architecture_trains_compiled_with_the_gpu_suites_settings_on_the_
     arch: str, tiny_data: Path, tmp_path: Path
 ) -> None:
     """As above with torch.compile, as the gpu suite trains (`gpt` alone runs in CI below)."""
-    spec = tiny_spec(precision="bf16", compile=True)
+    spec = tiny_spec(precision="bf16", compile=True, compile_mode=GPU_SUITE_TRAIN["compile_mode"])
     spec["arch"], spec["model"]["dropout"] = arch, 0.2
     summary = train_run(spec, tiny_data, tmp_path, show_progress=False)
     assert summary["compile_seconds"] > 0 and math.isfinite(summary["final_val_loss"])
@@ -517,7 +523,7 @@ def test_compiled_bf16_training_matches_eager_closely(tiny_data: Path, tmp_path:
         tiny_spec(precision="bf16"), tiny_data, tmp_path / "eager", show_progress=False
     )
     compiled = train_run(
-        tiny_spec(precision="bf16", compile=True),
+        tiny_spec(precision="bf16", compile=True, compile_mode=GPU_SUITE_TRAIN["compile_mode"]),
         tiny_data,
         tmp_path / "compiled",
         show_progress=False,
