@@ -59,7 +59,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from archbench.errors import ConfigError
 from archbench.models import ARCHITECTURES, build_model
-from archbench.runtime import COMPILE_MODES, Runtime, make_runtime
+from archbench.runtime import COMPILE_MODES, CUDA_GRAPH_MODES, Runtime, make_runtime
 from archbench.train import TrainConfig, make_optimizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -135,7 +135,7 @@ class Candidate:
     baseline: str | None
     n_params: int
     step_times: list[float] = field(default_factory=list)
-    peak_bytes: int = 0
+    peak_bytes: int | None = None  # None: not measurable (CUDA graphs)
     flops_per_step: int = 0
 
 
@@ -333,6 +333,13 @@ def measure_memory(c: Candidate, x: torch.Tensor, y: torch.Tensor, runtime: Runt
     return state_bytes(c) + transient
 
 
+def memory_is_measurable(c: Candidate, runtime: Runtime, compile_mode: str | None) -> bool:
+    """False for a model replayed as CUDA graphs: their memory pool is allocated while the graphs
+    are recorded, in the warm-up, so a replayed step's allocator peak leaves out its activations."""
+    compiled = c.loss_fn is not c.raw_loss
+    return not (runtime.is_cuda and compiled and compile_mode in CUDA_GRAPH_MODES)
+
+
 def measure_flops(c: Candidate, x: torch.Tensor, y: torch.Tensor) -> int:
     """FLOPs of one forward + backward, counted by torch (for the MFU on CUDA)."""
     with FlopCounterMode(display=False) as counter:
@@ -363,7 +370,8 @@ def run_shape(
     for c in candidates:
         for _ in range(args.warmup):
             train_step(c, x, y, runtime)
-        c.peak_bytes = measure_memory(c, x, y, runtime)
+        if memory_is_measurable(c, runtime, args.compile_mode):
+            c.peak_bytes = measure_memory(c, x, y, runtime)
         if runtime.is_cuda:
             c.flops_per_step = measure_flops(c, x, y)
         print(f"  {shape.name}: {c.label} ready ({c.n_params:,} parameters)", file=sys.stderr)
@@ -431,7 +439,7 @@ def summarize(
             "time_vs_baseline": "",
             "time_vs_baseline_min": "",
             "time_vs_baseline_max": "",
-            "peak_mib": round(c.peak_bytes / 2**20, 1),
+            "peak_mib": "" if c.peak_bytes is None else round(c.peak_bytes / 2**20, 1),
             "mfu": "",
         }
         if c.baseline:
@@ -523,6 +531,11 @@ def markdown(rows: list[dict[str, Any]], header: list[str]) -> str:
                 value = f"{100 * value:.1f}%"
             cells.append(str(value))
         lines.append("| " + " | ".join(cells) + " |")
+    if any(row["peak_mib"] == "" for row in rows):
+        lines.append(
+            "\nPeak memory is blank for models replayed as CUDA graphs: their memory pool is "
+            "allocated when the graphs are recorded, outside a timed step."
+        )
     nano = [row for row in rows if row["arch"] == "nanogpt"]
     for row in nano:
         eager = " run eagerly" if row["model"].endswith("eager") else ""

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import csv
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType, SimpleNamespace
 
 import pytest
 
@@ -136,3 +138,49 @@ def test_profile_writes_each_models_most_expensive_ops(tmp_path: Path) -> None:
         text = (tmp_path / "profiles" / name).read_text()
         assert "1 training steps, sorted by self_cpu_time_total" in text.splitlines()[0]
         assert "aten::mm" in text and "aten::_fused_adamw_" in text
+
+
+def load_throughput() -> ModuleType:
+    """The benchmark script as a module (benchmarks/ is not a package)."""
+    spec = importlib.util.spec_from_file_location("throughput", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize(
+    ("is_cuda", "mode", "compiled", "measured"),
+    [
+        (True, "reduce-overhead", True, False),
+        (True, "max-autotune", True, False),
+        (True, "reduce-overhead", False, True),  # nanoGPT eager in the same run
+        (True, "default", True, True),
+        (True, None, True, True),
+        (False, "reduce-overhead", True, True),  # no CUDA graphs on the CPU
+    ],
+)
+def test_peak_memory_is_left_out_only_for_models_replayed_as_cuda_graphs(
+    is_cuda: bool, mode: str | None, compiled: bool, measured: bool
+) -> None:
+    throughput = load_throughput()
+
+    def raw_loss(x, y):
+        return x
+
+    candidate = SimpleNamespace(
+        raw_loss=raw_loss, loss_fn=(lambda x, y: x) if compiled else raw_loss
+    )
+    runtime = SimpleNamespace(is_cuda=is_cuda)
+    assert throughput.memory_is_measurable(candidate, runtime, mode) is measured
+
+
+def test_a_blank_peak_memory_is_explained_under_the_table() -> None:
+    throughput = load_throughput()
+    row = {"shape": "s", "model": "gpt", "arch": "gpt", "n_params": 10**6, "step_ms": 5.0}
+    row |= {"tokens_per_s": 1000, "baseline": "", "time_vs_baseline": "", "mfu": ""}
+    blank = throughput.markdown([row | {"peak_mib": ""}], [])
+    measured = throughput.markdown([row | {"peak_mib": 12.5}], [])
+    assert "Peak memory is blank for models replayed as CUDA graphs" in blank
+    assert "| s | gpt | 1.00M | 5.0 | 1,000 |  |  |  |" in blank
+    assert "CUDA graphs" not in measured and "| 12.5 |" in measured
