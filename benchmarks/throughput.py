@@ -399,7 +399,7 @@ def write_profile(
         for _ in range(steps):
             train_step(c, x, y, runtime)
         runtime.synchronize()
-    sort_by = "self_cuda_time_total" if runtime.is_cuda else "self_cpu_time_total"
+    sort_by = "self_device_time_total" if runtime.is_cuda else "self_cpu_time_total"
     table = profiler.key_averages().table(
         sort_by=sort_by, row_limit=PROFILE_ROWS, max_name_column_width=70
     )
