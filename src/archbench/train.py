@@ -121,7 +121,7 @@ class TrainConfig:
     compile_mode: str = option(
         "default",
         "torch.compile's mode with compile=true (reduce-overhead, max-autotune: CUDA graphs on "
-        "a GPU; measured in the benchmark, not yet in a GPU training run)",
+        "a GPU; the gpu suite trains with reduce-overhead)",
         choices=COMPILE_MODES,
     )
     loss_mask: str = option(
