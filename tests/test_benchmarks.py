@@ -140,8 +140,9 @@ def test_profile_writes_each_models_most_expensive_ops(tmp_path: Path) -> None:
         assert "aten::mm" in text and "aten::_fused_adamw_" in text
 
 
-def load_throughput() -> ModuleType:
-    """The benchmark script as a module (benchmarks/ is not a package)."""
+@pytest.fixture(scope="module")
+def throughput() -> ModuleType:
+    """The benchmark script as a module (benchmarks/ is not a package), loaded once."""
     spec = importlib.util.spec_from_file_location("throughput", SCRIPT)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # its dataclasses look their module up
@@ -161,10 +162,8 @@ def load_throughput() -> ModuleType:
     ],
 )
 def test_peak_memory_is_left_out_only_for_models_replayed_as_cuda_graphs(
-    is_cuda: bool, mode: str | None, compiled: bool, measured: bool
+    throughput: ModuleType, is_cuda: bool, mode: str | None, compiled: bool, measured: bool
 ) -> None:
-    throughput = load_throughput()
-
     def raw_loss(x, y):
         return x
 
@@ -175,8 +174,7 @@ def test_peak_memory_is_left_out_only_for_models_replayed_as_cuda_graphs(
     assert throughput.memory_is_measurable(candidate, runtime, mode) is measured
 
 
-def test_a_blank_peak_memory_is_explained_under_the_table() -> None:
-    throughput = load_throughput()
+def test_a_blank_peak_memory_is_explained_under_the_table(throughput: ModuleType) -> None:
     row = {"shape": "s", "model": "gpt", "arch": "gpt", "n_params": 10**6, "step_ms": 5.0}
     row |= {"tokens_per_s": 1000, "baseline": "", "time_vs_baseline": "", "mfu": ""}
     blank = throughput.markdown([row | {"peak_mib": ""}], [])
