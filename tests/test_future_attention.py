@@ -12,12 +12,14 @@ import torch
 import torch.nn.functional as F
 
 from archbench.errors import ConfigError
+from archbench.models.blocks import IGNORE_INDEX
 from archbench.models.future_attention import (
     FutureAttentionConfig,
     FutureAttentionTransformer,
     attend,
     attend_with_future,
     future_loss,
+    scored_rows,
 )
 from archbench.models.gpt import GPT, GPTConfig
 from archbench.options import coerce_all, options_of
@@ -237,6 +239,63 @@ def test_prefix_consistency(overrides: dict) -> None:
             torch.testing.assert_close(model(idx[:, :t]), full[:, :t], rtol=1e-10, atol=1e-10)
             prefix_logits, _ = model.forward_with_future(idx[:, :t])
             torch.testing.assert_close(prefix_logits, full[:, :t], rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("band", [1, 3, BLOCK - 1])
+def test_scored_rows_follow_the_loss_mask(band: int) -> None:
+    """Row i counts iff one of its band's real future tokens i+1 … min(i+F, T-1) is scored."""
+    generator = torch.Generator().manual_seed(band)
+    targets = torch.randint(0, VOCAB, (4, 10), generator=generator)
+    targets[torch.rand(4, 10, generator=generator) < 0.7] = IGNORE_INDEX
+    targets[0] = IGNORE_INDEX  # a sequence with no scored token at all
+    want = torch.tensor(
+        [
+            [bool((row[i : min(i + band, 9)] != IGNORE_INDEX).any()) for i in range(9)]
+            for row in targets
+        ]
+    )
+    got = scored_rows(targets, band)
+    assert torch.equal(got, want) and not got[0].any() and got.any()
+    assert scored_rows(torch.roll(torch.arange(10), -1).expand(2, 10), band).all()
+
+
+@pytest.mark.parametrize("kind", ["mse", "cosine"])
+def test_future_loss_averages_over_the_scored_rows(kind: str) -> None:
+    """With a row mask, the loss is the brute-force mean over the kept (batch, head, row)s."""
+    q, k, v, slot_keys, slot_values = random_heads(2, 2, 6, 4, 6, seed=9)
+    _, prediction, target = attend_with_future(q, k, v, slot_keys, slot_values, 2)
+    rows = torch.tensor([[True, False, False, True, True], [False, False, True, False, False]])
+    values = []
+    for bi, hi, i in itertools.product(range(2), range(2), range(5)):
+        if rows[bi, i]:
+            keep = (slice(bi, bi + 1), slice(hi, hi + 1), slice(i, i + 2))  # + a dropped last row
+            mse, cosine = brute_force_losses(prediction[keep], target[keep])
+            values.append(mse if kind == "mse" else cosine)
+    got = future_loss(prediction, target, kind, rows).item()
+    assert got == pytest.approx(sum(values) / len(values), rel=1e-12)
+    assert got != pytest.approx(future_loss(prediction, target, kind).item(), rel=1e-3)
+    assert future_loss(prediction, target, kind, torch.zeros_like(rows)).item() == 0.0
+
+
+def test_model_loss_skips_unscored_targets() -> None:
+    """A synthetic task's loss mask reaches the future loss: with no target scored it is 0 (no
+    gradient reaches the slots), and with some scored it is the mean over their rows."""
+    model = make({"future_dim": 3}, torch.float32).train()
+    idx = torch.randint(0, VOCAB, (2, BLOCK), generator=torch.Generator().manual_seed(8))
+    ignored = torch.full_like(idx, IGNORE_INDEX)
+    total, parts = model.loss(idx, ignored)
+    assert total.item() == 0.0 and parts["future"].item() == 0.0
+    total.backward()
+    assert all(p.grad is None or not p.grad.any() for p in model.parameters())
+    answers = ignored.clone()
+    answers[:, 10:12] = idx[:, 11:13]
+    rows = scored_rows(answers, 3)
+    assert rows.sum(dim=1).tolist() == [4, 4]  # rows 8 … 11: their bands reach targets 10, 11
+    with torch.no_grad():
+        _, pairs = model.forward_with_future(idx)
+        _, parts = model.loss(idx, answers)
+    want = torch.stack([future_loss(p, t, "cosine", rows) for p, t in pairs]).mean()
+    assert parts["future"].item() == pytest.approx(want.item(), rel=1e-6)
 
 
 @pytest.mark.parametrize("overrides", OPTION_CASES, ids=IDS)

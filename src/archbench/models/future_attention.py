@@ -68,6 +68,12 @@ real future token), so each loss is an average over the rows that have something
 T = C the MSE is the original's times T / (T - 1), and the cosine loss is the original's minus
 0.5 / T, times T / (T - 1). A one-token window has no such row; its future loss is 0.
 
+Loss mask. Targets equal to IGNORE_INDEX (-100, tokens outside a synthetic task's answers) count
+nowhere, as in every architecture's loss: row i counts only if its band of real future positions
+i+1 … min(i+F, T-1) holds a scored token (one of targets[i … min(i+F, T-1) - 1] is not ignored),
+and the loss is the mean over the rows that count (0 when none does). Language-model windows mask
+nothing, so there every row 0 … T-2 counts.
+
 T < C. The target's band ends at the last real token, T - 1, while the prediction's band ends at
 the last slot, C - 1 (it is part of the logits, which must not depend on T). The two agree on
 training windows (T = C); on shorter windows the loss is still defined, but rows near the end
@@ -97,6 +103,7 @@ from torch import nn
 
 from archbench.errors import ConfigError
 from archbench.models.blocks import (
+    IGNORE_INDEX,
     Block,
     LanguageModel,
     RotaryEmbedding,
@@ -196,16 +203,33 @@ def future_target(real_scores: torch.Tensor, v: torch.Tensor, band: int) -> torc
     return (probs * (p > i).to(v.dtype)) @ v
 
 
-def future_loss(prediction: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
-    """`mse` or `cosine` loss between slot outputs and targets (B, H, T, h), on rows 0 … T-2
-    (the last row has no future token in the window; see the module docstring)."""
+def scored_rows(targets: torch.Tensor, band: int) -> torch.Tensor:
+    """Which rows 0 … T-2 of each sequence the future loss counts, (B, T-1) bool: row i counts
+    iff a token of its band, positions i+1 … min(i+band, T-1), is scored, i.e. one of
+    targets[:, i : min(i+band, T-1)] is not IGNORE_INDEX (a synthetic task's loss mask)."""
+    t = targets.shape[1]
+    # scored[:, j] = scored targets among targets[:, :j], j = 0 … T-1
+    scored = F.pad((targets[:, :-1] != IGNORE_INDEX).cumsum(dim=1), (1, 0))
+    start = torch.arange(t - 1, device=targets.device)
+    return scored[:, (start + band).clamp(max=t - 1)] > scored[:, start]
+
+
+def future_loss(
+    prediction: torch.Tensor, target: torch.Tensor, kind: str, rows: torch.Tensor | None = None
+) -> torch.Tensor:
+    """`mse` or `cosine` loss between slot outputs and targets (B, H, T, h), averaged over heads
+    and rows 0 … T-2 (the last row has no future token in the window; see the module docstring),
+    only over the rows that `rows` (B, T-1) marks if given (`scored_rows`); 0 when none is."""
     dtype = torch.promote_types(prediction.dtype, torch.float32)  # not bf16 (CPU autocast)
     prediction, target = prediction[:, :, :-1].to(dtype), target[:, :, :-1].to(dtype)
-    if prediction.shape[2] == 0:
-        return prediction.new_zeros(())
     if kind == "mse":
-        return F.mse_loss(prediction, target)
-    return ((1.0 - F.cosine_similarity(prediction, target, dim=-1)) / 2.0).mean()
+        per_row = (prediction - target).square().mean(dim=-1)
+    else:
+        per_row = (1.0 - F.cosine_similarity(prediction, target, dim=-1)) / 2.0
+    if rows is None:
+        rows = per_row.new_ones(per_row.shape[0], per_row.shape[2], dtype=torch.bool)
+    weight = rows[:, None, :].to(dtype).expand_as(per_row)
+    return (per_row * weight).sum() / weight.sum().clamp(min=1)
 
 
 def attend(
@@ -407,6 +431,8 @@ class FutureAttentionTransformer(LanguageModel):
         """next_token + future_loss_weight * future (mean future loss over future layers)."""
         logits, pairs = self.forward_with_future(idx)
         ce = next_token_loss(logits, targets)
-        future = torch.stack([future_loss(p, t, self.config.future_loss) for p, t in pairs]).mean()
+        rows = scored_rows(targets, self.config.band)
+        kind = self.config.future_loss
+        future = torch.stack([future_loss(p, t, kind, rows) for p, t in pairs]).mean()
         total = ce + self.config.future_loss_weight * future
         return total, {"next_token": ce.detach(), "future": future.detach()}
