@@ -345,6 +345,23 @@ def test_a_suite_extending_another_keeps_its_lm_eval_tasks(tmp_path: Path) -> No
     assert lm_eval["tasks"] == ["blimp", "rolling_ppl"] and lm_eval["blimp_limit"] == 1000
 
 
+def test_a_suite_extending_another_merges_each_data_sets_options(tmp_path: Path) -> None:
+    """Changing one option of one data set keeps the parent's other options for it."""
+    suite_file(
+        tmp_path,
+        "seeds: [0]\nmodel: {}\ntrain: {lr: 0.01}\n"
+        "train_by_dataset: {mqar: {token_budget: 1000, batch_size: 4}, path_star: {lr: 0.1}}\n",
+    )
+    child = tmp_path / "suites" / "child.yaml"
+    child.write_text(
+        "extends: tiny\ntrain_by_dataset: {mqar: {lr: 0.5}, chars: {lr: 0.2}}\n", encoding="utf-8"
+    )
+    suite = load_suite(child, SUITE_SCHEMA)
+    assert suite.train_for("mqar") == {"lr": 0.5, "token_budget": 1000, "batch_size": 4}
+    assert suite.train_for("path_star") == {"lr": 0.1}
+    assert suite.train_for("chars") == {"lr": 0.2}
+
+
 def test_an_extends_cycle_is_refused(tmp_path: Path) -> None:
     path = suite_file(tmp_path, "extends: tiny\nseeds: [0]\nmodel: {}\ntrain: {}\n")
     with pytest.raises(ConfigError, match="'extends' forms a cycle"):

@@ -336,7 +336,8 @@ def suite_names(directory: Path) -> list[str]:
 
 def _suite_data(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     """The raw mapping of a suite file, with `extends: <suite>` resolved: the named suite's
-    settings first, this file's on top (the SECTIONS merged key by key)."""
+    settings first, this file's on top (the SECTIONS merged key by key, and each data set's
+    options in `train_by_dataset` too)."""
     if not path.exists():
         available = ", ".join(suite_names(path.parent))
         raise ConfigError(f"no suite file {path}; available suites: {available}")
@@ -354,6 +355,11 @@ def _suite_data(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     for section in SECTIONS:
         if section in parent and section in data:
             merged[section] = {**parent[section], **data[section]}
+    if "train_by_dataset" in parent and "train_by_dataset" in data:
+        merged["train_by_dataset"] = {
+            dataset: {**parent["train_by_dataset"].get(dataset, {}), **options}
+            for dataset, options in merged["train_by_dataset"].items()
+        }
     return merged
 
 
