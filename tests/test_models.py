@@ -3,6 +3,8 @@ clear errors for invalid options."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -345,3 +347,47 @@ def test_rope_rotates_alike_eagerly_and_under_compile(dtype: torch.dtype) -> Non
         torch.testing.assert_close(traced_x.grad, eager_x.grad)
     rotated = rope(torch.ones(1, 1, BLOCK, 8))
     assert not torch.allclose(rotated[0, 0, 1], rotated[0, 0, 0])  # it does rotate
+
+
+def run_attention(
+    attention: Callable[..., torch.Tensor], inputs: list[torch.Tensor]
+) -> tuple[torch.Tensor, list[torch.Tensor], set[str]]:
+    """One forward and backward of `attention` on copies of `inputs`: the output, the inputs'
+    gradients, and the attention aten ops that ran (the CPU flash kernel, bmm)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    leaves = [x.clone().requires_grad_() for x in inputs]
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        out = attention(*leaves)
+        out.backward(torch.ones_like(out))
+    ops = {e.key for e in prof.key_averages() if "flash_attention" in e.key or "bmm" in e.key}
+    return out.detach(), [x.grad for x in leaves], ops
+
+
+@pytest.mark.parametrize(("t", "kv_heads"), [(64, 4), (64, 2), (129, 4)])
+def test_compiled_cpu_attention_uses_the_math_backend_on_short_windows(
+    t: int, kv_heads: int
+) -> None:
+    """Compiled on the CPU, causal attention over at most CPU_MATH_ATTENTION_MAX_LEN positions
+    runs as batched matrix products (the math backend); longer windows and eager runs keep the
+    flash kernel. All give the same values and gradients."""
+    from archbench.models.blocks import CPU_MATH_ATTENTION_MAX_LEN, causal_attention
+
+    generator = torch.Generator().manual_seed(t)
+    shapes = ((2, 4, t, 8), (2, kv_heads, t, 8), (2, kv_heads, t, 8))
+    inputs = [torch.randn(*shape, generator=generator) for shape in shapes]
+
+    def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return causal_attention(q, k, v, enable_gqa=kv_heads != 4)
+
+    traced = torch.compile(attention, backend="aot_eager", fullgraph=True, dynamic=False)
+    run_attention(traced, inputs)  # compiles
+    eager_out, eager_grads, eager_ops = run_attention(attention, inputs)
+    traced_out, traced_grads, traced_ops = run_attention(traced, inputs)
+    math_backend = t <= CPU_MATH_ATTENTION_MAX_LEN
+    assert any("flash_attention" in op for op in eager_ops)
+    assert any("flash_attention" in op for op in traced_ops) is not math_backend
+    assert ("aten::bmm" in traced_ops) is math_backend
+    torch.testing.assert_close(traced_out, eager_out)
+    for got, want in zip(traced_grads, eager_grads, strict=True):
+        torch.testing.assert_close(got, want)

@@ -6,11 +6,13 @@ between two architectures comes from what they change, not from two versions of 
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 # Targets equal to this count in no loss (torch's cross-entropy ignore_index): the training loop's
 # mark for tokens outside a loss mask. Every architecture's loss, auxiliary parts included, skips
@@ -21,6 +23,10 @@ IGNORE_INDEX = -100
 # so that they do not multiply the baseline's largest activation. Recomputing small logits cost
 # 16% of a compiled CPU step (docs/performance.md).
 KEEP_LOGITS_ELEMENTS = 2**24
+# Compiled for the CPU, causal attention over windows of at most this many positions runs through
+# scaled_dot_product_attention's math backend (docs/performance.md: faster there than the CPU
+# flash kernel at 64 and 128 positions, slower at 256).
+CPU_MATH_ATTENTION_MAX_LEN = 128
 
 
 def make_norm(kind: str, dim: int) -> nn.Module:
@@ -63,6 +69,32 @@ class RotaryEmbedding(nn.Module):
         return torch.view_as_real(pairs * torch.complex(cos, sin)).flatten(-2).to(x.dtype)
 
 
+def causal_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    dropout_p: float = 0.0,
+    enable_gqa: bool = False,
+) -> torch.Tensor:
+    """Causal `scaled_dot_product_attention` of q (…, H, T, h) over k, v (…, H_kv, T, h).
+
+    Under `torch.compile` on the CPU, windows of at most CPU_MATH_ATTENTION_MAX_LEN positions use
+    the math backend, which inductor compiles to batched matrix products around one fused masked
+    softmax: on short windows that beats the CPU flash kernel's per-head overhead. Eager runs and
+    other devices keep torch's own kernel choice. Both compute the same attention.
+    """
+    math_backend = (
+        torch.compiler.is_compiling()
+        and q.device.type == "cpu"
+        and q.shape[-2] <= CPU_MATH_ATTENTION_MAX_LEN
+    )
+    kernel = sdpa_kernel(SDPBackend.MATH) if math_backend else contextlib.nullcontext()
+    with kernel:
+        return F.scaled_dot_product_attention(
+            q, k, v, is_causal=True, dropout_p=dropout_p, enable_gqa=enable_gqa
+        )
+
+
 class CausalSelfAttention(nn.Module):
     """Multi-head causal self-attention with grouped key/value heads (GQA/MQA) and RoPE."""
 
@@ -92,13 +124,12 @@ class CausalSelfAttention(nn.Module):
         qk = self.rope(qk.view(b, t, self.n_head + self.n_kv_heads, self.head_dim).transpose(1, 2))
         q, k = qk.split((self.n_head, self.n_kv_heads), dim=1)
         v = v.view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        y = F.scaled_dot_product_attention(
+        y = causal_attention(
             q,
             k,
             v,
-            is_causal=True,
-            enable_gqa=self.n_kv_heads != self.n_head,
             dropout_p=self.dropout if self.training else 0.0,
+            enable_gqa=self.n_kv_heads != self.n_head,
         )
         return self.proj(y.transpose(1, 2).reshape(b, t, c))
 

@@ -85,6 +85,7 @@ from archbench.models.blocks import (
     LanguageModel,
     RotaryEmbedding,
     SwiGLU,
+    causal_attention,
     init_weights,
     make_norm,
     mlp_hidden,
@@ -406,13 +407,12 @@ class FractalFormer(LanguageModel):
         k = k.reshape(m * b, t, c.kv_heads, width).transpose(1, 2)
         v = v.reshape(m * b, t, c.kv_heads, width).transpose(1, 2)
         rope = self.ropes[level]
-        y = F.scaled_dot_product_attention(
+        y = causal_attention(
             rope(q),
             rope(k),
             v,
-            is_causal=True,
-            enable_gqa=c.kv_heads != c.n_head,
             dropout_p=c.dropout if self.training else 0.0,
+            enable_gqa=c.kv_heads != c.n_head,
         )
         y = y.transpose(1, 2).reshape(m, b, t, c.n_head * width)
         return _linear(y, siblings.take(attn.proj.weight, (1, c.n_head)))

@@ -133,6 +133,7 @@ from archbench.models.blocks import (
     CausalSelfAttention,
     LanguageModel,
     RotaryEmbedding,
+    causal_attention,
     init_weights,
     make_norm,
     mlp_hidden,
@@ -517,9 +518,7 @@ class MultiChannelBlock(nn.Module):
         # Each channel's heads are independent causal heads: run all s * n_head at once.
         q, k, v = (part.reshape(b, t, s * heads, -1).transpose(1, 2) for part in qkv.unbind(3))
         q, k = self.rope(q), self.rope(k)
-        y = F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, dropout_p=self.attn_dropout if self.training else 0.0
-        )
+        y = causal_attention(q, k, v, dropout_p=self.attn_dropout if self.training else 0.0)
         y = y.view(b, s, heads, t, -1).permute(1, 0, 3, 2, 4).reshape(s, b, t, d)
         streams = x + self.dropout(self.proj(y))  # (s, B, T, d)
         h = self.norm_mlp(streams)
