@@ -8,6 +8,7 @@ import pytest
 
 from archbench.errors import ConfigError
 from archbench.experiments import (
+    Suite,
     check_suite_datasets,
     check_suite_names,
     load_experiments,
@@ -230,6 +231,14 @@ def suite_file(tmp_path: Path, text: str) -> Path:
     return path
 
 
+def child_suite(tmp_path: Path, parent: str, child: str) -> Suite:
+    """Suite 'child' (`child` after `extends: tiny`) loaded over suite 'tiny' (`parent`)."""
+    suite_file(tmp_path, parent)
+    path = tmp_path / "suites" / "child.yaml"
+    path.write_text(f"extends: tiny\n{child}", encoding="utf-8")
+    return load_suite(path, SUITE_SCHEMA)
+
+
 def test_run_spec_merges_suite_and_row(tmp_path: Path) -> None:
     suite = load_suite(
         suite_file(
@@ -310,10 +319,11 @@ def test_missing_suite_lists_the_available_ones(tmp_path: Path) -> None:
 
 
 def test_a_suite_can_extend_another(tmp_path: Path) -> None:
-    suite_file(tmp_path, "seeds: [0, 1]\nmodel: {n_layer: 2, d_model: 64}\ntrain: {lr: 0.01}\n")
-    child = tmp_path / "suites" / "child.yaml"
-    child.write_text("extends: tiny\nseeds: [5]\nmodel: {n_layer: 3}\n", encoding="utf-8")
-    suite = load_suite(child, SUITE_SCHEMA)
+    suite = child_suite(
+        tmp_path,
+        "seeds: [0, 1]\nmodel: {n_layer: 2, d_model: 64}\ntrain: {lr: 0.01}\n",
+        "seeds: [5]\nmodel: {n_layer: 3}\n",
+    )
     assert suite.name == "child" and suite.seeds == (5,)
     assert suite.model == {"n_layer": 3, "d_model": 64} and suite.train == {"lr": 0.01}
 
@@ -334,29 +344,23 @@ def test_seeds_from_the_command_line_are_integers_and_unique(tmp_path: Path) -> 
 
 def test_a_suite_extending_another_keeps_its_lm_eval_tasks(tmp_path: Path) -> None:
     """Setting one lm_eval knob in a child suite must not drop the parent's task list."""
-    suite_file(
+    lm_eval = child_suite(
         tmp_path,
         "seeds: [0]\nmodel: {}\ntrain: {}\n"
         "lm_eval: {tasks: [blimp, rolling_ppl], blimp_limit: 2}\n",
-    )
-    child = tmp_path / "suites" / "child.yaml"
-    child.write_text("extends: tiny\nlm_eval: {blimp_limit: 1000}\n", encoding="utf-8")
-    lm_eval = load_suite(child, SUITE_SCHEMA).lm_eval
+        "lm_eval: {blimp_limit: 1000}\n",
+    ).lm_eval
     assert lm_eval["tasks"] == ["blimp", "rolling_ppl"] and lm_eval["blimp_limit"] == 1000
 
 
 def test_a_suite_extending_another_merges_each_data_sets_options(tmp_path: Path) -> None:
     """Changing one option of one data set keeps the parent's other options for it."""
-    suite_file(
+    suite = child_suite(
         tmp_path,
         "seeds: [0]\nmodel: {}\ntrain: {lr: 0.01}\n"
         "train_by_dataset: {mqar: {token_budget: 1000, batch_size: 4}, path_star: {lr: 0.1}}\n",
+        "train_by_dataset: {mqar: {lr: 0.5}, chars: {lr: 0.2}}\n",
     )
-    child = tmp_path / "suites" / "child.yaml"
-    child.write_text(
-        "extends: tiny\ntrain_by_dataset: {mqar: {lr: 0.5}, chars: {lr: 0.2}}\n", encoding="utf-8"
-    )
-    suite = load_suite(child, SUITE_SCHEMA)
     assert suite.train_for("mqar") == {"lr": 0.5, "token_budget": 1000, "batch_size": 4}
     assert suite.train_for("path_star") == {"lr": 0.1}
     assert suite.train_for("chars") == {"lr": 0.2}
@@ -438,10 +442,10 @@ def test_a_replacement_keeps_its_own_baseline(tmp_path: Path) -> None:
 
 
 def test_a_suite_extending_another_merges_its_baselines(tmp_path: Path) -> None:
-    suite_file(tmp_path, "seeds: [0]\nmodel: {}\ntrain: {}\nbaselines: {a: b}\n")
-    child = tmp_path / "suites" / "child.yaml"
-    child.write_text("extends: tiny\nbaselines: {c: d}\n", encoding="utf-8")
-    assert load_suite(child, SUITE_SCHEMA).baselines == {"a": "b", "c": "d"}
+    suite = child_suite(
+        tmp_path, "seeds: [0]\nmodel: {}\ntrain: {}\nbaselines: {a: b}\n", "baselines: {c: d}\n"
+    )
+    assert suite.baselines == {"a": "b", "c": "d"}
 
 
 def test_a_suite_replaces_sub_model_baselines_too(tmp_path: Path) -> None:
