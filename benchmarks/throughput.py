@@ -68,6 +68,9 @@ ROOT = Path(__file__).resolve().parents[1]
 # step's own compute; with several it is their sum).
 CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.process_time}
 CPU_CLOCK_ONLY = "--clock cpu measures CPU work; GPU steps need --clock wall"
+WARMUP_NEEDED = (
+    "--warmup must be at least 1: peak memory is measured once the optimizer state exists"
+)
 MATCH_TOLERANCE = 0.005  # relative parameter difference below which `gpt` itself is the baseline
 PROFILE_ROWS = 30  # ops listed per profile
 
@@ -318,7 +321,9 @@ def state_bytes(c: Candidate) -> int:
 
 
 def measure_memory(c: Candidate, x: torch.Tensor, y: torch.Tensor, runtime: Runtime) -> int:
-    """Peak bytes of one training step, state included."""
+    """Peak bytes of one training step, state included (after a warm-up step: the optimizer's
+    state must exist already, or the step's transient memory would count it twice)."""
+    c.optimizer.zero_grad(set_to_none=True)  # the step's gradients count as transient memory
     if runtime.is_cuda:
         torch.cuda.synchronize()
         before = torch.cuda.memory_allocated()
@@ -597,6 +602,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.archs = args.archs.split(",") if args.archs else sorted(ARCHITECTURES)
     if args.warmup is None:
         args.warmup = 10 if args.compile else 5
+    if args.warmup < 1:
+        parser.error(WARMUP_NEEDED)
     unknown = sorted(set(args.archs) - set(ARCHITECTURES))
     if unknown:
         parser.error(f"unknown architectures {unknown}; registered: {sorted(ARCHITECTURES)}")

@@ -89,6 +89,7 @@ def test_throughput_refuses_a_cpu_clock_on_a_gpu(tmp_path: Path) -> None:
         (("--shapes", "tinny"), "unknown shapes ['tinny']; choose from tiny,"),
         (("--nanogpt", "/nonexistent/model.py"), "--nanogpt /nonexistent/model.py: no such file"),
         (("--shapes", "gpt2", "--device", "cpu"), "no shape to run on cpu"),
+        (("--warmup", "0"), "--warmup must be at least 1"),
     ],
 )
 def test_throughput_names_bad_arguments(tmp_path: Path, args: tuple, message: str) -> None:
@@ -182,3 +183,35 @@ def test_a_blank_peak_memory_is_explained_under_the_table(throughput: ModuleType
     assert "Peak memory is blank for models replayed as CUDA graphs" in blank
     assert "| s | gpt | 1.00M | 5.0 | 1,000 |  |  |  |" in blank
     assert "CUDA graphs" not in measured and "| 12.5 |" in measured
+
+
+def test_cuda_peak_memory_is_read_after_the_last_gradients_are_freed(
+    throughput: ModuleType, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On CUDA the step's peak is counted from what is allocated before it: were the warm-up's
+    gradients still held then, the step's own gradients would cancel out of its peak."""
+    import contextlib
+
+    import torch
+
+    model = torch.nn.Linear(4, 4)
+    candidate = SimpleNamespace(
+        model=model,
+        optimizer=torch.optim.AdamW(model.parameters()),
+        loss_fn=lambda x, y: torch.nn.functional.mse_loss(model(x), y),
+    )
+    runtime = SimpleNamespace(is_cuda=True, autocast=contextlib.nullcontext)
+    x, y = torch.randn(2, 4), torch.randn(2, 4)
+    throughput.train_step(candidate, x, y, runtime)  # the warm-up leaves gradients behind
+    grads_held_when_read: list[bool] = []
+
+    def memory_allocated() -> int:
+        grads_held_when_read.append(any(p.grad is not None for p in model.parameters()))
+        return 0
+
+    monkeypatch.setattr(torch.cuda, "memory_allocated", memory_allocated)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda: None)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    throughput.measure_memory(candidate, x, y, runtime)
+    assert grads_held_when_read == [False]
