@@ -113,11 +113,13 @@ SHAPES = {
 # Dense bf16 peak TFLOP/s by device-name fragment, most specific first; --peak-tflops overrides.
 BF16_PEAK_TFLOPS = (
     ("H100 PCIe", 756.0),
+    ("H100 NVL", 835.0),
     ("H100", 989.0),
     ("H200", 989.0),
     ("GH200", 989.0),
     ("A100", 312.0),
     ("L40S", 362.0),
+    ("L40", 181.0),
     ("L4", 121.0),
     ("A10", 125.0),
     ("RTX 4090", 165.0),

@@ -215,3 +215,29 @@ def test_cuda_peak_memory_is_read_after_the_last_gradients_are_freed(
     monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
     throughput.measure_memory(candidate, x, y, runtime)
     assert grads_held_when_read == [False]
+
+
+@pytest.mark.parametrize(
+    ("name", "peak"),
+    [
+        ("NVIDIA H100 80GB HBM3", 989.0),
+        ("NVIDIA H100 PCIe", 756.0),
+        ("NVIDIA H100 NVL", 835.0),
+        ("NVIDIA H200", 989.0),
+        ("NVIDIA L40S", 362.0),
+        ("NVIDIA L40", 181.0),
+        ("NVIDIA L4", 121.0),
+        ("NVIDIA A100-SXM4-80GB", 312.0),
+        ("Some Future GPU", None),
+    ],
+)
+def test_mfu_peak_is_the_devices_own(
+    throughput: ModuleType, monkeypatch: pytest.MonkeyPatch, name: str, peak: float | None
+) -> None:
+    """A device name that contains another's (L40 holds L4, H100 NVL holds H100) gets its own
+    peak, not the first fragment it contains."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: name)
+    runtime = SimpleNamespace(is_cuda=True, device="cuda")
+    assert throughput.device_peak_tflops(runtime, None) == peak
