@@ -472,13 +472,14 @@ def test_compile_mode_reaches_torch_compile_and_cuda_graphs_mark_every_step(
     tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: str, marks_steps: bool
 ) -> None:
     """compile_mode is torch.compile's mode; in a CUDA-graph mode every call of the loss (the
-    warm-up and each step) first tells torch that a new step begins, so that the graphs may
-    reuse the memory of the previous step's outputs. The weights are those of an eager run."""
+    warm-up's two calls and each step) first tells torch that a new step begins, so that the
+    graphs may reuse the memory of the previous step's outputs. The weights are those of an
+    eager run."""
     seen = compile_recorder(monkeypatch)
     spec = tiny_spec(compile=True, compile_mode=mode)
     summary = train_run(spec, tiny_data, tmp_path / mode, show_progress=False)
     assert seen["modes"] == [mode]
-    assert len(seen["marks"]) == (1 + summary["train_steps"] if marks_steps else 0)
+    assert len(seen["marks"]) == (2 + summary["train_steps"] if marks_steps else 0)
     train_run(tiny_spec(), tiny_data, tmp_path / "eager", show_progress=False)
     a, b = (load_file(tmp_path / n / "model.safetensors") for n in (mode, "eager"))
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -541,6 +542,43 @@ def test_warm_up_leaves_weights_gradients_and_random_state_as_they_were() -> Non
     assert torch.equal(torch.get_rng_state(), rng)
     assert all(p.grad is None for p in model.parameters())
     assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items())
+
+
+def test_warm_up_calls_the_loss_twice_so_cuda_graphs_are_recorded_before_timing() -> None:
+    model = build_model("gpt", 64, 16, n_layer=1, n_head=2, d_model=16)
+    calls = []
+
+    def counted_loss(x: torch.Tensor, y: torch.Tensor):
+        calls.append(x.shape)
+        return model.loss(x, y)
+
+    x = torch.randint(0, 64, (2, 16))
+    warm_up(counted_loss, model, make_runtime("cpu", "fp32"), x, x)
+    assert len(calls) == 2
+
+
+@pytest.mark.parametrize(("native_bf16", "bf16"), [(True, True), (False, False)])
+def test_auto_precision_is_bf16_only_on_gpus_with_bf16_hardware(
+    monkeypatch: pytest.MonkeyPatch, native_bf16: bool, bf16: bool
+) -> None:
+    """Before Ampere (V100, T4) bf16 is emulated and torch.compile leaves bf16 graphs eager."""
+    import archbench.runtime as runtime_module
+
+    supported = []
+
+    def is_bf16_supported(including_emulation: bool = True) -> bool:
+        supported.append(including_emulation)
+        return native_bf16 or including_emulation
+
+    monkeypatch.setattr(runtime_module, "pick_device", lambda name: torch.device("cuda"))
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", is_bf16_supported)
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        assert make_runtime("auto", "auto").bf16 is bf16
+        assert supported == [False]
+        assert make_runtime("auto", "bf16").bf16 and not make_runtime("auto", "fp32").bf16
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
 
 
 def test_a_device_this_machine_cannot_use_is_a_clear_error() -> None:

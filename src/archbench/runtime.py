@@ -121,7 +121,9 @@ class Runtime:
     def put(self, tensor: torch.Tensor) -> torch.Tensor:
         """Copy a host tensor to the device (through pinned memory on CUDA)."""
         if self.is_cuda:
-            return tensor.pin_memory().to(self.device, non_blocking=True)
+            # pinned memory keeps a slice's strides, and CUDA then copies through a pageable
+            # contiguous buffer: make it contiguous first, so the pinned one is what is sent
+            return tensor.contiguous().pin_memory().to(self.device, non_blocking=True)
         return tensor.to(self.device)
 
 
@@ -132,10 +134,13 @@ def inductor_cpp_compiler() -> str:
 
 
 def make_runtime(device: str, precision: str) -> Runtime:
-    """Pick the device and precision ('auto' = bf16 on CUDA, fp32 elsewhere). On CUDA with bf16,
-    the float32 matmuls outside autocast use TF32; `precision: fp32` keeps them in full fp32."""
+    """Pick the device and precision ('auto' = bf16 on a CUDA GPU with bf16 hardware, Ampere or
+    newer; fp32 elsewhere, where bf16 is emulated and torch.compile leaves bf16 graphs eager).
+    On CUDA with bf16, the float32 matmuls outside autocast use TF32; `precision: fp32` keeps
+    them in full fp32."""
     chosen = pick_device(device)
-    bf16 = precision == "bf16" or (precision == "auto" and chosen.type == "cuda")
+    native_bf16 = chosen.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
+    bf16 = precision == "bf16" or (precision == "auto" and native_bf16)
     if chosen.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = bf16
         torch.backends.cudnn.allow_tf32 = bf16

@@ -4,7 +4,9 @@ Everything that decides the result is a function of the run spec and the seed: t
 (`torch.manual_seed(seed)` before building), the data order (batch k of seed s is drawn from
 `numpy.random.default_rng((s, k))`, so every row with the same seed sees the same batches), and
 dropout (torch RNG state, saved in checkpoints). A run resumed from its last checkpoint therefore
-ends with the same weights and metrics as one that never stopped.
+ends with the same weights and metrics as one that never stopped: bit for bit on the CPU; on
+CUDA, up to the kernels that have no deterministic version (attention's backward among them:
+torch only warns about those).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 import random
 import signal
 import sys
@@ -274,7 +277,9 @@ def _instance_data(data_dir: Path, dataset: str, config: TrainConfig) -> Trainin
 
 
 def seed_everything(seed: int) -> None:
-    """Seed python, numpy and torch, and ask torch for deterministic kernels."""
+    """Seed python, numpy and torch, and ask torch for deterministic kernels (on CUDA, cuBLAS is
+    deterministic only with a fixed workspace, set here unless the environment sets one)."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
@@ -338,14 +343,16 @@ def warm_up(
     y: torch.Tensor,
 ) -> float:
     """Compile `loss_fn`'s forward and backward on one batch without training on it, and return
-    the seconds that took, so that step timings (and tokens/s) leave compilation out. Random
-    state and gradients are left as they were."""
+    the seconds that took, so that step timings (and tokens/s) leave compilation out. Two calls:
+    with CUDA graphs (compile_mode reduce-overhead) the first runs the compiled code and the
+    second records the graphs. Random state and gradients are left as they were."""
     tick = time.perf_counter()
     model.train()
     with fork_rng(runtime.device):
-        with runtime.autocast():
-            loss, _ = loss_fn(runtime.put(x), runtime.put(y))
-        loss.backward()
+        for _ in range(2):
+            with runtime.autocast():
+                loss, _ = loss_fn(runtime.put(x), runtime.put(y))
+            loss.backward()
     model.zero_grad(set_to_none=True)
     runtime.synchronize()
     return time.perf_counter() - tick
