@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -86,6 +88,23 @@ def test_length_dependent_model_fails_the_prefix_test() -> None:
     assert result["leak_perturbation_max_diff"] == 0.0
     assert result["leak_prefix_max_diff"] > 1e-3
     assert result["leak_check_passed"] == 0.0
+
+
+class PeeksAheadWithNaN(PeeksAhead):
+    """Leaks, and writes NaN into the logits at position 0."""
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        logits = super().forward(idx).clone()
+        logits[:, 0] = math.nan
+        return logits
+
+
+def test_logits_that_are_not_numbers_fail_the_check() -> None:
+    """NaN compares false with everything: the largest deviation must not drop it."""
+    torch.manual_seed(0)
+    result = leak_check(PeeksAheadWithNaN(), TOKENS, BLOCK, VOCAB)
+    assert result["leak_check_passed"] == 0.0
+    assert result["leak_perturbation_max_diff"] == result["leak_prefix_max_diff"] == math.inf
 
 
 def test_check_leaves_the_model_untouched() -> None:

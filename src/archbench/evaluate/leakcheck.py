@@ -11,6 +11,7 @@ A checkpoint that fails is marked in the report and left out of comparisons.
 from __future__ import annotations
 
 import copy
+import math
 
 import numpy as np
 import torch
@@ -20,6 +21,12 @@ from archbench.errors import DataError
 
 TOLERANCE = 1e-9  # float64: an honest model differs by rounding noise (~1e-14) at most
 PASS_LOGITS = 1 << 22  # logits per forward pass of perturbed windows (32 MiB in float64)
+
+
+def deviation(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """|a - b| element by element: 0 where they are equal (equal infinities too), inf where
+    either is NaN, so that logits that are not numbers can never pass."""
+    return torch.where(a == b, 0.0, (a - b).abs()).nan_to_num(nan=math.inf)
 
 
 @torch.no_grad()
@@ -58,11 +65,11 @@ def leak_check(
         later = torch.arange(length, device=device) > cuts  # (n, length): the tokens after t
         shift = torch.from_numpy(rng.integers(1, vocab_size, size=later.shape)).to(device)
         changed = torch.where(later, (windows[rows] + shift) % vocab_size, windows[rows])
-        diff = (model(changed) - reference[rows]).abs().amax(-1)  # (n, length)
+        diff = deviation(model(changed), reference[rows]).amax(-1)  # (n, length)
         perturb = max(perturb, diff.masked_fill(later, 0.0).max().item())
     prefix = 0.0
     for t in (p + 1 for p in positions):
-        prefix = max(prefix, (model(windows[:, :t]) - reference[:, :t]).abs().max().item())
+        prefix = max(prefix, deviation(model(windows[:, :t]), reference[:, :t]).max().item())
     passed = perturb <= TOLERANCE and prefix <= TOLERANCE
     return {
         "leak_check_passed": float(passed),
