@@ -64,8 +64,11 @@ from archbench.report.tables import (
     comparisons,
     format_count,
     format_p,
+    format_relative,
     format_scientific,
+    leak_status,
     per_seed_table,
+    per_seed_values,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -698,6 +701,34 @@ def test_number_formats() -> None:
     assert format_scientific(3.0e-4) == "3.0e-4"
     assert format_p(0.01234) == "0.012" and format_p(0.00012) == "1.2e-4"
     assert (format_p(0.0499), format_p(0.0504), format_p(0.0556)) == ("0.0499", "0.0504", "0.056")
+    assert (format_p(0.04996), format_p(0.05004), format_p(0.05)) == ("0.04996", "0.05004", "0.050")
+    assert format_relative(1.041) == "+4.1%" and format_relative(0.9) == "-10.0%"
+    # a size flag (beyond 5%) never prints as exactly 5%
+    assert format_relative(1.05004, 2, 0.05) == "+5.004%"
+    assert format_relative(1.0512, 2, 0.05) == "+5.12%"
+
+
+def test_a_leak_check_that_is_not_a_number_or_missing_is_not_a_pass() -> None:
+    summary = pl.DataFrame(
+        {
+            "experiment": ["ok", "ok", "nan", "nan", "empty"],
+            "metric": ["leak_check_passed"] * 5,
+            "value": [1.0, 1.0, math.nan, 1.0, None],
+        }
+    )
+    status = leak_status(summary, ["ok", "nan", "empty", "unchecked"])
+    assert status["ok"] == "pass"
+    assert status["nan"].startswith("FAIL (1 of 2")
+    assert status["empty"].startswith("FAIL (1 of 1")
+    assert status["unchecked"] != "pass"
+
+
+def test_an_empty_value_cell_is_a_missing_value_not_a_crash() -> None:
+    summary = pl.DataFrame(
+        {"experiment": ["a", "a"], "seed": [0, 1], "metric": ["val_loss"] * 2, "value": [1.5, None]}
+    )
+    values = per_seed_values(summary, "val_loss")
+    assert values["a"][0] == 1.5 and math.isnan(values["a"][1])
 
 
 # ---------------------------------------------------------------- headless browser

@@ -68,19 +68,32 @@ def format_scientific(value: float) -> str:
     return f"{mantissa}e{int(exponent)}"
 
 
+def decimals_off(value: float, threshold: float, decimals: int) -> int:
+    """The fewest decimals, from `decimals` up to 6, at which `value` does not round onto
+    `threshold`, so that a printed number never seems to sit on the wrong side of it."""
+    while value != threshold and round(value, decimals) == threshold and decimals < 6:
+        decimals += 1
+    return decimals
+
+
 def format_p(p: float) -> str:
-    """A p-value: three decimals, scientific below 0.001, and four near ALPHA, so that the
+    """A p-value: three decimals, scientific below 0.001, and more near ALPHA, so that the
     printed value never seems to contradict the verdict (0.0499 and 0.0504, not 0.050 twice)."""
     if math.isnan(p):
         return MISSING
     if p < 0.001:
         return format_scientific(p)
-    return f"{p:.4f}" if round(p, 3) == ALPHA else f"{p:.3f}"
+    return f"{p:.{decimals_off(p, ALPHA, 3)}f}"
 
 
-def format_relative(ratio: float, decimals: int = 1) -> str:
-    """A ratio as a signed percentage difference, e.g. 1.041 -> "+4.1%"."""
-    return MISSING if math.isnan(ratio) else f"{(ratio - 1) * 100:+.{decimals}f}%"
+def format_relative(ratio: float, decimals: int = 1, threshold: float = math.nan) -> str:
+    """A ratio as a signed percentage difference, e.g. 1.041 -> "+4.1%"; with more decimals
+    where the difference would round onto `threshold` (a fraction, e.g. 0.05)."""
+    if math.isnan(ratio):
+        return MISSING
+    percent = (ratio - 1) * 100
+    decimals = decimals_off(abs(percent), threshold * 100, decimals)
+    return f"{percent:+.{decimals}f}%"
 
 
 def format_seeds(n: float) -> str:
@@ -163,7 +176,11 @@ def leak_status(summary: pl.DataFrame, order: list[str]) -> dict[str, str]:
     checks = summary.filter(pl.col("metric") == "leak_check_passed")
     failed = dict(
         checks.group_by("experiment")
-        .agg((pl.col("value") < 1).sum().alias("failed"), pl.len().alias("n"))
+        # a seed passes with exactly 1; NaN or an empty cell is a check that did not pass
+        .agg(
+            (pl.col("value") == 1).fill_null(False).not_().sum().alias("failed"),
+            pl.len().alias("n"),
+        )
         .select("experiment", pl.struct("failed", "n"))
         .iter_rows()
     )
@@ -250,12 +267,12 @@ def main_table(
 
 
 def per_seed_values(summary: pl.DataFrame, metric: str) -> dict[str, dict[int, float]]:
-    """{experiment: {seed: value}} of one metric."""
+    """{experiment: {seed: value}} of one metric (an empty cell counts as NaN)."""
     values: dict[str, dict[int, float]] = {}
     for experiment, seed, value in (
         summary.filter(pl.col("metric") == metric).select("experiment", "seed", "value").iter_rows()
     ):
-        values.setdefault(experiment, {})[seed] = value
+        values.setdefault(experiment, {})[seed] = math.nan if value is None else value
     return values
 
 
@@ -449,7 +466,8 @@ def comparison_table(rows: list[ComparisonRow], cells: Cells) -> Table:
         if math.isnan(size_ratio):
             fair = MISSING
         elif abs(size_ratio - 1) > SIZE_TOLERANCE:
-            fair = f"⚠ not size-matched ({format_relative(size_ratio, 2)} parameters)"
+            difference = format_relative(size_ratio, 2, SIZE_TOLERANCE)
+            fair = f"⚠ not size-matched ({difference} parameters)"
         else:
             fair = "matched"
         r, score = row.result, row.score or VAL_LOSS
