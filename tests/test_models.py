@@ -11,7 +11,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from archbench.errors import ConfigError
 from archbench.models import ARCHITECTURES, build_model, list_options
-from archbench.models.blocks import IGNORE_INDEX
+from archbench.models.blocks import IGNORE_INDEX, next_token_loss
 from archbench.train import make_train_config
 
 VOCAB, BLOCK = 37, 24
@@ -391,3 +391,17 @@ def test_compiled_cpu_attention_uses_the_math_backend_on_short_windows(
     torch.testing.assert_close(traced_out, eager_out)
     for got, want in zip(traced_grads, eager_grads, strict=True):
         torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "loss_dtype"), [(torch.bfloat16, torch.float32), (torch.float64, torch.float64)]
+)
+def test_next_token_loss_is_float32_at_least(dtype: torch.dtype, loss_dtype: torch.dtype) -> None:
+    """bf16 logits are scored in float32; float64 ones (the float64 checks) keep their precision."""
+    logits = torch.randn(2, 5, 7, dtype=torch.float64)
+    targets = torch.randint(0, 7, (2, 5))
+    loss = next_token_loss(logits.to(dtype), targets)
+    assert loss.dtype == loss_dtype
+    if dtype == torch.float64:
+        want = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
+        assert loss.item() == pytest.approx(want.item(), rel=1e-15)

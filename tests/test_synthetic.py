@@ -488,6 +488,23 @@ def test_training_counts_instance_tokens_and_refuses_a_short_block(
         train_run(synthetic_spec(block_size=17, token_budget=400), prepared, tmp_path)
 
 
+@pytest.mark.parametrize(
+    ("arch", "model", "message"),
+    [
+        ("futureformer", {"future_levels": 4}, "look 31 tokens ahead, but a training window of 18"),
+        ("mtp", {"n_future": 19}, "n_future=19 exceeds the training window of 18 tokens"),
+    ],
+)
+def test_training_refuses_auxiliary_losses_that_instances_are_too_short_for(
+    prepared: Path, tmp_path: Path, arch: str, model: dict, message: str
+) -> None:
+    """Instances of 19 tokens train on windows of 18 whatever the block: a span or head that
+    looks farther would never have a target, and its loss would be 0 at every step."""
+    spec = synthetic_spec(block_size=64) | {"arch": arch, "model": SHAPE | model}
+    with pytest.raises(ConfigError, match=f"instances of 19 tokens: .*{message}"):
+        train_run(spec, prepared, tmp_path)
+
+
 def test_validate_refuses_a_synthetic_row_whose_block_cannot_hold_an_instance(
     tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
@@ -506,6 +523,26 @@ def test_validate_refuses_a_synthetic_row_whose_block_cannot_hold_an_instance(
     err = capsys.readouterr().err
     assert "experiment 'gpt_path_star' in suite" in err
     assert "has instances of 26 tokens: block_size=16 must be at least" in err
+
+
+def test_validate_refuses_a_synthetic_row_whose_farthest_span_never_fits_an_instance(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    root = Path(__file__).resolve().parents[1]
+    shutil.copytree(root / "configs", tmp_path / "configs")
+    shutil.copytree(root / "workflow/schemas", tmp_path / "workflow/schemas")
+    table = tmp_path / "configs/experiments.tsv"
+    rows = table.read_text().replace(
+        "futureformer_path_star\tfutureformer\tpath_star\tn_layer=2 block_size=32 ",
+        "futureformer_path_star\tfutureformer\tpath_star\tn_layer=2 block_size=64 future_levels=4 ",
+        1,
+    )
+    assert rows != table.read_text()
+    table.write_text(rows)
+    assert main(["validate", "--root", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "experiment 'futureformer_path_star' in suite" in err
+    assert "look 31 tokens ahead, but a training window of 25 tokens" in err
 
 
 # --- evaluation ---------------------------------------------------------------------------------

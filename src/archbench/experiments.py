@@ -528,19 +528,20 @@ def _init_from_spec(
 
 
 def check_run_fits_data(spec: dict[str, Any], suite: str, datasets: dict[str, DatasetSpec]) -> None:
-    """Before any job: a run on a synthetic data set needs a block_size that holds one instance
-    (the training job checks it again on the prepared data); ConfigError naming the row."""
+    """Before any job: a run on a synthetic data set needs a block_size that holds one instance,
+    and a model whose auxiliary losses have targets in it (the training job checks both again
+    on the prepared data); ConfigError naming the row."""
     dataset = datasets[spec["dataset"]]
     if not isinstance(dataset, SyntheticSpec):
         return
+    block_size = make_train_config(spec["train"]).block_size
+    model_config = make_config(spec["arch"], PLACEHOLDER_VOCAB, block_size, **spec["model"])
     try:
         check_instances_fit(
-            dataset.name,
-            dataset.task().instance_length(),
-            make_train_config(spec["train"]).block_size,
+            dataset.name, dataset.task().instance_length(), block_size, model_config
         )
     except ConfigError as err:
         raise ConfigError(
-            f"experiment '{spec['experiment']}' in suite '{suite}': {err}; override block_size "
-            "in the row or shrink the task"
+            f"experiment '{spec['experiment']}' in suite '{suite}': {err}; change the row's "
+            "block_size or options, or the task's size"
         ) from None

@@ -44,7 +44,7 @@ from archbench.data import Instances, load_instances, load_meta, load_meta_of, l
 from archbench.errors import ArchbenchError, ConfigError
 from archbench.init_from import initialise
 from archbench.io import atomic_path, write_json
-from archbench.models import build_model
+from archbench.models import build_model, make_config
 from archbench.models.blocks import IGNORE_INDEX
 from archbench.options import coerce_all, option
 from archbench.runtime import COMPILE_MODES, Runtime, fork_rng, make_runtime
@@ -217,10 +217,13 @@ class TrainingData:
     tokens_per_step: int
 
 
-def load_training_data(data_dir: Path, dataset: str, config: TrainConfig) -> TrainingData:
-    """Random token windows of a text data set, or whole instances of a synthetic one."""
+def load_training_data(
+    data_dir: Path, dataset: str, config: TrainConfig, model_config: Any
+) -> TrainingData:
+    """Random token windows of a text data set, or whole instances of a synthetic one (which
+    must fit the block and give `model_config`'s auxiliary losses targets)."""
     if "instance_length" in load_meta(data_dir):
-        return _instance_data(data_dir, dataset, config)
+        return _instance_data(data_dir, dataset, config, model_config)
     return _window_data(data_dir, dataset, config)
 
 
@@ -247,22 +250,33 @@ def _window_data(data_dir: Path, dataset: str, config: TrainConfig) -> TrainingD
     )
 
 
-def check_instances_fit(dataset: str, instance_length: int, block_size: int) -> None:
+def check_instances_fit(
+    dataset: str, instance_length: int, block_size: int, model_config: Any
+) -> None:
     """Raise ConfigError unless `block_size` holds one instance of a synthetic data set (the
-    model reads its first instance_length - 1 tokens)."""
+    model reads its first instance_length - 1 tokens), and the model's auxiliary losses have
+    targets inside that window (`model_config.check_window`)."""
     if block_size < instance_length - 1:
         raise ConfigError(
             f"data set '{dataset}' has instances of {instance_length} tokens: block_size="
             f"{block_size} must be at least instance_length - 1 = {instance_length - 1}"
         )
+    try:
+        model_config.check_window(instance_length - 1)
+    except ConfigError as err:
+        raise ConfigError(
+            f"data set '{dataset}' has instances of {instance_length} tokens: {err}"
+        ) from None
 
 
-def _instance_data(data_dir: Path, dataset: str, config: TrainConfig) -> TrainingData:
+def _instance_data(
+    data_dir: Path, dataset: str, config: TrainConfig, model_config: Any
+) -> TrainingData:
     """Synthetic: `instance_batch_at` batches; validation on the first eval_batches *
     batch_size val instances, masked alike."""
     train, val = load_instances(data_dir, "train"), load_instances(data_dir, "val")
     length = train.ids.shape[1]
-    check_instances_fit(dataset, length, config.block_size)
+    check_instances_fit(dataset, length, config.block_size, model_config)
     rows = np.arange(min(len(val.ids), config.eval_batches * config.batch_size))
     return TrainingData(
         batch=lambda seed, step: instance_batch_at(
@@ -444,7 +458,10 @@ def train_run(
             file=sys.stderr,
         )
     data_meta = load_meta_of(data_dir, spec["dataset"], f"experiment '{spec['experiment']}'")
-    data = load_training_data(data_dir, spec["dataset"], config)
+    model_config = make_config(
+        spec["arch"], data_meta["vocab_size"], config.block_size, **spec["model"]
+    )
+    data = load_training_data(data_dir, spec["dataset"], config, model_config)
     runtime = make_runtime(config.device, config.precision)
     seed = int(spec["seed"])
     seed_everything(seed)

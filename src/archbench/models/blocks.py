@@ -209,9 +209,10 @@ def init_weights(module: nn.Module, std: float, n_layer: int) -> None:
 
 
 def next_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy (in float32) of logits (B, T, V) against targets (B, T) over the
+    """Mean cross-entropy (in float32 at least) of logits (B, T, V) against targets (B, T) over the
     targets that are not IGNORE_INDEX; 0 when none is left (F.cross_entropy's mean is NaN then)."""
-    total = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="sum")
+    precision = torch.promote_types(logits.dtype, torch.float32)  # float64 stays float64
+    total = F.cross_entropy(logits.flatten(0, 1).to(precision), targets.flatten(), reduction="sum")
     return total / (targets != IGNORE_INDEX).sum().clamp(min=1)
 
 

@@ -222,6 +222,17 @@ class FutureFormerConfig(GPTConfig):
                 f"{self.block_size} allows at most block_size - 1 = {self.block_size - 1}"
             )
 
+    def check_window(self, length: int) -> None:
+        """The farthest span must fit in a training window at least once, or its loss is 0 at
+        every step."""
+        if self.reach() > length - 1:
+            raise ConfigError(
+                f"future_levels={self.future_levels}, future_mult={self.future_mult} with "
+                f"spans={self.spans} look {self.reach()} tokens ahead, but a training window of "
+                f"{length} tokens allows at most {length - 1}: the farthest span would never "
+                "have a target"
+            )
+
 
 def span_targets(
     targets: torch.Tensor, offset: int, length: int

