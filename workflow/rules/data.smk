@@ -1,6 +1,7 @@
 # Fetch (mirror / embedded copy / download, sha256-verified) and tokenize each data set once;
-# every row naming the same data set shares the result. The mirror is not a param: where the
-# verified bytes come from does not change the prepared data, so switching it re-runs nothing.
+# every row naming the same data set shares the result. Where the verified bytes come from (the
+# mirror, a data set's url, path or embedded copy) does not change the prepared data, so it is
+# not a param: switching it re-runs nothing. The params are what decides the data.
 
 import re
 
@@ -16,12 +17,15 @@ rule prepare_data:
     wildcard_constraints:
         dataset=one_of(TEXT_DATASETS),
     params:
-        spec=lambda w: json.dumps(DATASETS[w.dataset].entry()),
+        content=lambda w: json.dumps(DATASETS[w.dataset].content()),
     log:
         "results/logs/prepare_{dataset}.log",
-    shell:
-        "{ARCHBENCH} prepare --dataset {wildcards.dataset} --dataset-spec {params.spec:q} "
-        "--out results/data/{wildcards.dataset} {MIRROR_ARG} 2> {log}"
+    run:
+        spec = json.dumps(DATASETS[wildcards.dataset].entry())
+        shell(
+            "{ARCHBENCH} prepare --dataset {wildcards.dataset} --dataset-spec {spec:q} "
+            "--out results/data/{wildcards.dataset} {MIRROR_ARG} 2> {log}"
+        )
 
 
 # A synthetic task's instances are generated from its seed and knobs (no text, no mirror); its

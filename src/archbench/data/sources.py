@@ -60,8 +60,14 @@ class DatasetSpec:
         """The config entry that parses back to this spec (for `archbench prepare`)."""
         return {key: value for key, value in vars(self).items() if key != "name"}
 
+    def content(self) -> dict[str, Any]:
+        """The fields that decide the prepared data: the text's checksum and its tokenization
+        (not where the verified bytes come from: url, path, embedded copy, mirror)."""
+        return {key: getattr(self, key) for key in CONTENT_KEYS}
+
 
 _KEYS = tuple(f.name for f in fields(DatasetSpec) if f.name != "name")
+CONTENT_KEYS = ("sha256", "tokenizer", "vocab_size", "val_fraction")
 _REQUIRED = ("path", "sha256")
 _SYNTHETIC = "synthetic"  # the key that makes an entry a generated task (archbench.data.synthetic)
 
