@@ -356,8 +356,33 @@ def test_a_suite_that_runs_no_row_is_an_error(tmp_path: Path) -> None:
 def test_seeds_from_the_command_line_are_integers_and_unique(tmp_path: Path) -> None:
     suite = load_suite(suite_file(tmp_path, "seeds: [4, 5]\nmodel: {}\ntrain: {}\n"), SUITE_SCHEMA)
     assert run_seeds(None, suite) == [4, 5] and run_seeds(["0", 1], suite) == [0, 1]
+    assert run_seeds("null", suite) == [4, 5]  # `--config seeds=null`
     with pytest.raises(ConfigError, match=r"seeds \[0, 0\]: a seed is listed twice"):
         run_seeds([0, "0"], suite)
+
+
+@pytest.mark.parametrize(
+    ("seeds", "message"),
+    [(["0", "0"], r"seeds \[0, 0\]: a seed is listed twice"), ("null", None), (["x"], "seeds")],
+)
+def test_seeds_as_the_command_line_gives_them_pass_the_schema_to_a_clear_message(
+    seeds: object, message: str | None
+) -> None:
+    """The schema lets `--config seeds=null` and a repeated seed through, so that the suite's
+    list is restored, and the repeat is named by run_seeds rather than by a schema dump."""
+    from archbench.experiments import check_config, load_config
+    from archbench.plan import plan_suite
+
+    schemas = ROOT / "workflow/schemas"
+    config = {**load_config(ROOT / "configs/config.yaml", schemas / "config.schema.yaml")}
+    config.update(suite="smoke", seeds=seeds)
+    if message is None:
+        check_config(config, schemas / "config.schema.yaml", "--config")
+        assert plan_suite(ROOT, config, schemas).seeds == [0, 1]
+        return
+    with pytest.raises(ConfigError, match=message):
+        check_config(config, schemas / "config.schema.yaml", "--config")
+        plan_suite(ROOT, config, schemas)
 
 
 def test_a_suite_extending_another_keeps_its_lm_eval_tasks(tmp_path: Path) -> None:

@@ -394,10 +394,11 @@ def load_suite(path: Path, schema: Path) -> Suite:
     )
 
 
-def run_seeds(seeds: list[int | str] | None, suite: Suite) -> list[int]:
+def run_seeds(seeds: list[int | str] | str | None, suite: Suite) -> list[int]:
     """The seeds to train: the config's `seeds` (from `--config 'seeds=[0,1]'` they are strings
-    of digits) or, when null, the suite's. A seed listed twice is a ConfigError."""
-    chosen = [int(seed) for seed in seeds or suite.seeds]
+    of digits) or, when null (the string "null" from `--config seeds=null`), the suite's. A seed
+    listed twice is a ConfigError."""
+    chosen = [int(seed) for seed in (suite.seeds if seeds in (None, "null") else seeds)]
     if len(set(chosen)) < len(chosen):
         raise ConfigError(f"seeds {chosen}: a seed is listed twice")
     return chosen

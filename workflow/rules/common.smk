@@ -1,6 +1,7 @@
 # Loading and validating the configuration, the suite and the experiments table. Everything here
 # runs before any job starts, so a bad row or option stops the workflow with a clear message.
 
+import hashlib
 import json
 import shlex
 import sys

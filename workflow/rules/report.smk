@@ -15,17 +15,28 @@ def run_refs():
     ], indent=1)
 
 
+def digest(text):
+    """sha256 of `text`: a param that changes with it, short enough for Snakemake to print."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
 # The run list and the rows go to `aggregate` and `report` as files: inline, a large suite's
 # list exceeds Linux's 128 KiB limit on one argument (the ablations suite at 7 seeds). Written
-# in Snakemake's own process; a changed list (a param) rewrites the file and re-runs its reader.
+# in Snakemake's own process; a changed list rewrites the file and re-runs its reader. The
+# params are the lists' digests: Snakemake prints a changed param's old and new value.
+RUNS_JSON = run_refs()
+ROWS_JSON = json.dumps([e.describe() for e in EXPERIMENTS.values()], indent=1)
+DEFAULTS_JSON = json.dumps({**SUITE.model, **SUITE.train}, indent=1)
+
+
 rule run_list:
     output:
         f"{RESULTS}/runs.json",
     params:
-        runs=run_refs(),
+        runs=digest(RUNS_JSON),
     localrule: True
     run:
-        Path(output[0]).write_text(params.runs + "\n", encoding="utf-8")
+        Path(output[0]).write_text(RUNS_JSON + "\n", encoding="utf-8")
 
 
 rule row_list:
@@ -33,12 +44,12 @@ rule row_list:
         rows=f"{RESULTS}/rows.json",
         defaults=f"{RESULTS}/defaults.json",
     params:
-        rows=json.dumps([e.describe() for e in EXPERIMENTS.values()], indent=1),
-        defaults=json.dumps({**SUITE.model, **SUITE.train}, indent=1),
+        rows=digest(ROWS_JSON),
+        defaults=digest(DEFAULTS_JSON),
     localrule: True
     run:
-        Path(output.rows).write_text(params.rows + "\n", encoding="utf-8")
-        Path(output.defaults).write_text(params.defaults + "\n", encoding="utf-8")
+        Path(output.rows).write_text(ROWS_JSON + "\n", encoding="utf-8")
+        Path(output.defaults).write_text(DEFAULTS_JSON + "\n", encoding="utf-8")
 
 
 rule sample:
