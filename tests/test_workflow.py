@@ -112,16 +112,17 @@ def test_nothing_reruns_when_nothing_changed(project: Path) -> None:
     assert "Nothing to be done" in result.stdout + result.stderr
 
 
-def test_a_data_sets_new_source_reruns_nothing(project: Path) -> None:
+def test_a_data_sets_new_source_reruns_nothing(project: Path, tmp_path: Path) -> None:
     """A data set's url (or path, or embedded copy) says where its verified bytes come from, not
     what they are: changing it must not re-prepare the data and retrain every row on it."""
     source = 'datasets={"shakespeare_char": {"url": "https://example.org/elsewhere.txt"}}'
     result = snakemake(project, source, "--dry-run")
     assert result.returncode == 0, result.stderr[-4000:]
     assert "Nothing to be done" in result.stdout + result.stderr
-    # the same override of what the data is (its split) does re-prepare it
-    content = 'datasets={"shakespeare_char": {"val_fraction": 0.2}}'
-    changed = snakemake(project, content, "--dry-run")
+    # an override of what the data is (its split; from a file, as --config gives strings) does
+    override = tmp_path / "split.yaml"
+    override.write_text("datasets:\n  shakespeare_char:\n    val_fraction: 0.2\n")
+    changed = snakemake(project, "--configfile", str(override), "--dry-run")
     assert changed.returncode == 0, changed.stderr[-4000:]
     assert job_counts(changed.stdout + changed.stderr)["prepare_data"] == 1
 
