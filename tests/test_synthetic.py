@@ -505,44 +505,38 @@ def test_training_refuses_auxiliary_losses_that_instances_are_too_short_for(
         train_run(spec, prepared, tmp_path)
 
 
-def test_validate_refuses_a_synthetic_row_whose_block_cannot_hold_an_instance(
-    tmp_path: Path, capsys: pytest.CaptureFixture
+@pytest.mark.parametrize(
+    ("row", "cells", "changed", "message"),
+    [
+        (
+            "gpt_path_star",
+            "gpt\tpath_star\tblock_size=32 ",
+            "gpt\tpath_star\tblock_size=16 ",
+            "has instances of 26 tokens: block_size=16 must be at least",
+        ),
+        (
+            "futureformer_path_star",
+            "futureformer\tpath_star\tn_layer=2 block_size=32 ",
+            "futureformer\tpath_star\tn_layer=2 block_size=64 future_levels=4 ",
+            "look 31 tokens ahead, but a training window of 25 tokens",
+        ),
+    ],
+)
+def test_validate_refuses_a_synthetic_row_its_instances_do_not_fit(
+    tmp_path: Path, capsys: pytest.CaptureFixture, row: str, cells: str, changed: str, message: str
 ) -> None:
+    """A block that cannot hold an instance, or a span that looks past the instances' window,
+    stops the workflow before any job."""
     root = Path(__file__).resolve().parents[1]
     shutil.copytree(root / "configs", tmp_path / "configs")
     shutil.copytree(root / "workflow/schemas", tmp_path / "workflow/schemas")
     table = tmp_path / "configs/experiments.tsv"
-    rows = table.read_text().replace(
-        "gpt_path_star\tgpt\tpath_star\tblock_size=32 ",
-        "gpt_path_star\tgpt\tpath_star\tblock_size=16 ",
-        1,
-    )
+    rows = table.read_text().replace(f"{row}\t{cells}", f"{row}\t{changed}", 1)
     assert rows != table.read_text()
     table.write_text(rows)
     assert main(["validate", "--root", str(tmp_path)]) == 2
     err = capsys.readouterr().err
-    assert "experiment 'gpt_path_star' in suite" in err
-    assert "has instances of 26 tokens: block_size=16 must be at least" in err
-
-
-def test_validate_refuses_a_synthetic_row_whose_farthest_span_never_fits_an_instance(
-    tmp_path: Path, capsys: pytest.CaptureFixture
-) -> None:
-    root = Path(__file__).resolve().parents[1]
-    shutil.copytree(root / "configs", tmp_path / "configs")
-    shutil.copytree(root / "workflow/schemas", tmp_path / "workflow/schemas")
-    table = tmp_path / "configs/experiments.tsv"
-    rows = table.read_text().replace(
-        "futureformer_path_star\tfutureformer\tpath_star\tn_layer=2 block_size=32 ",
-        "futureformer_path_star\tfutureformer\tpath_star\tn_layer=2 block_size=64 future_levels=4 ",
-        1,
-    )
-    assert rows != table.read_text()
-    table.write_text(rows)
-    assert main(["validate", "--root", str(tmp_path)]) == 2
-    err = capsys.readouterr().err
-    assert "experiment 'futureformer_path_star' in suite" in err
-    assert "look 31 tokens ahead, but a training window of 25 tokens" in err
+    assert f"experiment '{row}' in suite" in err and message in err
 
 
 # --- evaluation ---------------------------------------------------------------------------------
