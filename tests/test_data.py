@@ -296,6 +296,20 @@ def test_parse_datasets_accepts_valid_entries() -> None:
     assert specs["shakespeare-bpe"].vocab_size == 512
 
 
+def test_numbers_given_as_text_parse_as_numbers() -> None:
+    """`snakemake --config 'datasets={...}'` passes a data set's nested values as strings."""
+    specs = parse_datasets(
+        {
+            "text": {**VALID_ENTRY, "tokenizer": "bpe", "vocab_size": "512", "val_fraction": "0.2"},
+            "task": {"synthetic": "mqar", "seed": "3", "n_pairs": "4"},
+        }
+    )
+    assert (specs["text"].vocab_size, specs["text"].val_fraction) == (512, 0.2)
+    assert specs["task"].seed == 3
+    with pytest.raises(ConfigError, match="val_fraction: must be a number strictly between"):
+        parse_datasets({"text": {**VALID_ENTRY, "val_fraction": "a fifth"}})
+
+
 @pytest.mark.parametrize(
     ("change", "needle"),
     [

@@ -60,6 +60,17 @@ class Option:
         return typed
 
 
+def number_from_text(value: Any, kind: type[int] | type[float]) -> Any:
+    """`value` parsed as `kind` when it is the text of one (`snakemake --config` passes a data
+    set's nested values as strings); anything else unchanged, for the caller's own check."""
+    if isinstance(value, str):
+        try:
+            return kind(value.strip())
+        except ValueError:
+            return value
+    return value
+
+
 def _convert(opt: Option, value: Any) -> Any:
     kind = _TYPES[opt.type]
     if isinstance(value, str):

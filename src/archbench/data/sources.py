@@ -30,6 +30,7 @@ from archbench.data.synthetic import SyntheticSpec, parse_synthetic
 from archbench.data.tokenizers import TOKENIZER_KINDS, check_vocab_size
 from archbench.errors import ConfigError, DataError
 from archbench.io import atomic_path
+from archbench.options import number_from_text
 
 if TYPE_CHECKING:
     from importlib.resources.abc import Traversable
@@ -182,12 +183,14 @@ def _tokenizer(value: Any) -> str:
 
 def _vocab_size(kind: str, value: Any) -> int | None:
     """None (char only) or an integer >= 256."""
+    value = number_from_text(value, int)
     check_vocab_size(kind, value)
     return value
 
 
 def _val_fraction(value: Any) -> float:
     """A number strictly between 0 and 1."""
+    value = number_from_text(value, float)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
         raise ConfigError(f"must be a number strictly between 0 and 1, got {value!r}")
     return float(value)

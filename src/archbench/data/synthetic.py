@@ -44,7 +44,14 @@ import numpy as np
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 from archbench.errors import ConfigError
-from archbench.options import coerce_all, option, options_of, suggest, unknown_key_error
+from archbench.options import (
+    coerce_all,
+    number_from_text,
+    option,
+    options_of,
+    suggest,
+    unknown_key_error,
+)
 
 SPLIT_STREAMS = {"train": 0, "val": 1}
 # Leading entropy word of every generation stream, so that generated data never shares a stream
@@ -293,7 +300,7 @@ class SyntheticSpec:
 def parse_synthetic(name: str, entry: dict[str, Any], where: str) -> SyntheticSpec:
     """Validate a `datasets.<name>` entry with a `synthetic:` key; errors name `where` and key."""
     values = dict(entry)
-    task_name, seed = values.pop("synthetic"), values.pop("seed", 0)
+    task_name, seed = values.pop("synthetic"), number_from_text(values.pop("seed", 0), int)
     try:
         if task_name in TASKS:
             known = [*options_of(TASKS[task_name]), "seed", "synthetic"]
