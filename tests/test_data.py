@@ -323,11 +323,11 @@ def test_numbers_given_as_text_parse_as_numbers() -> None:
         ({"embedded": "missing.txt.gz"}, "datasets.small.embedded"),
         ({"tokenizer": "word"}, "datasets.small.tokenizer"),
         ({"tokenizer": "bpe"}, "datasets.small.vocab_size"),
-        ({"vocab_size": "300"}, "datasets.small.vocab_size"),
+        ({"vocab_size": "three hundred"}, "datasets.small.vocab_size"),
         ({"vocab_size": 100}, "datasets.small.vocab_size"),
         ({"val_fraction": 0}, "datasets.small.val_fraction"),
         ({"val_fraction": 1.0}, "datasets.small.val_fraction"),
-        ({"val_fraction": "0.1"}, "datasets.small.val_fraction"),
+        ({"val_fraction": "a tenth"}, "datasets.small.val_fraction"),
         ({"val_fraction": True}, "datasets.small.val_fraction"),
     ],
 )
