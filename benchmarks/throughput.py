@@ -60,7 +60,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from archbench.errors import ConfigError
 from archbench.models import ARCHITECTURES, build_model
 from archbench.runtime import COMPILE_MODES, CUDA_GRAPH_MODES, Runtime, make_runtime
-from archbench.train import TrainConfig, make_optimizer
+from archbench.train import TrainConfig, make_optimizer, seed_everything
 
 ROOT = Path(__file__).resolve().parents[1]
 # How a step is timed: wall-clock time, or the CPU time of this process, which on a machine shared
@@ -68,6 +68,11 @@ ROOT = Path(__file__).resolve().parents[1]
 # step's own compute; with several it is their sum).
 CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.process_time}
 CPU_CLOCK_ONLY = "--clock cpu measures CPU work; GPU steps need --clock wall"
+GRAPH_WARMUP_NEEDED = "--warmup must be at least 2: CUDA graphs are recorded on the second call"
+CPU_CLOCK_ONE_THREAD = (
+    "--clock cpu needs --threads 1: the process's CPU time adds up every thread's, spin-waits "
+    "included"
+)
 WARMUP_NEEDED = (
     "--warmup must be at least 1: peak memory is measured once the optimizer state exists"
 )
@@ -110,11 +115,13 @@ SHAPES = {
     )
 }
 
-# Dense bf16 peak TFLOP/s by device-name fragment, most specific first; --peak-tflops overrides.
+# Dense bf16 peak TFLOP/s by the words of a device name, most specific first; --peak-tflops
+# overrides.
 BF16_PEAK_TFLOPS = (
     ("H100 PCIe", 756.0),
     ("H100 NVL", 835.0),
     ("H100", 989.0),
+    ("H200 NVL", 835.0),
     ("H200", 989.0),
     ("GH200", 989.0),
     ("A100", 312.0),
@@ -359,7 +366,7 @@ def run_shape(
     shape: Shape, args: argparse.Namespace, runtime: Runtime, nanogpt: Any
 ) -> list[dict[str, Any]]:
     """Build every candidate of `shape`, then time them in alternation; returns result rows."""
-    torch.manual_seed(args.seed)
+    seed_everything(args.seed)  # as training: its seed and its deterministic-kernel mode
     x, y = (
         torch.randint(0, shape.vocab_size, (shape.batch_size, shape.block_size)).to(runtime.device)
         for _ in range(2)
@@ -466,7 +473,10 @@ def device_peak_tflops(runtime: Runtime, override: float | None) -> float | None
     if override or not runtime.is_cuda:
         return override
     name = torch.cuda.get_device_name(runtime.device)
-    return next((peak for key, peak in BF16_PEAK_TFLOPS if key in name), None)
+    return next(
+        (peak for key, peak in BF16_PEAK_TFLOPS if re.search(rf"\b{re.escape(key)}\b", name)),
+        None,
+    )
 
 
 def machine_description(
@@ -538,6 +548,12 @@ def markdown(rows: list[dict[str, Any]], header: list[str]) -> str:
                 value = f"{100 * value:.1f}%"
             cells.append(str(value))
         lines.append("| " + " | ".join(cells) + " |")
+    if any(row["time_vs_baseline"] != "" for row in rows):
+        lines.append(
+            "\n'time / baseline' is the median over rounds of the ratio of the two models' step "
+            "times in the same round (range: the rounds' extremes), not the ratio of the 'step "
+            "ms' medians."
+        )
     if any(row["peak_mib"] == "" for row in rows):
         lines.append(
             "\nPeak memory is blank for models replayed as CUDA graphs: their memory pool is "
@@ -600,12 +616,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.clock == "cpu" and args.device not in ("auto", "cpu"):
         parser.error(CPU_CLOCK_ONLY)
+    if args.clock == "cpu" and args.threads != 1:
+        parser.error(CPU_CLOCK_ONE_THREAD)
     args.compile = args.compile or args.compile_mode is not None
     args.archs = args.archs.split(",") if args.archs else sorted(ARCHITECTURES)
     if args.warmup is None:
         args.warmup = 10 if args.compile else 5
     if args.warmup < 1:
         parser.error(WARMUP_NEEDED)
+    if args.compile_mode in CUDA_GRAPH_MODES and args.warmup < 2:
+        parser.error(f"--compile-mode {args.compile_mode}: {GRAPH_WARMUP_NEEDED}")
     unknown = sorted(set(args.archs) - set(ARCHITECTURES))
     if unknown:
         parser.error(f"unknown architectures {unknown}; registered: {sorted(ARCHITECTURES)}")

@@ -90,6 +90,8 @@ def test_throughput_refuses_a_cpu_clock_on_a_gpu(tmp_path: Path) -> None:
         (("--nanogpt", "/nonexistent/model.py"), "--nanogpt /nonexistent/model.py: no such file"),
         (("--shapes", "gpt2", "--device", "cpu"), "no shape to run on cpu"),
         (("--warmup", "0"), "--warmup must be at least 1"),
+        (("--clock", "cpu", "--threads", "2"), "--clock cpu needs --threads 1"),
+        (("--compile-mode", "reduce-overhead"), "--warmup must be at least 2"),
     ],
 )
 def test_throughput_names_bad_arguments(tmp_path: Path, args: tuple, message: str) -> None:
@@ -224,6 +226,9 @@ def test_cuda_peak_memory_is_read_after_the_last_gradients_are_freed(
         ("NVIDIA H100 PCIe", 756.0),
         ("NVIDIA H100 NVL", 835.0),
         ("NVIDIA H200", 989.0),
+        ("NVIDIA H200 NVL", 835.0),
+        ("NVIDIA GH200 480GB", 989.0),
+        ("NVIDIA RTX A1000", None),
         ("NVIDIA L40S", 362.0),
         ("NVIDIA L40", 181.0),
         ("NVIDIA L4", 121.0),
