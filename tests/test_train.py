@@ -6,6 +6,7 @@ import csv
 import math
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -23,10 +24,11 @@ from archbench.checkpoint import (
 )
 from archbench.errors import ConfigError
 from archbench.io import read_json
-from archbench.models import ARCHITECTURES, build_model
+from archbench.models import ARCHITECTURES, build_model, make_config
 from archbench.runtime import Runtime, inductor_cpp_compiler, make_runtime
 from archbench.train import (
     CHECKPOINT,
+    PARTIAL_LOG,
     DivergedError,
     Progress,
     StepWindow,
@@ -37,6 +39,7 @@ from archbench.train import (
     make_optimizer,
     make_train_config,
     measure_step_flops,
+    spec_fingerprint,
     train_run,
     warm_up,
 )
@@ -269,11 +272,25 @@ def test_checkpoint_missing_an_entry_is_a_clear_error(tmp_path: Path, drop: str)
         load_training_state(path, model, make_optimizer(model, TrainConfig()))
 
 
-def test_a_checkpoint_left_half_written_is_removed(tiny_data: Path, tmp_path: Path) -> None:
-    partial = tmp_path / f".{CHECKPOINT}.x1y2.tmp"
+@pytest.mark.parametrize("name", [CHECKPOINT, "model.safetensors", "metrics.csv", PARTIAL_LOG])
+def test_a_file_left_half_written_is_removed(tiny_data: Path, tmp_path: Path, name: str) -> None:
+    partial = tmp_path / f".{name}.x1y2.tmp"
     partial.write_bytes(b"cut off by kill -9")
     train_run(tiny_spec(), tiny_data, tmp_path, show_progress=False)
     assert not partial.exists()
+
+
+def test_a_changed_default_makes_a_checkpoint_someone_elses() -> None:
+    """A spec names only the options it sets: a default that changes between versions must still
+    change the fingerprint, or a checkpoint would resume under other options."""
+    spec, meta = tiny_spec(), {"vocab_size": 65}
+    model_config = make_config("gpt", 65, 16, n_layer=1, n_head=2, d_model=16)
+    config = TrainConfig()
+    same = spec_fingerprint(spec, meta, config, model_config)
+    assert same == spec_fingerprint(spec, meta, TrainConfig(), model_config)
+    assert same != spec_fingerprint(spec, meta, replace(config, weight_decay=0.5), model_config)
+    other_model = replace(model_config, norm="layernorm")
+    assert same != spec_fingerprint(spec, meta, config, other_model)
 
 
 def test_step_window_reads_pending_steps_in_order_and_names_the_first_diverged_one() -> None:

@@ -392,9 +392,14 @@ def estimate_val_loss(
     return total / count
 
 
-def spec_fingerprint(spec: dict[str, Any], data_meta: dict[str, Any]) -> str:
-    """Hash of everything that determines a run, to refuse resuming someone else's checkpoint."""
-    blob = json.dumps({"spec": spec, "data": data_meta}, sort_keys=True)
+def spec_fingerprint(
+    spec: dict[str, Any], data_meta: dict[str, Any], config: TrainConfig, model_config: Any
+) -> str:
+    """Hash of everything that determines a run, to refuse resuming someone else's checkpoint:
+    the spec, the data, and the effective training and model options (a spec names only the
+    options it sets; the others are code defaults, which may change between versions)."""
+    effective = {"train": dataclasses.asdict(config), "model": dataclasses.asdict(model_config)}
+    blob = json.dumps({"spec": spec, "data": data_meta, **effective}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -482,7 +487,7 @@ def train_run(
     loss_fn = runtime.compile(model.loss, config.compile_mode) if config.compile else model.loss
     compile_seconds = warm_up(loss_fn, model, runtime, x0, y0) if config.compile else 0.0
     columns = list(BASE_COLUMNS) + [f"train_{name}" for name in parts0]
-    fingerprint = spec_fingerprint(spec, data_meta)
+    fingerprint = spec_fingerprint(spec, data_meta, config, model_config)
 
     log = MetricsLog(out_dir / PARTIAL_LOG, columns)
     progress = _resume(out_dir / CHECKPOINT, fingerprint, runtime.label, model, optimizer)
@@ -643,7 +648,9 @@ def _resume(
     """Load the checkpoint at `path` if it belongs to this run and return its progress. A
     checkpoint of this run written on another device type or precision is a ConfigError: one
     run must not mix them (device and precision "auto" resolve per machine)."""
-    for partial in path.parent.glob(f".{path.name}.*.tmp"):  # a job killed while saving
+    # a job killed while writing a file atomically leaves its temporary copy (a checkpoint's, a
+    # model's, a metrics log's); no other job writes into the run directory while this one runs
+    for partial in path.parent.glob(".*.tmp"):
         partial.unlink()
     if not path.exists():
         return Progress()

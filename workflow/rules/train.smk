@@ -40,6 +40,8 @@ rule train:
         gpu=int(SUITE.gpu),
     log:
         f"{RUN}/train.log",
+    # exec: training replaces the shell, so a SIGTERM (SLURM's preemption or time limit) reaches
+    # it alone and the job ends when its checkpoint is saved, not when the shell dies at once
     shell:
-        "{ARCHBENCH} train --spec {params.spec:q} --data {params.data} --out {params.out} "
+        "exec {ARCHBENCH} train --spec {params.spec:q} --data {params.data} --out {params.out} "
         "{params.init} --threads {threads} 2> {log}"
