@@ -421,9 +421,12 @@ class MetricsLog:
             writer.writerows(rows)
 
     def append(self, row: dict[str, Any]) -> None:
-        """Append one row and flush it to disk."""
+        """Append one row and flush it to disk (fsync: a checkpoint saved after it, which is
+        fsynced too, must never be ahead of the log after a machine crash)."""
         with open(self.path, "a", newline="") as handle:
             csv.DictWriter(handle, self.columns).writerow(row)
+            handle.flush()
+            os.fsync(handle.fileno())
 
     def publish(self, path: Path) -> None:
         """Copy the finished log atomically to its final name."""
