@@ -603,3 +603,34 @@ def test_check_merge_source() -> None:
         check_merge_source(config, 1, "mtp", MTPConfig(vocab_size=VOCAB, block_size=BLOCK))
     with pytest.raises(ConfigError, match="residual=upstream and levels > 1"):
         check_merge_source(config, 0, "fractalformer", replace(config, residual="upstream"))
+
+
+@pytest.mark.parametrize(
+    ("residual", "level", "accepted"),
+    [
+        ("none", 1, True),
+        ("upstream", 2, True),  # the last level has no children to read
+        ("upstream", 1, False),
+        ("downstream", 0, True),  # the whole model has no ancestor to read
+        ("downstream", 1, False),
+    ],
+)
+def test_a_merge_target_must_compute_what_its_source_computes(
+    residual: str, level: int, accepted: bool
+) -> None:
+    """A sub-model that reads other sub-models' residuals is no standalone decoder: filling it
+    with one would give frozen blocks that do not compute the frozen source."""
+    config = replace(configure(), residual=residual)
+    source = config.submodel_config(level)
+    if accepted:
+        check_merge_source(config, level, "fractalformer", source)
+        return
+    with pytest.raises(ConfigError, match=f"with residual={residual}, a level-{level} sub-model"):
+        check_merge_source(config, level, "fractalformer", source)
+
+
+def test_merge_init_refuses_a_target_that_reads_other_sub_models() -> None:
+    model = build(residual="downstream")
+    source = FractalFormer(model.config.submodel_config(1))
+    with pytest.raises(ConfigError, match="with residual=downstream, a level-1 sub-model"):
+        merge_init(model, {(1, 0): source.state_dict()}, freeze=False)

@@ -621,11 +621,26 @@ def parse_merge_targets(names: list[str], config: FractalFormerConfig) -> list[S
     return targets
 
 
+def check_merge_target(config: FractalFormerConfig, level: int) -> None:
+    """Raise ConfigError unless a level-`level` sub-model of `config` is a plain decoder that a
+    standalone model can fill: not one that reads other sub-models' residuals."""
+    reads_others = (config.residual == "downstream" and level > 0) or (
+        config.residual == "upstream" and level < config.levels - 1
+    )
+    if reads_others:
+        raise ConfigError(
+            f"merge target: with residual={config.residual}, a level-{level} sub-model reads other "
+            "sub-models' residuals, so no trained standalone model computes what it computes; "
+            "merge with residual=none (or, with upstream, into the last level only)"
+        )
+
+
 def check_merge_source(
     config: FractalFormerConfig, level: int, source_arch: str, source: GPTConfig
 ) -> None:
     """Raise ConfigError unless a trained `source_arch` model with config `source` can be placed
     as a sub-model at `level` of `config`: same computation (a plain decoder) and same shapes."""
+    check_merge_target(config, level)
     if source_arch not in ("gpt", "fractalformer"):
         raise ConfigError(f"merge source: architecture '{source_arch}' is not gpt or fractalformer")
     if isinstance(source, FractalFormerConfig) and source.levels > 1 and source.residual != "none":
@@ -711,11 +726,13 @@ def merge_init(
     `model.config.submodel_config(level)` (a `gpt` or fractalformer state dict; names as in
     `gpt`). Every parameter of the model takes the source's tensor in that sub-model's block; the
     rest keeps its initial value. With `freeze`, returns the FrozenBlocks to `attach` to the
-    optimizer. Raises ConfigError on overlapping sub-models, missing keys or wrong shapes.
+    optimizer. Raises ConfigError on overlapping sub-models, a target that reads other
+    sub-models' residuals (check_merge_target), missing keys or wrong shapes.
     """
     split = model.config.split
     for a in sources:
         model._check_submodel(*a)
+        check_merge_target(model.config, a[0])
         for b in sources:
             if a != b and _contains(a, b, split):
                 raise ConfigError(f"merge: {submodel_name(*a)} contains {submodel_name(*b)}")
