@@ -44,7 +44,7 @@ from archbench.data import Instances, load_instances, load_meta, load_meta_of, l
 from archbench.errors import ArchbenchError, ConfigError
 from archbench.init_from import initialise
 from archbench.io import atomic_path, write_json
-from archbench.models import build_model, make_config
+from archbench.models import get_architecture, make_config
 from archbench.models.blocks import IGNORE_INDEX
 from archbench.options import coerce_all, option
 from archbench.runtime import COMPILE_MODES, Runtime, fork_rng, make_runtime
@@ -474,9 +474,7 @@ def train_run(
     runtime = make_runtime(config.device, config.precision)
     seed = int(spec["seed"])
     seed_everything(seed)
-    model = build_model(
-        spec["arch"], data_meta["vocab_size"], config.block_size, **spec["model"]
-    ).to(runtime.device)
+    model = get_architecture(spec["arch"]).model_cls(model_config).to(runtime.device)
     frozen = initialise(
         model, spec["arch"], spec.get("init_from", []), init_dirs or {}, config.init_freeze
     )
