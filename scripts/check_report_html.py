@@ -40,6 +40,7 @@ PROBE = f"""
 window.addEventListener("load", () => {{
   const images = Array.from(document.images, (img) => ({{
     src: img.getAttribute("src"),
+    alt: img.getAttribute("alt"),
     ok: img.complete && img.naturalWidth > 0,
   }}));
   const tables = Array.from(document.querySelectorAll("table"), (table) => ({{
@@ -95,12 +96,18 @@ def probe_page(page: Path, chromium: str, timeout: float = 120.0) -> dict:
     return json.loads(html.unescape(match.group(1)))
 
 
+def image_name(image: dict) -> str:
+    """An image as a message names it: its src, or for an embedded one (a data: URI) its alt."""
+    src = image["src"] or ""
+    return f"embedded image {image['alt']!r}" if src.startswith("data:") else src
+
+
 def problems(result: dict, required_tables: list[str]) -> list[str]:
     """Human-readable failures: broken images, missing or empty required tables, no images."""
     found = []
     for image in result["images"]:
         if not image["ok"]:
-            found.append(f"broken image: {image['src']}")
+            found.append(f"broken image: {image_name(image)}")
     tables = {table["id"]: table["rows"] for table in result["tables"]}
     for name in required_tables:
         if name not in tables:

@@ -35,6 +35,7 @@ from archbench.report.document import (
     Preformatted,
     Section,
     Table,
+    embedded_image,
     escape_markdown,
     html_page,
     html_table,
@@ -58,6 +59,7 @@ from archbench.report.stats import (
     welch_test,
 )
 from archbench.report.tables import (
+    MISSING,
     NO_SCORE,
     axis_score,
     axis_table,
@@ -67,6 +69,9 @@ from archbench.report.tables import (
     format_relative,
     format_scientific,
     leak_status,
+    main_table,
+    metric_cells,
+    metric_counts,
     per_seed_table,
     per_seed_values,
 )
@@ -535,7 +540,8 @@ def test_render_writes_pages_and_png_figures(report: dict) -> None:
         data = path.read_bytes()
         assert data.startswith(b"\x89PNG\r\n\x1a\n") and len(data) > 1000
         name = path.relative_to(out).as_posix()
-        assert f'src="{name}"' in report["html"] and f"]({name})" in report["md"]
+        assert f'src="{embedded_image(path)}"' in report["html"] and f"]({name})" in report["md"]
+    assert report["html"].count('<img src="data:image/png;base64,') == len(report["paths"][2:])
 
 
 def test_render_is_deterministic(report: dict, tmp_path: Path) -> None:
@@ -685,7 +691,7 @@ def test_escaping_of_special_characters() -> None:
     assert markdown_table(table).splitlines() == ["| h\\|x |", "|---|", "| a&lt;b &amp; c\\|d |"]
     assert "<td>a&lt;b &amp; c|d</td>" in html_table(table)
     sections = [Section("t<i>", [Paragraph("p <b>"), table, Preformatted("l", "</pre>")])]
-    page = html_page("s<&", sections)
+    page = html_page("s<&", sections, Path("unused"))
     assert "<h1>s&lt;&amp;</h1>" in page and "a<b" not in page and "<b>" not in page
     assert '<pre class="sample">&lt;/pre&gt;</pre>' in page
     md = markdown_page("s<&", sections)
@@ -731,6 +737,26 @@ def test_an_empty_value_cell_is_a_missing_value_not_a_crash() -> None:
     assert values["a"][0] == 1.5 and math.isnan(values["a"][1])
 
 
+def test_a_mean_over_fewer_than_the_rows_seeds_says_its_n() -> None:
+    summary = pl.DataFrame(
+        {
+            "experiment": ["a"] * 6,
+            "arch": ["gpt"] * 6,
+            "dataset": ["d"] * 6,
+            "seed": [0, 1, 2] * 2,
+            "metric": ["val_loss"] * 3 + ["val_bpb"] * 3,
+            "value": [1.0, 1.2, 1.4, 2.0, math.nan, 2.2],
+        }
+    )
+    stats = summarize(summary)
+    table = main_table(summary, ["a"], metric_cells(stats), metric_counts(stats), {"a": "pass"})
+    row = dict(zip(table.headers, table.rows[0], strict=True))
+    assert row["seeds (n)"] == "3"
+    assert row["val loss"].startswith("1.2000 ±") and "(n=" not in row["val loss"]
+    assert row["val bpb"].startswith("2.1000 ±") and row["val bpb"].endswith(" (n=2)")
+    assert row["val ppl"] == MISSING  # not recorded at all: no n to give
+
+
 # ---------------------------------------------------------------- headless browser
 
 
@@ -752,12 +778,18 @@ def test_html_report_renders_in_headless_chromium(report: dict, tmp_path: Path) 
     assert "8 images loaded" in done.stdout and "#results (6 rows)" in done.stdout
     broken = tmp_path / "broken"
     shutil.copytree(report["root"] / "report", broken)
-    (broken / "figures" / "pareto.png").write_bytes(b"not a png")
-    page = (broken / "index.html").read_text(encoding="utf-8")
-    (broken / "index.html").write_text(page.replace('id="comparisons"', ""), encoding="utf-8")
+    shutil.rmtree(broken / "figures")  # the page embeds its figures: it needs no other file
+    done = _check_html(broken / "index.html")
+    assert done.returncode == 0, done.stderr
+    page = (broken / "index.html").read_text(encoding="utf-8").replace('id="comparisons"', "")
+    pareto = embedded_image(report["root"] / "report" / "figures" / "pareto.png")
+    damaged = page.replace(pareto, "data:image/png;base64,bm90IGEgcG5n")
+    damaged += '<img src="figures/missing.png" alt="x">'
+    (broken / "index.html").write_text(damaged, encoding="utf-8")
     done = _check_html(broken / "index.html")
     assert done.returncode == 1
-    assert "broken image: figures/pareto.png" in done.stderr
+    assert "broken image: embedded image 'Pareto" in done.stderr
+    assert "broken image: figures/missing.png" in done.stderr
     assert "missing table: #comparisons" in done.stderr
 
 

@@ -106,6 +106,21 @@ def test_smoke_suite_produces_results_and_report(project: Path) -> None:
     assert "gpt_mqa" in html and "path_star_exact_match" in html
 
 
+def test_snakemakes_report_holds_the_report_page_figures_and_data(project: Path) -> None:
+    out = project / "snakemake-report.html"
+    result = snakemake(project, "--report", str(out))
+    assert result.returncode == 0, result.stderr[-4000:]
+    page = out.read_text(encoding="utf-8")
+    for mime, name in (("text/html", "index.html"), ("image/png", "val_loss.png"),
+                       ("text/csv", "summary.csv"), ("text/csv", "curves.csv")):  # fmt: skip
+        assert f"data:{mime};charset=utf8;filename={name};base64," in page, name
+    # archbench's page inside it shows its figures without the figures/ directory beside it
+    ours = (project / "report/smoke/index.html").read_text(encoding="utf-8")
+    assert ours.count('<img src="data:image/png;base64,') == len(
+        list((project / "report/smoke/figures").glob("*.png"))
+    )
+
+
 def test_nothing_reruns_when_nothing_changed(project: Path) -> None:
     result = snakemake(project, "--dry-run")
     assert result.returncode == 0, result.stderr[-4000:]

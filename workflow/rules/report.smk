@@ -79,8 +79,9 @@ rule aggregate:
                  for e in EXPERIMENTS if not synthetic(e)],  # text samples of text rows
         runs=f"{RESULTS}/runs.json",
     output:
-        summary=f"{RESULTS}/summary.csv",
-        curves=f"{RESULTS}/curves.csv",
+        summary=report(f"{RESULTS}/summary.csv", caption="../report/summary.rst",
+                       category="Data"),
+        curves=report(f"{RESULTS}/curves.csv", caption="../report/curves.rst", category="Data"),
         samples=f"{RESULTS}/samples.json",
     log:
         f"{RESULTS}/logs/aggregate.log",
@@ -98,7 +99,7 @@ rule report:
         defaults=f"{RESULTS}/defaults.json",
     output:
         md=f"{REPORT}/index.md",
-        html=f"{REPORT}/index.html",
+        html=report(f"{REPORT}/index.html", caption="../report/tables.rst", category="Report"),
         figures=report(directory(f"{REPORT}/figures"), patterns=["{name}.png"],
                        caption="../report/figures.rst", category="Figures"),
     log:

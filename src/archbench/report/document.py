@@ -7,10 +7,13 @@ renderer: user text (experiment descriptions, generated samples) can never injec
 
 from __future__ import annotations
 
+import base64
 import html
+import mimetypes
 import re
 import unicodedata
 from dataclasses import dataclass, field
+from pathlib import Path
 
 _MD_SPECIAL = re.compile(r"([\\`*_\[\]<>|~&#!])")
 _TABLE_CELL_SPECIAL = re.compile(r"([\\`*_\[\]~#!])")
@@ -151,8 +154,14 @@ def markdown_page(title: str, sections: list[Section]) -> str:
     return "\n\n".join(parts) + "\n"
 
 
-def _html_block(block: Block) -> str:
-    """One block as HTML."""
+def embedded_image(path: Path) -> str:
+    """A `data:` URI holding the image file at `path` (an <img> src that needs no other file)."""
+    mime = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+    return f"data:{mime};base64,{base64.b64encode(path.read_bytes()).decode('ascii')}"
+
+
+def _html_block(block: Block, figure_root: Path) -> str:
+    """One block as HTML; an image is embedded from `figure_root / block.path`."""
     if isinstance(block, Paragraph):
         text = html.escape(visible(block.text))
         return (
@@ -164,7 +173,8 @@ def _html_block(block: Block) -> str:
         return html_table(block)
     if isinstance(block, Image):
         return (
-            f'<figure><img src="{html.escape(block.path)}" alt="{html.escape(block.title)}">'
+            f'<figure><img src="{embedded_image(figure_root / block.path)}" '
+            f'alt="{html.escape(block.title)}">'
             f"<figcaption>{html.escape(visible(block.caption))}</figcaption></figure>"
         )
     return (
@@ -195,15 +205,17 @@ p.label { margin-bottom: 0.2rem; font-size: 0.9rem; }
 """
 
 
-def html_page(title: str, sections: list[Section]) -> str:
-    """The whole report as one HTML page: inline CSS, figures by relative path, no scripts."""
+def html_page(title: str, sections: list[Section], figure_root: Path) -> str:
+    """The whole report as one self-contained HTML page: inline CSS, the figures (their paths
+    relative to `figure_root`) embedded as data URIs, no scripts; it can be mailed or opened
+    inside Snakemake's report on its own."""
     body = []
     for section in sections:
         level = section.level
         cls = ' class="warning"' if section.warning else ""
         mark = "⚠ " if section.warning else ""
         body.append(f"<h{level}{cls}>{mark}{html.escape(visible(section.title))}</h{level}>")
-        body.extend(_html_block(block) for block in section.blocks)
+        body.extend(_html_block(block, figure_root) for block in section.blocks)
     heading = html.escape(visible(title))
     content = "\n".join(body)
     return f"""<!DOCTYPE html>

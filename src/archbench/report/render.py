@@ -59,6 +59,7 @@ from archbench.report.tables import (
     lm_eval_table,
     main_table,
     metric_cells,
+    metric_counts,
     other_metrics_table,
     per_seed_table,
     per_seed_values,
@@ -98,6 +99,10 @@ def render_report(
     ]
     stats = summarize(summary, CONFIDENCE)
     cells = metric_cells(stats)
+    seeds = {
+        name: n
+        for name, n in summary.group_by("experiment").agg(pl.col("seed").n_unique()).iter_rows()
+    }
     leaks = leak_status(summary, order)
     excluded = {name for name, state in leaks.items() if state.startswith("FAIL")}
     baselines = {e["name"]: e.get("baseline") for e in rows} | entry_baselines(rows, order)
@@ -108,28 +113,24 @@ def render_report(
     curve_figures, axis_figures, extra_figures = _draw_figures(
         summary, curves, stats, order, identity, axes, excluded, out_dir / "figures"
     )
-    seeds = {
-        name: n
-        for name, n in summary.group_by("experiment").agg(pl.col("seed").n_unique()).iter_rows()
-    }
     sections = [
         Section("How to read this report", [Paragraph(text) for text in how_to_read()]),
         *_leak_section(leaks),
         *([Section("Experiments", [experiments_table(rows)])] if rows else []),
-        Section("Results", [main_table(summary, order, cells, leaks)]),
+        Section("Results", [main_table(summary, order, cells, metric_counts(stats), leaks)]),
         _comparison_section(compared, cells),
         *_nesting_section(nested, order, rows, summary, cells),
         *_axis_sections(axes, axis_figures, cells, leaks, seeds, out_dir),
         Section("Curves", [_image(f, out_dir) for f in curve_figures + extra_figures]),
         *_sample_sections(read_samples(samples_json), order),
-        *_lm_eval_section(stats, order),
+        *_lm_eval_section(stats, order, seeds),
         *_other_metrics_section(stats, order),
         Section("Per-seed values", [per_seed_table(summary, order)]),
     ]
     title = f"archbench report — suite {suite}"
     pages = [
         (out_dir / "index.md", markdown_page(title, sections)),
-        (out_dir / "index.html", html_page(title, sections)),
+        (out_dir / "index.html", html_page(title, sections, out_dir)),
     ]
     for path, text in pages:
         write_text(path, text)
@@ -222,21 +223,21 @@ def how_to_read() -> list[str]:
     """The explanatory paragraphs at the top of both pages (plain text)."""
     percent = f"{CONFIDENCE:.0%}"
     return [
-        f"Results: each metric cell is the mean over the n seeds of an experiment ± the "
-        f"half-width of a two-sided {percent} Student-t confidence interval for that mean "
-        f"(n = 1: the value alone). Lower loss, bits per byte (bpb) and perplexity (ppl) are "
-        f"better; higher top-1/top-5 accuracy is better. 'val loss' is the final checkpoint's "
-        f"on the validation split (all of it, unless the suite's eval.max_tokens caps it, as "
-        f"the smoke suite does); 'best val loss' and 'best at step' are the lowest of "
-        f"the estimates taken during training (a few evenly spaced validation batches every "
-        f"eval_every steps, in the training precision: bf16 on a GPU) and when: "
-        f"on a small data set a model can overfit before its last step, and nanoGPT reports "
-        f"that minimum. Parameters, training tokens, FLOPs "
-        f"and wall time stand beside the scores because comparisons are only fair at matched "
-        f"size and compute. 'leak check' says whether every seed's checkpoint passed the "
+        f"Results: each metric cell is the mean over the n seeds of an experiment ± the half-width"
+        f" of a two-sided {percent} Student-t confidence interval for that mean (n = 1: the value "
+        f"alone); a mean over fewer of the row's seeds, where a seed did not record the value, "
+        f"says its n, e.g. '(n=2)'. Lower loss, bits per byte (bpb) and perplexity (ppl) are "
+        f"better; higher top-1/top-5 accuracy is better. 'val loss' is the final checkpoint's on "
+        f"the validation split (all of it, unless the suite's eval.max_tokens caps it, as the "
+        f"smoke suite does); 'best val loss' and 'best at step' are the lowest of the estimates "
+        f"taken during training (a few evenly spaced validation batches every eval_every steps, in"
+        f" the training precision: bf16 on a GPU) and when: on a small data set a model can "
+        f"overfit before its last step, and nanoGPT reports that minimum. Parameters, training "
+        f"tokens, FLOPs and wall time stand beside the scores because comparisons are only fair at"
+        f" matched size and compute. 'leak check' says whether every seed's checkpoint passed the "
         f"automatic future-leak test; rows that failed are excluded from every comparison. "
-        f"{MISSING} marks a value that was not recorded. Entries named <row>/L<level>.<index> "
-        f"are a row's nested sub-models, each scored alone (see 'Nesting cost').",
+        f"{MISSING} marks a value that was not recorded. Entries named <row>/L<level>.<index> are "
+        f"a row's nested sub-models, each scored alone (see 'Nesting cost').",
         f"Comparisons: each row with a baseline is compared on validation loss (Δ = row − "
         f"baseline, negative is better), a synthetic-task row on its task's exact match (positive "
         f"is better); 'compared on' names the metric. Every seed gives every row the same data "
@@ -359,9 +360,9 @@ def _nested(sample: dict) -> list[tuple[str, dict]]:
     return [(str(k), v) for k, v in nested.items() if isinstance(v, dict)]
 
 
-def _lm_eval_section(stats: pl.DataFrame, order: list[str]) -> list[Section]:
+def _lm_eval_section(stats: pl.DataFrame, order: list[str], seeds: dict[str, int]) -> list[Section]:
     """BLiMP by field and the harness's rolling bits-per-byte, if any run has them."""
-    table = lm_eval_table(stats, order)
+    table = lm_eval_table(stats, order, seeds)
     if table is None:
         return []
     intro = Paragraph(

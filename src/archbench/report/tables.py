@@ -163,6 +163,20 @@ def metric_cells(stats: pl.DataFrame) -> Cells:
     }
 
 
+def metric_counts(stats: pl.DataFrame) -> dict[tuple[str, str], int]:
+    """{(experiment, metric): how many seeds' values the mean is over} from `summarize`."""
+    return {
+        (experiment, metric): n
+        for experiment, metric, n in stats.select("experiment", "metric", "n").iter_rows()
+    }
+
+
+def count_note(text: str, n: int, seeds: int) -> str:
+    """A formatted cell, with "(n=k)" added when its mean is over fewer than the experiment's
+    `seeds` (a seed that did not record the value, or recorded NaN)."""
+    return text if text == MISSING or n >= seeds else f"{text} (n={n})"
+
+
 def _cell(cells: Cells, experiment: str, metric: str) -> tuple[float, float]:
     """(mean, half-width), NaN where not recorded."""
     return cells.get((experiment, metric), (math.nan, math.nan))
@@ -242,9 +256,14 @@ def experiments_table(rows: list[dict]) -> Table:
 
 
 def main_table(
-    summary: pl.DataFrame, order: list[str], cells: Cells, leaks: dict[str, str]
+    summary: pl.DataFrame,
+    order: list[str],
+    cells: Cells,
+    counts: dict[tuple[str, str], int],
+    leaks: dict[str, str],
 ) -> Table:
-    """One row per experiment: identity, seed count, size and mean ± half-width of metrics."""
+    """One row per experiment: identity, seed count, size and mean ± half-width of metrics (a
+    mean over fewer seeds than the row's says its n: `count_note`)."""
     info = summary.group_by("experiment").agg(
         pl.col("arch").first(), pl.col("dataset").first(), pl.col("seed").n_unique()
     )
@@ -252,7 +271,12 @@ def main_table(
     rows = []
     for experiment in order:
         arch, dataset, seeds = identity[experiment]
-        values = [fmt(*_cell(cells, experiment, metric)) for _, metric, fmt in METRIC_COLUMNS]
+        values = [
+            count_note(
+                fmt(*_cell(cells, experiment, metric)), counts.get((experiment, metric), 0), seeds
+            )
+            for _, metric, fmt in METRIC_COLUMNS
+        ]
         rows.append([experiment, arch, dataset, str(seeds), leaks[experiment], *values])
     headers = [
         "experiment",
@@ -303,16 +327,23 @@ def per_seed_table(summary: pl.DataFrame, order: list[str]) -> Table:
     return Table(headers, rows, id="per-seed")
 
 
-def lm_eval_table(stats: pl.DataFrame, order: list[str]) -> Table | None:
+def lm_eval_table(stats: pl.DataFrame, order: list[str], seeds: dict[str, int]) -> Table | None:
     """BLiMP accuracy (overall and by field) and the harness's rolling bits-per-byte, mean ±
-    half-width, one row per experiment that has them; None when no run recorded any."""
+    half-width (with n where fewer than the experiment's `seeds`), one row per experiment that
+    has them; None when no run recorded any."""
     metrics = {metric for _, metric, _ in LM_EVAL_COLUMNS}
     present = stats.filter(pl.col("metric").is_in(list(metrics)))
     if not present.height:
         return None
-    cells = metric_cells(present)
+    cells, counts = metric_cells(present), metric_counts(present)
     rows = [
-        [e, *(fmt(*_cell(cells, e, metric)) for _, metric, fmt in LM_EVAL_COLUMNS)]
+        [
+            e,
+            *(
+                count_note(fmt(*_cell(cells, e, metric)), counts.get((e, metric), 0), seeds[e])
+                for _, metric, fmt in LM_EVAL_COLUMNS
+            ),
+        ]
         for e in order
         if e in set(present["experiment"])
     ]
