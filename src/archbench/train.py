@@ -360,11 +360,15 @@ def warm_up(
     """Compile `loss_fn`'s forward and backward on one batch without training on it, and return
     the seconds that took, so that step timings (and tokens/s) leave compilation out. Two calls:
     with CUDA graphs (compile_mode reduce-overhead) the first runs the compiled code and the
-    second records the graphs. Random state and gradients are left as they were."""
+    second records the graphs. Random state is left as it was, gradients are None. Each call
+    starts without gradients, as a training step does: a backward pass that accumulated into the
+    previous call's gradients, which CUDA graphs keep in their memory pool and overwrite on the
+    next replay, is refused by torch."""
     tick = time.perf_counter()
     model.train()
     with fork_rng(runtime.device):
         for _ in range(2):
+            model.zero_grad(set_to_none=True)
             with runtime.autocast():
                 loss, _ = loss_fn(runtime.put(x), runtime.put(y))
             loss.backward()
