@@ -495,8 +495,13 @@ def test_ablation_axes_group_rows_differing_in_one_key() -> None:
     assert _axes_summary(rows) == [
         ("mlp", "", [("base", "swiglu (default)"), ("gelu", "gelu"), ("kv0", "swiglu (default)")]),
         ("mlp", "n_kv_heads=1", [("kv1", "swiglu (default)"), ("gelu_kv1", "gelu")]),
-        ("n_kv_heads", "", [("base", "0 (default)"), ("kv0", "0"), ("kv1", "1"), ("kv2", "2")]),
-        ("n_kv_heads", "mlp=gelu", [("gelu", "0 (default)"), ("gelu_kv1", "1")]),
+        # 0 stands for n_head (4): it is placed there, and says so
+        (
+            "n_kv_heads",
+            "",
+            [("kv1", "1"), ("kv2", "2"), ("base", "0 = 4 (default)"), ("kv0", "0 = 4")],
+        ),  # fmt: skip
+        ("n_kv_heads", "mlp=gelu", [("gelu_kv1", "1"), ("gelu", "0 = 4 (default)")]),
         ("n_layer", "", [("l2", "2"), ("base", "4 (default)"), ("kv0", "4 (default)")]),
     ]
 
@@ -504,10 +509,27 @@ def test_ablation_axes_group_rows_differing_in_one_key() -> None:
 def test_a_new_row_with_a_new_value_joins_its_axis() -> None:
     rows = [_row("fa", "future_attention"), _row("fa32", "future_attention", future_dim="32")]
     (axis,) = ablation_axes(rows)
-    assert axis.numeric and [p.value for p in axis.points] == [0, 32]
+    assert axis.numeric and [p.value for p in axis.points] == [32, 127]  # 0 = block_size - 1
     (axis,) = ablation_axes([*rows, _row("fa8", "future_attention", future_dim="8")])
-    assert [p.experiment for p in axis.points] == ["fa", "fa8", "fa32"]
+    assert [p.experiment for p in axis.points] == ["fa8", "fa32", "fa"]
     assert axis.title == "future_attention on tiny: future_dim"
+    (axis,) = ablation_axes(rows, {"block_size": 64})  # the suite's block size
+    assert [p.label for p in axis.points] == ["32", "0 = 63 (default)"]
+
+
+def test_stand_in_zeros_resolve_from_the_rows_own_options_and_init_from_splits_axes() -> None:
+    rows = [
+        _row("f", "fractalformer", mlp_ratio="2"),
+        _row("f96", "fractalformer", mlp_ratio="2", mlp_hidden="96"),
+    ]
+    (axis,) = ablation_axes(rows, {"d_model": 64})
+    # gpt's SwiGLU rule: 2/3 of mlp_ratio * d_model, rounded up to a multiple of 8
+    assert [p.label for p in axis.points] == ["0 = 88 (default)", "96"]
+    warm = {**_row("f_warm", "fractalformer", mlp_ratio="2", mlp_hidden="96"), "init_from": "x"}
+    (axis,) = ablation_axes([*rows, warm], {"d_model": 64})
+    assert [p.experiment for p in axis.points] == ["f", "f96"]  # f_warm trained otherwise
+    (axis,) = ablation_axes([_row("h", "hourglass"), _row("h2", "hourglass", widths="64,32")])
+    assert axis.points[0].label == "(empty) (default)"
 
 
 def test_ablation_axes_of_training_options_and_unknown_architectures() -> None:

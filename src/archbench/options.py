@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from archbench.errors import ConfigError
@@ -22,7 +22,12 @@ _FALSE = {"false", "0", "no", "off"}
 
 @dataclasses.dataclass(frozen=True)
 class Option:
-    """One user-settable option: name, type, default, help and allowed values."""
+    """One user-settable option: name, type, default, help and allowed values.
+
+    `zero_means`, for an option whose 0 stands for a value derived from other options (n_kv_heads
+    0 = n_head), computes that value from a function that looks the other options up; the report
+    places such a 0 where it belongs on an ablation axis.
+    """
 
     name: str
     type: str
@@ -32,6 +37,7 @@ class Option:
     min: float | None = None
     max: float | None = None
     min_exclusive: bool = False
+    zero_means: Callable[[Callable[[str], Any]], Any] | None = None
 
     def describe(self) -> str:
         """A one-line human description of the allowed values."""
@@ -95,7 +101,8 @@ def _convert(opt: Option, value: Any) -> Any:
 
 
 def option(default: Any, help: str, **limits: Any) -> Any:
-    """Declare a dataclass field as a user option (`choices=`, `min=`, `max=`, `min_exclusive=`)."""
+    """Declare a dataclass field as a user option (`choices=`, `min=`, `max=`, `min_exclusive=`,
+    `zero_means=`: see Option)."""
     return dataclasses.field(default=default, metadata={"help": help, **limits})
 
 

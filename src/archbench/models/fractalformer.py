@@ -112,6 +112,11 @@ GATED_ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 }
 
 
+def derived_hidden(mlp: str, d_model: int, mlp_ratio: float) -> int:
+    """The full model's MLP hidden width when mlp_hidden is 0: gpt's rule (geglu as swiglu)."""
+    return mlp_hidden("gelu" if mlp == "gelu" else "swiglu", d_model, mlp_ratio)
+
+
 @dataclass(frozen=True)
 class FractalFormerConfig(GPTConfig):
     """The baseline's options (they shape the full model, level 0) plus the nesting."""
@@ -120,7 +125,10 @@ class FractalFormerConfig(GPTConfig):
         "swiglu", "MLP type (geglu: the seed's GELU-gated MLP)", choices=tuple(MLP_MODULES)
     )
     mlp_hidden: int = option(
-        0, "MLP hidden width of the full model (0 = from mlp and mlp_ratio, as in gpt)", min=0
+        0,
+        "MLP hidden width of the full model (0 = from mlp and mlp_ratio, as in gpt)",
+        min=0,
+        zero_means=lambda get: derived_hidden(get("mlp"), get("d_model"), get("mlp_ratio")),
     )
     split: int = option(2, "children of every sub-model", min=2)
     levels: int = option(3, "nesting levels; level l holds split**l sub-models", min=1)
@@ -141,9 +149,7 @@ class FractalFormerConfig(GPTConfig):
     @property
     def hidden(self) -> int:
         """MLP hidden width f of the full model."""
-        if self.mlp_hidden:
-            return self.mlp_hidden
-        return mlp_hidden("gelu" if self.mlp == "gelu" else "swiglu", self.d_model, self.mlp_ratio)
+        return self.mlp_hidden or derived_hidden(self.mlp, self.d_model, self.mlp_ratio)
 
     def count(self, level: int) -> int:
         """Number of sub-models at `level`."""

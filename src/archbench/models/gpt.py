@@ -56,7 +56,9 @@ class LayerOptions:
 class GPTConfig(LayerOptions):
     """Shape and options of the baseline decoder."""
 
-    n_kv_heads: int = option(0, "key/value heads (0 = n_head: MHA; 1: MQA)", min=0)
+    n_kv_heads: int = option(
+        0, "key/value heads (0 = n_head: MHA; 1: MQA)", min=0, zero_means=lambda get: get("n_head")
+    )
 
     @property
     def kv_heads(self) -> int:

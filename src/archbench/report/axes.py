@@ -6,14 +6,17 @@ axis along that option: for example `future_attention` (no overrides), `future_a
 without the key counts as having the default value: the suite's value when `defaults` gives one,
 else the option's registry default (model options of the architecture, then training options).
 Values are compared after conversion to the option's type, so `future_dim=0` and an absent key
-whose default is 0 are the same point. A new row with a new value joins its axis with no code
-change.
+whose default is 0 are the same point; a 0 that stands for a value derived from other options
+(`Option.zero_means`: `n_kv_heads=0` is n_head) is placed at that value and labelled "0 = 4".
+Rows warm-started differently (`init_from`) are never on one axis. A new row with a new value
+joins its axis with no code change.
 """
 
 from __future__ import annotations
 
+import functools
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,16 +30,19 @@ UNKNOWN_DEFAULT = "(default)"  # the value of an absent key whose default is not
 
 @dataclass(frozen=True)
 class AxisPoint:
-    """One row on an axis: its value of the axis key (typed), and whether that is the default."""
+    """One row on an axis: its value of the axis key (typed), and whether that is the default;
+    `stands_for`: the row's own setting where `value` is what it resolves to (a stand-in 0)."""
 
     experiment: str
     value: Any
     is_default: bool
+    stands_for: str = ""
 
     @property
     def label(self) -> str:
-        """The value as shown in tables and on the x axis ("32", "mse", "4 (default)")."""
-        text = str(self.value)
+        """The value as shown in tables and on the x axis ("32", "mse", "4 (default)", "0 = 4")."""
+        text = f"{self.stands_for} = {self.value}" if self.stands_for else str(self.value)
+        text = text or "(empty)"
         return f"{text} (default)" if self.is_default and text != UNKNOWN_DEFAULT else text
 
 
@@ -102,6 +108,28 @@ def _value(arch: str, key: str, raw: Any, defaults: Mapping[str, Any]) -> tuple[
         return str(raw), is_default
 
 
+def _row_value(
+    arch: str, own: Mapping[str, tuple[Any, bool]], defaults: Mapping[str, Any], key: str
+) -> Any:
+    """A row's typed value of `key`: its override (in `own`), else the default."""
+    return (own.get(key) or _value(arch, key, None, defaults))[0]
+
+
+def _point(
+    arch: str, key: str, name: str, typed: tuple[Any, bool], lookup: Callable[[str], Any]
+) -> AxisPoint:
+    """Row `name`'s point on the `key` axis from its (typed value, is_default), a stand-in 0
+    resolved through the option's `zero_means` and `lookup` (the row's value of another option)."""
+    value, is_default = typed
+    option = _option(arch, key)
+    if option is None or option.zero_means is None or value != 0:
+        return AxisPoint(name, value, is_default)
+    try:
+        return AxisPoint(name, option.zero_means(lookup), is_default, stands_for=str(value))
+    except (TypeError, ValueError):  # another option's value is unknown or not a number
+        return AxisPoint(name, value, is_default)
+
+
 def ablation_axes(experiments: list[dict], defaults: Mapping[str, Any] | None = None) -> list[Axis]:
     """Every ablation axis of `experiments` (dicts with name, arch, dataset, overrides).
 
@@ -127,16 +155,21 @@ def ablation_axes(experiments: list[dict], defaults: Mapping[str, Any] | None = 
         for key in keys:
             buckets: dict[tuple, list[AxisPoint]] = {}
             for row in rows:
-                rest = tuple((k, repr(values[row["name"]][k][0])) for k in keys if k != key)
-                value, is_default = values[row["name"]][key]
-                buckets.setdefault(rest, []).append(AxisPoint(row["name"], value, is_default))
+                own = values[row["name"]]
+                rest = (
+                    *((k, repr(own[k][0])) for k in keys if k != key),
+                    ("init_from", repr(row.get("init_from") or "")),
+                )
+                lookup = functools.partial(_row_value, arch, own, defaults)
+                point = _point(arch, key, row["name"], own[key], lookup)
+                buckets.setdefault(rest, []).append(point)
             for rest, points in buckets.items():
                 if len({repr(p.value) for p in points}) < 2:
                     continue
                 shared = values[points[0].experiment]
                 fixed = tuple(
                     f"{k}={shared[k][0]}"
-                    for k in sorted(k for k, _ in rest)
+                    for k in sorted(k for k, _ in rest if k in shared)
                     if shared[k][0] != _value(arch, k, None, defaults)[0]
                 )
                 axes.append(Axis(arch, dataset, key, fixed, _ordered(points)))
