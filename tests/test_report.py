@@ -74,6 +74,7 @@ from archbench.report.tables import (
     metric_counts,
     per_seed_table,
     per_seed_values,
+    size_mismatched,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -930,3 +931,21 @@ def test_loss_curves_of_different_data_sets_get_their_own_panels(tmp_path: Path)
     two = plot_curves(curves, "val_loss", two_sets, colours, tmp_path / "two.png", "Val", "nats")
     assert "panel" not in one.caption and "One panel per data set." in two.caption
     assert _png_width(two.path) > 1.2 * _png_width(one.path)
+
+
+def test_a_size_exactly_at_the_tolerance_is_matched() -> None:
+    assert not size_mismatched(105_000 / 100_000) and not size_mismatched(36_750 / 35_000)
+    assert not size_mismatched(95_000 / 100_000) and not size_mismatched(1.0)
+    assert size_mismatched(105_001 / 100_000) and size_mismatched(94_999 / 100_000)
+
+
+def test_equal_differences_on_every_seed_fall_back_to_welch() -> None:
+    row, base = {0: 0.5, 1: 0.25, 2: 0.75}, {0: 0.25, 1: 0.0, 2: 0.5}
+    result = compare(row, base)
+    assert result.test == WELCH and math.isnan(result.p_paired)
+    assert result.p_value == pytest.approx(
+        sps.ttest_ind(list(row.values()), list(base.values()), equal_var=False).pvalue
+    )
+    assert result.delta == pytest.approx(0.25) and result.mde > 0
+    constant = compare({0: 1.0, 1: 1.0, 2: 1.0}, {0: 0.0, 1: 0.0, 2: 0.0})
+    assert math.isnan(constant.p_value)  # no spread at all: nothing to test

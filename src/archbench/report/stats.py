@@ -248,7 +248,8 @@ def compare(
     """Compare a row's per-seed values with its baseline's (both keyed by seed).
 
     The same seed gives both rows the same data order, so when at least two seeds are shared
-    the paired t-test on per-seed differences decides; otherwise Welch's test on all seeds.
+    the paired t-test on per-seed differences decides; otherwise Welch's test on all seeds (also
+    when every pair differs by the same amount: the paired test is then undefined, se 0).
     `half_width` is the t half-width of Δ from the deciding test's se and df. `mde` and
     `seeds_needed` are at level `alpha` (a corrected level where a family of tests decides);
     alpha None leaves them NaN (a quick pass for the p-values only).
@@ -259,7 +260,7 @@ def compare(
     differences = [row[s] - base[s] for s in shared]
     welch = welch_test(row.values(), base.values())
     paired = paired_test(differences)
-    if len(shared) >= 2:
+    if len(shared) >= 2 and paired[2] > 0:
         test, (delta, p, se, df) = PAIRED, paired
         spread = float(np.std(differences, ddof=1))
     elif len(row) >= 2 and len(base) >= 2:

@@ -488,6 +488,13 @@ def _against_baseline(cells: Cells, row: ComparisonRow, metric: str) -> tuple[fl
     return value, (value / base if base else math.nan)
 
 
+def size_mismatched(size_ratio: float) -> bool:
+    """Whether a row's parameter count is more than SIZE_TOLERANCE away from its baseline's
+    (`size_ratio` = row / baseline); exactly at the tolerance, up to float rounding, is not."""
+    off = abs(size_ratio - 1)
+    return off > SIZE_TOLERANCE and not math.isclose(off, SIZE_TOLERANCE)
+
+
 def comparison_table(rows: list[ComparisonRow], cells: Cells) -> Table:
     """The comparisons with size, compute, Δ, both tests, Holm p, verdict and power."""
     out, classes = [], []
@@ -496,7 +503,7 @@ def comparison_table(rows: list[ComparisonRow], cells: Cells) -> Table:
         flops, flops_ratio = _against_baseline(cells, row, "train_flops")
         if math.isnan(size_ratio):
             fair = MISSING
-        elif abs(size_ratio - 1) > SIZE_TOLERANCE:
+        elif size_mismatched(size_ratio):
             difference = format_relative(size_ratio, 2, SIZE_TOLERANCE)
             fair = f"⚠ not size-matched ({difference} parameters)"
         else:
