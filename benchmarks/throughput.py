@@ -469,8 +469,10 @@ def summarize(
 
 
 def device_peak_tflops(runtime: Runtime, override: float | None) -> float | None:
-    """Dense bf16 peak of the CUDA device, from --peak-tflops or the table above."""
-    if override or not runtime.is_cuda:
+    """Dense bf16 peak of the CUDA device, from --peak-tflops or the table above; the table
+    only for bf16 runs (an fp32 run's MFU against the bf16 peak would understate it several
+    times over: give its peak with --peak-tflops)."""
+    if override or not runtime.is_cuda or not runtime.bf16:
         return override
     name = torch.cuda.get_device_name(runtime.device)
     return next(
@@ -597,7 +599,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=4, help="timed steps per model and round")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--nanogpt", type=Path, help="a copy of karpathy/nanoGPT's model.py")
-    parser.add_argument("--peak-tflops", type=float, help="device bf16 peak for the MFU")
+    parser.add_argument(
+        "--peak-tflops",
+        type=float,
+        help="device peak TFLOP/s at the run's precision, for the MFU (default: the bf16 table)",
+    )
     parser.add_argument(
         "--csv", type=Path, default=ROOT / "results/benchmarks/throughput.csv", help="CSV output"
     )

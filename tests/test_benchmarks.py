@@ -244,5 +244,8 @@ def test_mfu_peak_is_the_devices_own(
     import torch
 
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: name)
-    runtime = SimpleNamespace(is_cuda=True, device="cuda")
+    runtime = SimpleNamespace(is_cuda=True, device="cuda", bf16=True)
     assert throughput.device_peak_tflops(runtime, None) == peak
+    fp32 = SimpleNamespace(is_cuda=True, device="cuda", bf16=False)  # the table holds bf16 peaks
+    assert throughput.device_peak_tflops(fp32, None) is None
+    assert throughput.device_peak_tflops(fp32, 60.0) == 60.0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import math
 import os
+import shutil
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -25,7 +26,7 @@ from archbench.checkpoint import (
 from archbench.errors import ConfigError
 from archbench.io import read_json
 from archbench.models import ARCHITECTURES, build_model, make_config
-from archbench.runtime import Runtime, inductor_cpp_compiler, make_runtime
+from archbench.runtime import Runtime, inductor_cpp_compiler, make_runtime, triton_c_compiler
 from archbench.train import (
     CHECKPOINT,
     PARTIAL_LOG,
@@ -466,6 +467,17 @@ def test_the_compiler_check_looks_for_the_one_inductor_uses(
         runtime.compile(lambda x: x)
     monkeypatch.delenv("CXX")
     assert inductor_cpp_compiler() == "g++"
+
+
+def test_compiling_for_cuda_checks_for_tritons_c_compiler(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Triton builds its kernel launchers with $CC, else gcc, else clang; the check needs no GPU
+    (it runs before torch.compile, which is never reached here)."""
+    monkeypatch.setenv("CC", "/nonexistent/cc")
+    runtime = Runtime(torch.device("cuda"), True)
+    with pytest.raises(ConfigError, match=r"compile=true on CUDA needs a C compiler"):
+        runtime.compile(lambda x: x)
+    monkeypatch.delenv("CC")
+    assert triton_c_compiler() == shutil.which("gcc")
 
 
 def compile_recorder(monkeypatch: pytest.MonkeyPatch) -> dict[str, list]:

@@ -88,16 +88,24 @@ class Runtime:
         """`torch.compile(fn, mode=mode)`, after checking that kernels can be built for this
         device (`mode`: one of COMPILE_MODES).
 
-        On the CPU, inductor writes C++ and needs a compiler; without one, torch fails only at
-        the first step, with a long traceback, so this says so up front.
+        On the CPU, inductor writes C++ and needs a C++ compiler; on CUDA, Triton builds each
+        kernel's launcher with a C compiler. Without one, torch fails only at the first step,
+        with a long traceback, so this says so up front.
         """
-        compiler = inductor_cpp_compiler()
-        if self.device.type == "cpu" and not shutil.which(compiler):
+        off = (
+            "Install one, or turn compilation off: `compile: false` in the suite's train section "
+            "or compile=false in the row."
+        )
+        if self.device.type == "cpu" and not shutil.which(compiler := inductor_cpp_compiler()):
             raise ConfigError(
                 f"compile=true on the CPU needs a C++ compiler, and inductor's ({compiler}, from "
                 f"$CXX or else the platform's default) is not found: "
-                "torch.compile builds its CPU kernels with it. Install one, or turn compilation "
-                "off: `compile: false` in the suite's train section or compile=false in the row."
+                f"torch.compile builds its CPU kernels with it. {off}"
+            )
+        if self.is_cuda and not (compiler := triton_c_compiler()):
+            raise ConfigError(
+                "compile=true on CUDA needs a C compiler ($CC, gcc or clang), and none is found: "
+                f"Triton builds the launcher of every compiled GPU kernel with it. {off}"
             )
         compiled = torch.compile(fn, mode=mode)
         if mode not in CUDA_GRAPH_MODES:
@@ -131,6 +139,13 @@ def inductor_cpp_compiler() -> str:
     """The C++ compiler that torch.compile's CPU kernels are built with: $CXX if set, else g++
     (clang++ on macOS), as inductor's `config.cpp.cxx` picks it."""
     return os.environ.get("CXX") or ("clang++" if sys.platform == "darwin" else "g++")
+
+
+def triton_c_compiler() -> str | None:
+    """The C compiler Triton builds its CUDA kernel launchers with, as it looks for one on Linux:
+    $CC if set (and found), else gcc, else clang; None when there is none."""
+    cc = os.environ.get("CC")
+    return shutil.which(cc) if cc else shutil.which("gcc") or shutil.which("clang")
 
 
 def make_runtime(device: str, precision: str) -> Runtime:
