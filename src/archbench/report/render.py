@@ -260,9 +260,11 @@ def how_to_read() -> list[str]:
         f"to detect this Δ' is how many seeds per row would find the observed Δ with "
         f"{POWER:.0%} power at the same level (> {MAX_SEEDS}: practically never).",
         "Ablation views: rows with the same architecture and data set that differ in exactly "
-        "one option form an axis; each axis has a table, the final validation loss (a task "
-        "row's exact match) against the option's value (mean with 95% CI, dots = seeds) and the "
-        "rows' validation curves. "
+        "one option form an axis (rows warm-started from different checkpoints never do); "
+        "each axis has a table, the final validation loss (a task row's exact match) against "
+        "the option's value (mean with 95% CI, dots = seeds) and the rows' validation curves. A "
+        "0 that stands for a value derived from other options is placed at that value and "
+        "labelled so: n_kv_heads '0 = 4' with 4 heads. "
         "Curves show the mean over seeds with a 95% t-interval band (min–max where fewer than "
         "two seeds logged a step). Samples are continuations of a fixed prompt by the first "
         "seed's checkpoint, greedy and sampled, shown verbatim.",
