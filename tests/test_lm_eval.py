@@ -118,6 +118,15 @@ def test_windows_score_every_target_once_within_block_size(
             for target in range(end - n, end):  # a full block of context, or all there is
                 assert target - start >= min(target, block_size - stride + 1)
         assert scored == list(range(max(first, 1), n_tokens))
+        for start, end, n in plan_windows(n_tokens, first, block_size, stride)[:1]:
+            assert end - n - start == min(end - n, block_size)  # the first target: a full block
+
+
+def test_a_long_continuation_keeps_its_context() -> None:
+    """A continuation longer than a stride still sees its context (the first window started
+    at the context's last token, which dropped the rest of it)."""
+    windows = plan_windows(60, 20, 32, 32)
+    assert windows == [(0, 33, 13), (27, 60, 27)]
 
 
 @pytest.mark.parametrize(("block_size", "context_len"), [(4, 1), (4, 3), (8, 1), (8, 5), (8, 8)])

@@ -19,8 +19,9 @@ next-token logits (B, T, V), with the tokenizer of its prepared data directory:
 Windows. A token sequence whose targets from index `first` on are to be scored is cut into
 windows tokens[start:end]: inputs tokens[start:end-1] (at most block_size of them), targets
 tokens[start+1:end], of which the last n are scored; every target is scored exactly once. The
-first window starts at token 0 and scores up to block_size targets; each later window scores the
-next `stride` targets after a full block of context. This is lm-eval's own rolling-window rule
+first window starts at token 0 and scores up to block_size targets (after a context longer than a
+block: the first target alone, behind a full block); each later window scores the next `stride`
+targets after a full block of context. This is lm-eval's own rolling-window rule
 (`lm_eval.utils.get_rolling_token_windows` with context_len = block_size - stride + 1).
 stride = block_size (the default) gives consecutive non-overlapping windows, as lm-eval's models
 use: those of `archbench.evaluate.perplexity`, except that the last one reaches back a full
@@ -92,10 +93,12 @@ def plan_windows(
     """Windows (start, end, n_scored) scoring targets first..n_tokens-1 once (module doc)."""
     windows = []
     pos = max(first, 1)  # token 0 has nothing to be predicted from
+    # the first target with all the context a block holds: from token 0 (or, after a context
+    # longer than a block, alone behind a full block)
+    end = min(n_tokens, max(pos + 1, block_size + 1))
     while pos < n_tokens:
-        end = min(n_tokens, max(pos + stride, block_size + 1))
         windows.append((max(0, end - 1 - block_size), end, end - pos))
-        pos = end
+        pos, end = end, min(n_tokens, max(end + stride, block_size + 1))
     return windows
 
 
