@@ -102,7 +102,7 @@ class Runtime:
                 f"$CXX or else the platform's default) is not found: "
                 f"torch.compile builds its CPU kernels with it. {off}"
             )
-        if self.is_cuda and not (compiler := triton_c_compiler()):
+        if self.is_cuda and not triton_c_compiler():
             raise ConfigError(
                 "compile=true on CUDA needs a C compiler ($CC, gcc or clang), and none is found: "
                 f"Triton builds the launcher of every compiled GPU kernel with it. {off}"

@@ -171,9 +171,18 @@ def metric_counts(stats: pl.DataFrame) -> dict[tuple[str, str], int]:
     }
 
 
-def count_note(text: str, n: int, seeds: int) -> str:
-    """A formatted cell, with "(n=k)" added when its mean is over fewer than the experiment's
-    `seeds` (a seed that did not record the value, or recorded NaN)."""
+def counted_cell(
+    cells: Cells,
+    counts: dict[tuple[str, str], int],
+    experiment: str,
+    metric: str,
+    fmt: Formatter,
+    seeds: int,
+) -> str:
+    """One metric cell formatted by `fmt`, with "(n=k)" added when its mean is over fewer than
+    the experiment's `seeds` (a seed that did not record the value, or recorded NaN)."""
+    text = fmt(*_cell(cells, experiment, metric))
+    n = counts.get((experiment, metric), 0)
     return text if text == MISSING or n >= seeds else f"{text} (n={n})"
 
 
@@ -263,7 +272,7 @@ def main_table(
     leaks: dict[str, str],
 ) -> Table:
     """One row per experiment: identity, seed count, size and mean ± half-width of metrics (a
-    mean over fewer seeds than the row's says its n: `count_note`)."""
+    mean over fewer seeds than the row's says its n: `counted_cell`)."""
     info = summary.group_by("experiment").agg(
         pl.col("arch").first(), pl.col("dataset").first(), pl.col("seed").n_unique()
     )
@@ -272,9 +281,7 @@ def main_table(
     for experiment in order:
         arch, dataset, seeds = identity[experiment]
         values = [
-            count_note(
-                fmt(*_cell(cells, experiment, metric)), counts.get((experiment, metric), 0), seeds
-            )
+            counted_cell(cells, counts, experiment, metric, fmt, seeds)
             for _, metric, fmt in METRIC_COLUMNS
         ]
         rows.append([experiment, arch, dataset, str(seeds), leaks[experiment], *values])
@@ -340,7 +347,7 @@ def lm_eval_table(stats: pl.DataFrame, order: list[str], seeds: dict[str, int]) 
         [
             e,
             *(
-                count_note(fmt(*_cell(cells, e, metric)), counts.get((e, metric), 0), seeds[e])
+                counted_cell(cells, counts, e, metric, fmt, seeds[e])
                 for _, metric, fmt in LM_EVAL_COLUMNS
             ),
         ]
