@@ -356,6 +356,29 @@ def test_a_checkpoint_from_another_device_or_precision_is_not_resumed(
     assert (tmp_path / CHECKPOINT).exists()
 
 
+def test_a_cpu_checkpoint_from_another_thread_count_is_not_resumed(
+    tiny_data: Path, tmp_path: Path
+) -> None:
+    """Matrix products sum in another order with another thread count: a run resumed so would
+    differ from an uninterrupted one by rounding, so it is refused with the count to use."""
+    spec = tiny_spec()
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert train_run(spec, tiny_data, tmp_path, show_progress=False, stop_after=5) is None
+        assert read_training_meta(tmp_path / CHECKPOINT)["torch_threads"] == 1
+        torch.set_num_threads(2)
+        with pytest.raises(
+            ConfigError, match=r"threads=1, this job has threads=2.*--set-threads train=1"
+        ):
+            train_run(spec, tiny_data, tmp_path, show_progress=False)
+        assert (tmp_path / CHECKPOINT).exists()
+        torch.set_num_threads(1)
+        assert train_run(spec, tiny_data, tmp_path, show_progress=False) is not None
+    finally:
+        torch.set_num_threads(before)
+
+
 def _diverging_optimizer(monkeypatch: pytest.MonkeyPatch, at_step: int, where: str) -> None:
     """Make the first parameter's gradient infinite at 1-based `at_step`: in the backward pass
     (`where="backward"`, a finite loss with a non-finite gradient) or just before the update

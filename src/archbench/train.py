@@ -495,7 +495,7 @@ def train_run(
     fingerprint = spec_fingerprint(spec, data_meta, config, model_config)
 
     log = MetricsLog(out_dir / PARTIAL_LOG, columns)
-    progress = _resume(out_dir / CHECKPOINT, fingerprint, runtime.label, model, optimizer)
+    progress = _resume(out_dir / CHECKPOINT, fingerprint, runtime, model, optimizer)
     progress.compile_seconds += compile_seconds
     log.restore(progress.step)
 
@@ -557,6 +557,7 @@ def train_run(
                     {
                         "fingerprint": fingerprint,
                         "runtime": runtime.label,
+                        "torch_threads": torch.get_num_threads(),
                         "progress": asdict(progress),
                     },
                 )
@@ -646,13 +647,15 @@ class Progress:
 def _resume(
     path: Path,
     fingerprint: str,
-    runtime_label: str,
+    runtime: Runtime,
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
 ) -> Progress:
     """Load the checkpoint at `path` if it belongs to this run and return its progress. A
     checkpoint of this run written on another device type or precision is a ConfigError: one
-    run must not mix them (device and precision "auto" resolve per machine)."""
+    run must not mix them (device and precision "auto" resolve per machine). So is one written
+    on the CPU with another number of torch threads, which sums in another order: the run
+    would go on, but not bit for bit as an uninterrupted one."""
     # a job killed while writing a file atomically leaves its temporary copy (a checkpoint's, a
     # model's, a metrics log's); no other job writes into the run directory while this one runs
     for partial in path.parent.glob(".*.tmp"):
@@ -667,11 +670,20 @@ def _resume(
         )
         path.unlink()
         return Progress()
-    if meta.get("runtime", runtime_label) != runtime_label:
+    if meta.get("runtime", runtime.label) != runtime.label:
         raise ConfigError(
-            f"{path} was written on {meta['runtime']}, this job runs on {runtime_label}: resume "
+            f"{path} was written on {meta['runtime']}, this job runs on {runtime.label}: resume "
             f"it on a machine like the first one (or set device/precision to match), or delete "
             f"the checkpoint to start the run over"
+        )
+    threads = torch.get_num_threads()
+    if runtime.device.type == "cpu" and meta.get("torch_threads", threads) != threads:
+        raise ConfigError(
+            f"{path} was written with torch threads={meta['torch_threads']}, this job has "
+            f"threads={threads}: a CPU run resumed with another thread count is not "
+            f"bit-identical to an uninterrupted one. Resume it with {meta['torch_threads']} "
+            f"(`--threads`, or Snakemake's `--set-threads train={meta['torch_threads']}` and "
+            f"enough `--cores`), or delete the checkpoint to start the run over"
         )
     progress = Progress(**load_training_state(path, model, optimizer)["progress"])
     print(f"archbench: resuming from {path} at step {progress.step}", file=sys.stderr)
