@@ -529,8 +529,12 @@ def test_stand_in_zeros_resolve_from_the_rows_own_options_and_init_from_splits_a
     warm = {**_row("f_warm", "fractalformer", mlp_ratio="2", mlp_hidden="96"), "init_from": "x"}
     (axis,) = ablation_axes([*rows, warm], {"d_model": 64})
     assert [p.experiment for p in axis.points] == ["f", "f96"]  # f_warm trained otherwise
-    (axis,) = ablation_axes([_row("h", "hourglass"), _row("h2", "hourglass", widths="64,32")])
-    assert axis.points[0].label == "(empty) (default)"
+    hourglass = [_row("h", "hourglass"), _row("h2", "hourglass", widths="64,32")]
+    (axis,) = ablation_axes([*hourglass, _row("h0", "hourglass", widths="")])
+    assert [p.label for p in axis.points] == ["(empty) = 128,128 (default)", "64,32",
+                                              "(empty) = 128,128"]  # fmt: skip
+    (axis,) = ablation_axes(hourglass, {"d_model": 64, "latents": "4"})
+    assert axis.points[0].label == "(empty) = 64 (default)"
 
 
 def test_ablation_axes_of_training_options_and_unknown_architectures() -> None:

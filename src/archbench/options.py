@@ -24,9 +24,10 @@ _FALSE = {"false", "0", "no", "off"}
 class Option:
     """One user-settable option: name, type, default, help and allowed values.
 
-    `zero_means`, for an option whose 0 stands for a value derived from other options (n_kv_heads
-    0 = n_head), computes that value from a function that looks the other options up; the report
-    places such a 0 where it belongs on an ablation axis.
+    `unset_means`, for an option whose unset value (0, or "" for a text option) stands for a
+    value derived from other options (n_kv_heads 0 = n_head), computes that value from a function
+    that looks the other options up; the report places such a value where it belongs on an
+    ablation axis.
     """
 
     name: str
@@ -37,7 +38,12 @@ class Option:
     min: float | None = None
     max: float | None = None
     min_exclusive: bool = False
-    zero_means: Callable[[Callable[[str], Any]], Any] | None = None
+    unset_means: Callable[[Callable[[str], Any]], Any] | None = None
+
+    @property
+    def unset(self) -> Any:
+        """The value that `unset_means` resolves: "" for a text option, else 0."""
+        return "" if self.type == "str" else 0
 
     def describe(self) -> str:
         """A one-line human description of the allowed values."""
@@ -102,7 +108,7 @@ def _convert(opt: Option, value: Any) -> Any:
 
 def option(default: Any, help: str, **limits: Any) -> Any:
     """Declare a dataclass field as a user option (`choices=`, `min=`, `max=`, `min_exclusive=`,
-    `zero_means=`: see Option)."""
+    `unset_means=`: see Option)."""
     return dataclasses.field(default=default, metadata={"help": help, **limits})
 
 

@@ -128,7 +128,7 @@ class FractalFormerConfig(GPTConfig):
         0,
         "MLP hidden width of the full model (0 = from mlp and mlp_ratio, as in gpt)",
         min=0,
-        zero_means=lambda get: derived_hidden(get("mlp"), get("d_model"), get("mlp_ratio")),
+        unset_means=lambda get: derived_hidden(get("mlp"), get("d_model"), get("mlp_ratio")),
     )
     split: int = option(2, "children of every sub-model", min=2)
     levels: int = option(3, "nesting levels; level l holds split**l sub-models", min=1)

@@ -123,7 +123,7 @@ class FutureAttentionConfig(GPTConfig):
         0,
         "band width F: query i may use the slots of positions i+1 … i+F (0 = block_size - 1)",
         min=0,
-        zero_means=lambda get: get("block_size") - 1,
+        unset_means=lambda get: get("block_size") - 1,
     )
     future_loss: str = option(
         "cosine", "loss between predicted and true future output", choices=("cosine", "mse")

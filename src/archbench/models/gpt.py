@@ -57,7 +57,7 @@ class GPTConfig(LayerOptions):
     """Shape and options of the baseline decoder."""
 
     n_kv_heads: int = option(
-        0, "key/value heads (0 = n_head: MHA; 1: MQA)", min=0, zero_means=lambda get: get("n_head")
+        0, "key/value heads (0 = n_head: MHA; 1: MQA)", min=0, unset_means=lambda get: get("n_head")
     )
 
     @property

@@ -152,6 +152,11 @@ def parse_sizes(spec: str, name: str) -> tuple[int, ...]:
     return tuple(int(item) for item in items)
 
 
+def uniform_widths(d_model: int, latents: str) -> tuple[int, ...]:
+    """The widths of the levels outside the innermost when `widths` is unset: d_model each."""
+    return (d_model,) * len(parse_sizes(latents, "latents"))
+
+
 @dataclass(frozen=True)
 class HourglassConfig(LayerOptions):
     """Shape and options of the hourglass (see the module docstring for the mechanism)."""
@@ -164,7 +169,9 @@ class HourglassConfig(LayerOptions):
         "4,2", "latents per group at each level, outermost first: L > K_1 > K_2 > ... >= 1"
     )
     widths: str = option(
-        "", "widths of the token level and each outer level, comma-separated ('' = d_model)"
+        "",
+        "widths of the token level and each outer level, comma-separated ('' = d_model)",
+        unset_means=lambda get: ",".join(map(str, uniform_widths(get("d_model"), get("latents")))),
     )
     compression: str = option(
         "keep_last",
@@ -224,7 +231,7 @@ class HourglassConfig(LayerOptions):
     @property
     def level_widths(self) -> tuple[int, ...]:
         """Width of each level: (w_0, …, w_{n-1}, d_model)."""
-        outer = parse_sizes(self.widths, "widths") or (self.d_model,) * (len(self.sizes) - 1)
+        outer = parse_sizes(self.widths, "widths") or uniform_widths(self.d_model, self.latents)
         return (*outer, self.d_model)
 
     @property

@@ -7,7 +7,9 @@ without the key counts as having the default value: the suite's value when `defa
 else the option's registry default (model options of the architecture, then training options).
 Values are compared after conversion to the option's type, so `future_dim=0` and an absent key
 whose default is 0 are the same point; a 0 that stands for a value derived from other options
-(`Option.zero_means`: `n_kv_heads=0` is n_head) is placed at that value and labelled "0 = 4".
+(`Option.unset_means`: `n_kv_heads=0` is n_head) is placed at that value and labelled "0 = 4";
+an empty text that stands for one (hourglass `widths=""`: d_model at every level) reads
+"(empty) = 64,64".
 Rows warm-started differently (`init_from`) are never on one axis. A new row with a new value
 joins its axis with no code change.
 """
@@ -31,18 +33,19 @@ UNKNOWN_DEFAULT = "(default)"  # the value of an absent key whose default is not
 @dataclass(frozen=True)
 class AxisPoint:
     """One row on an axis: its value of the axis key (typed), and whether that is the default;
-    `stands_for`: the row's own setting where `value` is what it resolves to (a stand-in 0)."""
+    `stands_for`: the row's own setting where `value` is what it resolves to (a stand-in 0 or
+    empty text), else None."""
 
     experiment: str
     value: Any
     is_default: bool
-    stands_for: str = ""
+    stands_for: str | None = None
 
     @property
     def label(self) -> str:
         """The value as shown in tables and on the x axis ("32", "mse", "4 (default)", "0 = 4")."""
-        text = f"{self.stands_for} = {self.value}" if self.stands_for else str(self.value)
-        text = text or "(empty)"
+        shown = [self.value] if self.stands_for is None else [self.stands_for, self.value]
+        text = " = ".join(str(part) or "(empty)" for part in shown)
         return f"{text} (default)" if self.is_default and text != UNKNOWN_DEFAULT else text
 
 
@@ -118,14 +121,14 @@ def _row_value(
 def _point(
     arch: str, key: str, name: str, typed: tuple[Any, bool], lookup: Callable[[str], Any]
 ) -> AxisPoint:
-    """Row `name`'s point on the `key` axis from its (typed value, is_default), a stand-in 0
-    resolved through the option's `zero_means` and `lookup` (the row's value of another option)."""
+    """Row `name`'s point on the `key` axis from its (typed value, is_default), a stand-in value
+    resolved through the option's `unset_means` and `lookup` (the row's value of another option)."""
     value, is_default = typed
     option = _option(arch, key)
-    if option is None or option.zero_means is None or value != 0:
+    if option is None or option.unset_means is None or value != option.unset:
         return AxisPoint(name, value, is_default)
     try:
-        return AxisPoint(name, option.zero_means(lookup), is_default, stands_for=str(value))
+        return AxisPoint(name, option.unset_means(lookup), is_default, stands_for=str(value))
     except (TypeError, ValueError):  # another option's value is unknown or not a number
         return AxisPoint(name, value, is_default)
 
