@@ -107,7 +107,12 @@ class TrainConfig:
     beta2: float = option(0.95, "AdamW beta2", min=0.0, max=0.99999)
     grad_clip: float = option(1.0, "max global gradient norm (0 = no clipping)", min=0.0)
     eval_every: int = option(250, "validate every N steps (and after the last)", min=1)
-    eval_batches: int = option(8, "batches in each periodic validation", min=1)
+    eval_batches: int = option(
+        8,
+        "batches in each periodic validation, of windows spread evenly over the val split "
+        "(overlapping where it is short; the same for rows of one block and batch size)",
+        min=1,
+    )
     log_every: int = option(10, "write a metrics row every N steps", min=1)
     checkpoint_every: int = option(200, "save resumable state every N steps", min=1)
     device: str = option(
