@@ -105,13 +105,15 @@ def test_prefix_consistency(overrides: dict) -> None:
 
 @pytest.mark.parametrize("weight", [0.0, 0.5, 1.0])
 def test_head_losses_match_a_hand_computation(weight: float) -> None:
-    """Head k at position t is scored against token t+k, over the positions t <= T-k only."""
+    """Head k at position t is scored against token t+k, over the positions t <= T-k only; the
+    loss in training mode (dropout 0), the reference logits from the inference path."""
     model = build({"n_future": 4, "future_loss_weight": weight})
+    assert model.config.dropout == 0
     sequence = tokens(4, BLOCK + 1)
     idx, targets = sequence[:, :-1], sequence[:, 1:]
-    total, parts = model.loss(idx, targets)
+    total, parts = model.train().loss(idx, targets)
     with torch.no_grad():
-        per_head = head_logits(model, idx)
+        per_head = head_logits(model.eval(), idx)
     expected = {}
     for k, logits in enumerate(per_head, start=1):
         log_probs = logits.log_softmax(-1)
