@@ -362,7 +362,7 @@ def test_causality_and_prefix_consistency(overrides: dict) -> None:
     idx = torch.randint(0, VOCAB, (2, BLOCK), generator=generator)
     with torch.no_grad():
         reference = model(idx)
-        for t in (0, 9, BLOCK - 2):
+        for t in range(BLOCK - 1):
             changed = idx.clone()
             changed[:, t + 1 :] = torch.randint(0, VOCAB, (2, BLOCK - t - 1), generator=generator)
             logits = model(changed)
