@@ -1,10 +1,13 @@
-"""Shared fixtures: a tiny prepared data set and a tiny run spec."""
+"""Shared fixtures and checks: a tiny prepared data set, a tiny run spec, and the causality
+check that every model runs."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
 
 from archbench.data import DatasetSpec, prepare_dataset
 
@@ -18,8 +21,6 @@ TEXT = (
 @pytest.fixture(autouse=True, scope="session")
 def one_torch_thread() -> None:
     """Tiny models run far faster on one thread, above all on a busy 2-core machine."""
-    import torch
-
     torch.set_num_threads(1)
 
 
@@ -79,3 +80,45 @@ def add_kill_test(project: Path) -> Path:
     table = project / "killtest.tsv"
     table.write_text("name\tarch\tdataset\nvictim\tgpt\tshakespeare_char\n")
     return table
+
+
+def assert_causal_at_every_position(model: torch.nn.Module, vocab: int, block: int) -> None:
+    """Changing tokens after position t leaves `model`'s logits at positions <= t unchanged, for
+    every t: row t of one batch is a sequence with its tokens after t redrawn, the last row the
+    sequence itself. For a float64 model in eval mode (a leak moves logits by far more than the
+    1e-12 allowed); the logits after t must change."""
+    generator = torch.Generator().manual_seed(1)
+    idx = torch.randint(0, vocab, (block,), generator=generator)
+    redrawn = torch.randint(0, vocab, (block, block), generator=generator)
+    after = torch.arange(block)[None, :] > torch.arange(block)[:, None]  # row t: positions > t
+    batch = torch.where(after, redrawn, idx)
+    assert all(not torch.equal(batch[t], idx) for t in range(block - 1))
+    with torch.no_grad():
+        logits = model(batch)
+    reference = logits[-1]
+    for t in range(block - 1):
+        torch.testing.assert_close(
+            logits[t, : t + 1], reference[: t + 1], rtol=0, atol=1e-12, msg=f"leak at t={t}"
+        )
+        assert not torch.allclose(logits[t, t + 1 :], reference[t + 1 :])
+
+
+def assert_deterministic(build: Callable[[], torch.nn.Module], vocab: int, block: int) -> None:
+    """Two models from `build` (which seeds) give, in training mode after the same seed, the
+    same loss, loss parts and gradients (dropout included)."""
+    idx = torch.randint(0, vocab, (2, block), generator=torch.Generator().manual_seed(3))
+    targets = torch.randint(0, vocab, (2, block), generator=torch.Generator().manual_seed(4))
+    runs = []
+    for _ in range(2):
+        model = build().train()
+        torch.manual_seed(5)
+        total, parts = model.loss(idx, targets)
+        total.backward()
+        runs.append((total, parts, [p.grad for p in model.parameters()]))
+    (total_a, parts_a, grads_a), (total_b, parts_b, grads_b) = runs
+    assert torch.equal(total_a, total_b)
+    assert parts_a.keys() == parts_b.keys()
+    assert all(torch.equal(parts_a[k], parts_b[k]) for k in parts_a)
+    assert any(g is not None for g in grads_a)
+    for a, b in zip(grads_a, grads_b, strict=True):
+        assert (a is None and b is None) or torch.equal(a, b)

@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
+from conftest import assert_causal_at_every_position, assert_deterministic
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from archbench.errors import ConfigError
@@ -142,24 +143,8 @@ def test_loss_parts_are_float32_under_bf16_autocast(arch: str) -> None:
 
 @pytest.mark.parametrize(("arch", "overrides"), CASES, ids=IDS)
 def test_causality(arch: str, overrides: dict) -> None:
-    """Changing tokens after position t leaves logits at positions <= t unchanged, for every t:
-    row t of one batch is the sequence with its tokens after t redrawn, the last row the
-    sequence itself (float64; a leak moves logits by far more than the 1e-12 allowed)."""
-    model = build(arch, overrides)
-    generator = torch.Generator().manual_seed(1)
-    idx = torch.randint(0, VOCAB, (BLOCK,), generator=generator)
-    redrawn = torch.randint(0, VOCAB, (BLOCK, BLOCK), generator=generator)
-    after = torch.arange(BLOCK)[None, :] > torch.arange(BLOCK)[:, None]  # row t: positions > t
-    batch = torch.where(after, redrawn, idx)
-    assert all(not torch.equal(batch[t], idx) for t in range(BLOCK - 1))
-    with torch.no_grad():
-        logits = model(batch)
-    reference = logits[-1]
-    for t in range(BLOCK - 1):
-        torch.testing.assert_close(
-            logits[t, : t + 1], reference[: t + 1], rtol=0, atol=1e-12, msg=f"leak at t={t}"
-        )
-        assert not torch.allclose(logits[t, t + 1 :], reference[t + 1 :])
+    """Changing tokens after position t leaves logits at positions <= t unchanged, for every t."""
+    assert_causal_at_every_position(build(arch, overrides), VOCAB, BLOCK)
 
 
 @pytest.mark.parametrize(("arch", "overrides"), CASES, ids=IDS)
@@ -177,22 +162,7 @@ def test_prefix_consistency(arch: str, overrides: dict) -> None:
 def test_determinism(arch: str, overrides: dict) -> None:
     """Same seed: same init, same loss and loss parts, same gradients, including dropout in
     training mode."""
-    idx = torch.randint(0, VOCAB, (2, BLOCK), generator=torch.Generator().manual_seed(3))
-    targets = torch.randint(0, VOCAB, (2, BLOCK), generator=torch.Generator().manual_seed(4))
-    runs = []
-    for _ in range(2):
-        model = build(arch, overrides, torch.float32).train()
-        torch.manual_seed(5)
-        total, parts = model.loss(idx, targets)
-        total.backward()
-        runs.append((total, parts, [p.grad for p in model.parameters()]))
-    (total_a, parts_a, grads_a), (total_b, parts_b, grads_b) = runs
-    assert torch.equal(total_a, total_b)
-    assert parts_a.keys() == parts_b.keys()
-    assert all(torch.equal(parts_a[k], parts_b[k]) for k in parts_a)
-    assert any(g is not None for g in grads_a)
-    for a, b in zip(grads_a, grads_b, strict=True):
-        assert (a is None and b is None) or torch.equal(a, b)
+    assert_deterministic(lambda: build(arch, overrides, torch.float32), VOCAB, BLOCK)
 
 
 class OpCounter(TorchDispatchMode):
