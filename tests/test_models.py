@@ -380,3 +380,17 @@ def test_next_token_loss_is_float32_at_least(dtype: torch.dtype, loss_dtype: tor
     if dtype == torch.float64:
         want = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
         assert loss.item() == pytest.approx(want.item(), rel=1e-15)
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_next_token_part_scores_the_logits_against_the_targets(arch: str) -> None:
+    """The loss's next_token part is the mean cross-entropy of `forward`'s logits at position t
+    against targets[t] (not against idx[t], the token already read)."""
+    model = build(arch, {})
+    generator = torch.Generator().manual_seed(6)
+    idx = torch.randint(0, VOCAB, (2, BLOCK), generator=generator)
+    targets = torch.randint(0, VOCAB, (2, BLOCK), generator=generator)
+    with torch.no_grad():
+        _, parts = model.loss(idx, targets)
+        expected = torch.nn.functional.cross_entropy(model(idx).flatten(0, 1), targets.flatten())
+    torch.testing.assert_close(parts["next_token"], expected, rtol=1e-10, atol=1e-12)
