@@ -10,6 +10,7 @@ from collections.abc import Iterator
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import assert_deterministic
 
 from archbench.errors import ConfigError
 from archbench.models.blocks import IGNORE_INDEX
@@ -425,3 +426,9 @@ def test_too_long_sequence_is_refused() -> None:
         model(idx)
     with pytest.raises(ValueError, match="exceeds block_size"):
         model.loss(idx, idx)
+
+
+@pytest.mark.parametrize("overrides", OPTION_CASES, ids=IDS)
+def test_determinism(overrides: dict) -> None:
+    """Same seed: same loss, loss parts and gradients in training mode."""
+    assert_deterministic(lambda: make(overrides, torch.float32), VOCAB, BLOCK)

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import assert_deterministic
 
 from archbench.errors import ConfigError
 from archbench.models import futureformer as ff
@@ -421,3 +422,9 @@ def test_parameter_count_is_gpt_plus_cross_attention() -> None:
     extra = levels * (4 * d * d + d) + d + levels
     count = sum(p.numel() for p in model.parameters())
     assert count == sum(p.numel() for p in gpt.parameters()) + extra
+
+
+@pytest.mark.parametrize("overrides", CASES, ids=IDS)
+def test_determinism(overrides: dict) -> None:
+    """Same seed: same loss, loss parts and gradients in training mode."""
+    assert_deterministic(lambda: build(overrides, torch.float32), VOCAB, BLOCK)

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import assert_deterministic
 
 from archbench.errors import ConfigError
 from archbench.models import mtp as mtp_module
@@ -277,3 +278,9 @@ def test_too_long_and_too_short_sequences_are_refused() -> None:
 def test_string_values_from_a_table_are_parsed() -> None:
     config = make_config(n_future="4", head_layers="2", future_loss_weight="0.25")
     assert (config.n_future, config.head_layers, config.future_loss_weight) == (4, 2, 0.25)
+
+
+@pytest.mark.parametrize("overrides", CASES, ids=IDS)
+def test_determinism(overrides: dict) -> None:
+    """Same seed: same loss, loss parts and gradients in training mode."""
+    assert_deterministic(lambda: build(overrides, torch.float32), VOCAB, BLOCK)
