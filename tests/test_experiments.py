@@ -275,6 +275,34 @@ def test_run_spec_merges_suite_and_row(tmp_path: Path) -> None:
     assert spec["seed"] == 3 and spec["arch"] == "gpt" and spec["dataset"] == "chars"
 
 
+def test_a_row_that_fails_in_its_suite_names_its_table_line(tmp_path: Path) -> None:
+    text = "seeds: [0]\nmodel: {n_head: 2}\ntrain: {block_size: 32, batch_size: 2}\n"
+    suite = load_suite(suite_file(tmp_path, text), SUITE_SCHEMA)
+    rows = load(table(tmp_path, GOOD, "\n", "kv\tgpt\tchars\tn_kv_heads=4\t\t\n"))
+    with pytest.raises(
+        ConfigError, match=r"experiment 'kv' \(table line 4\) in suite 'tiny'.*n_kv_heads=4"
+    ):
+        run_spec(rows[1], suite, 0)
+
+
+def test_quotes_are_text_and_blank_lines_keep_line_numbers(tmp_path: Path) -> None:
+    """An unbalanced `"` (a CSV quote) used to swallow every later row into one cell."""
+    rows = load(table(tmp_path, 'gpt\tgpt\tchars\t\t\t"MQA\n', "\n", "b\tgpt\tchars\t\t\tx\n"))
+    assert [(r.name, r.description, r.line) for r in rows] == [
+        ("gpt", '"MQA', 2),
+        ("b", "x", 4),
+    ]
+    with pytest.raises(ConfigError, match=r"line 5 \(experiment 'c'\), column 'overrides'"):
+        load(table(tmp_path, GOOD, "\n", "\n", "c\tgpt\tchars\tn_layer=0\t\t\n"))
+
+
+def test_a_table_that_is_not_utf8_names_the_line(tmp_path: Path) -> None:
+    path = table(tmp_path, GOOD)
+    path.write_bytes(path.read_bytes() + b"b\tgpt\tchars\t\t\tcaf\xe9\n")
+    with pytest.raises(ConfigError, match=r"line 3: byte 0xe9 is not UTF-8; save the table as"):
+        load(path)
+
+
 def test_train_by_dataset_applies_to_that_data_set_only(tmp_path: Path) -> None:
     suite = load_suite(
         suite_file(

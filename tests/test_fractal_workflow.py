@@ -149,8 +149,8 @@ def test_bad_rows_stop_at_load_naming_row_and_column(
                 row("small", overrides="levels=1 d_model=16"),
                 row("m", overrides=MERGED, init_from="L1.0=small"),
             ],
-            r"experiment 'm' in suite 'tiny', column 'init_from': target L1.0: merge source for "
-            r"a level-1 sub-model: d_model is 16, needs 8",
+            r"experiment 'm' \(table line \d+\) in suite 'tiny', column 'init_from': target "
+            r"L1.0: merge source for a level-1 sub-model: d_model is 16, needs 8",
         ),
         (
             [row("small", overrides=SMALL), row("m", overrides=MERGED, init_from="L2.0=small")],
@@ -169,7 +169,8 @@ def test_bad_rows_stop_at_load_naming_row_and_column(
         ),
         (
             [row("m", overrides=MERGED)],
-            r"experiment 'm' in suite 'tiny', column 'init_from': init_freeze=true needs rows",
+            r"experiment 'm' \(table line \d+\) in suite 'tiny', column 'init_from': "
+            r"init_freeze=true needs rows",
         ),
         (
             [row("small", overrides=SMALL), row("g", "gpt", init_from="model=small")],

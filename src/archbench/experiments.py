@@ -140,13 +140,11 @@ def load_experiments(path: Path, schema: Path, datasets: Iterable[str]) -> list[
     datasets = sorted(datasets)
     if not Path(path).is_file():
         raise ConfigError(f"no experiments table {path} (config key 'experiments')")
-    with open(path, newline="", encoding="utf-8-sig") as handle:  # a spreadsheet's BOM
-        rows = list(csv.DictReader(handle, delimiter="\t"))
-    if not rows:
-        raise ConfigError(f"{path}: the table has no experiment rows")
+    # `"` is an ordinary character: as a CSV quote, one unbalanced `"` swallowed all later rows
+    reader = csv.DictReader(_table_lines(Path(path)), delimiter="\t", quoting=csv.QUOTE_NONE)
     experiments, seen = [], {}
-    for offset, raw in enumerate(rows):
-        line = offset + 2
+    for raw in reader:
+        line = reader.line_num
         row = {k: (v or "").strip() for k, v in raw.items() if k is not None}
         if None in raw:
             raise ConfigError(f"{path}, line {line}: more cells than header columns")
@@ -199,7 +197,23 @@ def load_experiments(path: Path, schema: Path, datasets: Iterable[str]) -> list[
                 submodel_baselines=submodel_baselines,
             )
         )
+    if not experiments:
+        raise ConfigError(f"{path}: the table has no experiment rows")
     return _resolve_init_from(path, _resolve_baselines(path, experiments))
+
+
+def _table_lines(path: Path) -> list[str]:
+    """The lines of a UTF-8 table (a spreadsheet's BOM dropped); ConfigError naming the line of
+    the first byte that is not UTF-8."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig").splitlines()
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        raise ConfigError(
+            f"{path}, line {line}: byte 0x{data[err.start]:02x} is not UTF-8; save the table as "
+            f"UTF-8 text (spreadsheets on Windows save 'Text (Tab delimited)' as cp1252)"
+        ) from None
 
 
 def _resolve_baselines(path: Path, experiments: list[Experiment]) -> list[Experiment]:
@@ -474,7 +488,7 @@ def check_suite_datasets(suite: Suite, datasets: dict[str, DatasetSpec]) -> None
 def run_spec(experiment: Experiment, suite: Suite, seed: int) -> dict[str, Any]:
     """The fully resolved, validated options of one training job (JSON-serialisable)."""
     model_rows, train_rows = split_overrides(experiment.arch, experiment.overrides)
-    where = f"experiment '{experiment.name}' in suite '{suite.name}'"
+    where = f"experiment '{experiment.name}' (table line {experiment.line}) in suite '{suite.name}'"
     suite_train = suite.train_for(experiment.dataset)
     try:
         train = make_train_config({**suite_train, **train_rows})
@@ -501,7 +515,10 @@ def _init_from_spec(
 ) -> list[dict[str, Any]]:
     """The spec's `init_from` entries (target, experiment, seed and the source's own run spec,
     so that a change to a source re-runs this row), checked to fit the row's model."""
-    where = f"experiment '{experiment.name}' in suite '{suite.name}', column 'init_from'"
+    where = (
+        f"experiment '{experiment.name}' (table line {experiment.line}) in suite "
+        f"'{suite.name}', column 'init_from'"
+    )
     if not experiment.init_from:
         raise ConfigError(f"{where}: init_freeze=true needs rows to initialise from")
     entries, sources = [], []
