@@ -179,15 +179,9 @@ def test_optional_columns_may_be_absent(tmp_path: Path) -> None:
             r"column 'overrides': option 'n_layer': 'two' is "
             r"not a valid int",
         ),
-        ("x\tgpt\tchars\tn_head=3\t\t\n", r"column 'overrides': d_model=128 is not divisible"),
         ("x\tgpt\tchars\tdropout=2\t\t\n", r"column 'overrides': option 'dropout': 2.0 is out"),
         ("x\tgpt\tchars\tlr\t\t\n", r"column 'overrides': 'lr' is not of the form key=value"),
         ("x\tgpt\tchars\tlr=1 lr=2\t\t\n", r"column 'overrides': option 'lr' is given twice"),
-        (
-            "x\tgpt\tchars\ttoken_budget=10\t\t\n",
-            r"column 'overrides': token_budget=10 is "
-            r"smaller than one batch",
-        ),
         ("x\tgpt\tchars\t\tsmoke;gpu\t\n", r"line 3 .*column 'suites'"),
         (
             "gpt\tgpt\tchars\t\t\t\n",
@@ -283,6 +277,19 @@ def test_a_row_that_fails_in_its_suite_names_its_table_line(tmp_path: Path) -> N
         ConfigError, match=r"experiment 'kv' \(table line 4\) in suite 'tiny'.*n_kv_heads=4"
     ):
         run_spec(rows[1], suite, 0)
+
+
+def test_options_combine_with_the_suite_they_run_in(tmp_path: Path) -> None:
+    """A row is checked against the suite it runs in: d_model=36 has an odd head width at the
+    default n_head=4 but not at this suite's n_head=2, and a token budget below one default
+    batch is enough for this suite's small batches."""
+    text = "seeds: [0]\nmodel: {n_head: 2}\ntrain: {block_size: 32, batch_size: 2}\n"
+    suite = load_suite(suite_file(tmp_path, text), SUITE_SCHEMA)
+    rows = load(table(tmp_path, GOOD, "a\tgpt\tchars\td_model=36 token_budget=640\t\t\n"))
+    assert run_spec(rows[1], suite, 0)["model"] == {"n_head": 2, "d_model": 36}
+    bad = load(table(tmp_path, GOOD, "b\tgpt\tchars\tn_head=3\t\t\n"))[1]
+    with pytest.raises(ConfigError, match=r"experiment 'b' \(table line 3\).*not divisible"):
+        run_spec(bad, suite, 0)
 
 
 def test_quotes_are_text_and_blank_lines_keep_line_numbers(tmp_path: Path) -> None:

@@ -121,16 +121,8 @@ MERGED = "levels=2 init_freeze=true"
             r"\(experiment 'm'\), column 'submodel_baselines': no row named 'nope'",
         ),
         (
-            [row("g", "gpt", submodel_baselines="L1=g")],
-            r"\(experiment 'g'\), column 'submodel_baselines': this architecture has no nested",
-        ),
-        (
-            [row("m", overrides="levels=2", submodel_baselines="L2=m")],
-            r"column 'submodel_baselines': no sub-model or level 'L2'.*has: L1, L1.0, L1.1",
-        ),
-        (
             [row("m", submodel_baselines="L0=x")],
-            r"column 'submodel_baselines': no sub-model or level 'L0'",
+            r"column 'submodel_baselines': L0 is the whole model",
         ),
     ],
 )
@@ -187,6 +179,14 @@ def test_bad_rows_stop_at_load_naming_row_and_column(
         (
             [row("a", "gpt", "n_layer=3"), row("g", "gpt", init_from="model=a")],
             r"source shapes differ \(\d+ tensors\), e.g. 'blocks.2.*' is \(.*\), needs None",
+        ),
+        (
+            [row("a", "gpt"), row("g", "gpt", submodel_baselines="L1=a")],
+            r"experiment 'g'.*column 'submodel_baselines': this architecture has no nested",
+        ),
+        (
+            [row("s"), row("m", overrides="levels=2", submodel_baselines="L2=s")],
+            r"column 'submodel_baselines': no sub-model or level 'L2'.*has: L1, L1.0, L1.1",
         ),
     ],
 )

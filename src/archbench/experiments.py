@@ -22,8 +22,8 @@ from snakemake_interface_common.exceptions import WorkflowError
 from archbench.data import DatasetSpec, SyntheticSpec
 from archbench.errors import ConfigError
 from archbench.init_from import InitSource, format_init_from, initializer_for, parse_init_from
-from archbench.models import list_options, make_config
-from archbench.options import options_of, suggest, unknown_key_error
+from archbench.models import get_architecture, list_options, make_config
+from archbench.options import coerce_all, options_of, suggest, unknown_key_error
 from archbench.train import TrainConfig, check_instances_fit, make_train_config
 
 NO_BASELINE = "none"  # the baseline cell of a row compared with nothing
@@ -134,8 +134,9 @@ def _schema_error(err: WorkflowError) -> tuple[str, str]:
 def load_experiments(path: Path, schema: Path, datasets: Iterable[str]) -> list[Experiment]:
     """Read and validate the whole table: schema, unique names, data sets, architectures, options.
 
-    Options are checked against a suite-free config here; `run_spec` re-checks them merged with
-    the suite. Errors name the file, line, experiment and column.
+    Each option value is checked alone here; `run_spec` checks how they combine with a suite's
+    (head widths, a token budget of at least one batch, sub-model names). Errors name the file,
+    line, experiment and column.
     """
     datasets = sorted(datasets)
     if not Path(path).is_file():
@@ -170,8 +171,11 @@ def load_experiments(path: Path, schema: Path, datasets: Iterable[str]) -> list[
         try:
             overrides = parse_overrides(row["overrides"])
             model, train = split_overrides(row["arch"], overrides)
-            train_config = make_train_config(train)
-            config = make_config(row["arch"], PLACEHOLDER_VOCAB, train_config.block_size, **model)
+            # each value alone; how they combine depends on the suite (run_spec checks that)
+            coerce_all(
+                get_architecture(row["arch"]).config_cls, model, f"architecture '{row['arch']}'"
+            )
+            coerce_all(TrainConfig, train, "training")
         except ConfigError as err:
             column = "arch" if str(err).startswith("unknown architecture") else "overrides"
             raise ConfigError(f"{where}, column '{column}': {err}") from None
@@ -180,7 +184,7 @@ def load_experiments(path: Path, schema: Path, datasets: Iterable[str]) -> list[
         except ConfigError as err:
             raise ConfigError(f"{where}, column 'init_from': {err}") from None
         try:
-            submodel_baselines = parse_submodel_baselines(row["submodel_baselines"], config)
+            submodel_baselines = parse_submodel_baselines(row["submodel_baselines"])
         except ConfigError as err:
             raise ConfigError(f"{where}, column 'submodel_baselines': {err}") from None
         experiments.append(
@@ -247,35 +251,44 @@ def _resolve_baselines(path: Path, experiments: list[Experiment]) -> list[Experi
     return resolved
 
 
-def parse_submodel_baselines(text: str, config: Any) -> dict[str, str]:
+def parse_submodel_baselines(text: str) -> dict[str, str]:
     """Parse 'L1=solo64,L2.3=solo32': the row each nested sub-model entry is compared against,
     by level (`L<level>`) or by sub-model (`L<level>.<index>`, which wins over its level).
+    `check_submodel_baselines` checks the names against a row's model."""
+    result: dict[str, str] = {}
+    for item in (part.strip() for part in text.split(",") if part.strip()):
+        key, sep, row = (part.strip() for part in item.partition("="))
+        if (
+            not sep
+            or not re.fullmatch(r"L\d+(\.\d+)?", key)
+            or not re.fullmatch(r"[A-Za-z0-9_-]+", row)
+        ):
+            raise ConfigError(f"'{item}' is not of the form L<level>[.<index>]=row")
+        if key == "L0" or key.startswith("L0."):
+            raise ConfigError(f"{key} is the whole model: name its baseline in column 'baseline'")
+        if key in result:
+            raise ConfigError(f"'{key}' is given twice")
+        result[key] = row
+    return result
 
-    Only architectures whose config lists `submodels()` (fractalformer) have sub-model entries;
-    the names must exist in `config` (the whole model, L0, is the row itself: see `baseline`).
-    """
-    items = [part.strip() for part in text.split(",") if part.strip()]
-    if not items:
-        return {}
+
+def check_submodel_baselines(entries: dict[str, str], config: Any) -> None:
+    """ConfigError unless every key of `entries` names a nested sub-model or level of `config`:
+    only architectures whose config lists `submodels()` (fractalformer) have them (the whole
+    model, L0, is the row itself: see `baseline`)."""
+    if not entries:
+        return
     if not hasattr(config, "submodels"):
         raise ConfigError("this architecture has no nested sub-models")
     submodels = [(level, index) for level, index in config.submodels() if level > 0]
     valid = [f"L{level}" for level in dict.fromkeys(lv for lv, _ in submodels)]
     valid += [f"L{level}.{index}" for level, index in submodels]
-    result: dict[str, str] = {}
-    for item in items:
-        key, sep, row = (part.strip() for part in item.partition("="))
-        if not sep or not re.fullmatch(r"[A-Za-z0-9_-]+", row):
-            raise ConfigError(f"'{item}' is not of the form L<level>[.<index>]=row")
+    for key in entries:
         if key not in valid:
             raise ConfigError(
                 f"no sub-model or level '{key}'{suggest(key, valid)}; this row has: "
                 f"{', '.join(valid) or 'none (levels=1)'}"
             )
-        if key in result:
-            raise ConfigError(f"'{key}' is given twice")
-        result[key] = row
-    return result
 
 
 def _resolve_init_from(path: Path, experiments: list[Experiment]) -> list[Experiment]:
@@ -496,6 +509,10 @@ def run_spec(experiment: Experiment, suite: Suite, seed: int) -> dict[str, Any]:
         config = make_config(experiment.arch, PLACEHOLDER_VOCAB, train.block_size, **model)
     except ConfigError as err:
         raise ConfigError(f"{where}: {err}") from None
+    try:
+        check_submodel_baselines(experiment.submodel_baselines, config)
+    except ConfigError as err:
+        raise ConfigError(f"{where}, column 'submodel_baselines': {err}") from None
     model_options = {k: getattr(config, k) for k in model}
     spec = {
         "experiment": experiment.name,
