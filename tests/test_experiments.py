@@ -214,8 +214,10 @@ def test_a_misspelled_suite_name_is_refused(tmp_path: Path) -> None:
 
 
 def test_unknown_column_is_refused(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match=r"column 'seed'.*unexpected"):
+    with pytest.raises(ConfigError, match=r"line 1: unknown column 'seed'; the columns are name"):
         load(table(tmp_path, "gpt\tgpt\tchars\t0\n", header="name\tarch\tdataset\tseed\n"))
+    with pytest.raises(ConfigError, match=r"unknown column 'overides' \(did you mean 'overrides'"):
+        load(table(tmp_path, GOOD, header=HEADER.replace("overrides", "overides")))
 
 
 def test_empty_table_is_refused(tmp_path: Path) -> None:
@@ -229,6 +231,16 @@ def test_parse_overrides() -> None:
     for bad in ("=1", "a=", "1a=2", "a b"):
         with pytest.raises(ConfigError):
             parse_overrides(bad)
+    with pytest.raises(ConfigError, match="separated by spaces"):
+        parse_overrides("n_layer=3,mlp=gelu")
+    assert parse_overrides("widths=64,96") == {"widths": "64,96"}
+
+
+def test_common_typing_mistakes_get_a_hint(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"line 3 .*one cell only; .*separated by tabs"):
+        load(table(tmp_path, GOOD, "x gpt chars n_layer=3\n"))
+    rows = load(table(tmp_path, GOOD, "x\tgpt\tchars\t\tsmoke, default\t\n"))
+    assert rows[1].suites == ("smoke", "default")
 
 
 def test_overrides_split_between_model_and_training() -> None:

@@ -96,6 +96,8 @@ def parse_overrides(text: str) -> dict[str, str]:
         key, sep, value = item.partition("=")
         if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key) or not value:
             raise ConfigError(f"'{item}' is not of the form key=value")
+        if re.search(r",[A-Za-z_][A-Za-z0-9_]*=", value):  # n_layer=3,mlp=gelu
+            raise ConfigError(f"'{item}': options are separated by spaces (a=1 b=2), not commas")
         if key in result:
             raise ConfigError(f"option '{key}' is given twice")
         result[key] = value
@@ -143,6 +145,13 @@ def load_experiments(path: Path, schema: Path, datasets: Iterable[str]) -> list[
         raise ConfigError(f"no experiments table {path} (config key 'experiments')")
     # `"` is an ordinary character: as a CSV quote, one unbalanced `"` swallowed all later rows
     reader = csv.DictReader(_table_lines(Path(path)), delimiter="\t", quoting=csv.QUOTE_NONE)
+    columns = list(yaml.safe_load(Path(schema).read_text(encoding="utf-8"))["properties"])
+    for column in reader.fieldnames or []:
+        if column not in columns:
+            raise ConfigError(
+                f"{path}, line 1: unknown column '{column}'{suggest(column, columns)}; the "
+                f"columns are {', '.join(columns)}, separated by tabs"
+            )
     experiments, seen = [], {}
     for raw in reader:
         line = reader.line_num
@@ -150,6 +159,9 @@ def load_experiments(path: Path, schema: Path, datasets: Iterable[str]) -> list[
         if None in raw:
             raise ConfigError(f"{path}, line {line}: more cells than header columns")
         where = f"{path}, line {line} (experiment '{row.get('name', '?')}')"
+        if sum(bool(v) for v in row.values()) == 1 and len(row.get("name", "").split()) > 1:
+            raise ConfigError(f"{where}: one cell only; the table's columns are separated by tabs")
+        row["suites"] = re.sub(r"\s*,\s*", ",", row.get("suites", ""))  # "smoke, default"
         try:
             validate(row, str(schema))
         except WorkflowError as err:
