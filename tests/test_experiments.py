@@ -404,28 +404,40 @@ def test_seeds_from_the_command_line_are_integers_and_unique(tmp_path: Path) -> 
     suite = load_suite(suite_file(tmp_path, "seeds: [4, 5]\nmodel: {}\ntrain: {}\n"), SUITE_SCHEMA)
     assert run_seeds(None, suite) == [4, 5] and run_seeds(["0", 1], suite) == [0, 1]
     assert run_seeds("null", suite) == [4, 5]  # `--config seeds=null`
+    assert run_seeds(3, suite) == [3]  # `--config seeds=3`
+    assert run_seeds("0,2", suite) == [0, 2]  # `--config seeds=0,2`
     with pytest.raises(ConfigError, match=r"seeds \[0, 0\]: a seed is listed twice"):
         run_seeds([0, "0"], suite)
 
 
 @pytest.mark.parametrize(
     ("seeds", "message"),
-    [(["0", "0"], r"seeds \[0, 0\]: a seed is listed twice"), ("null", None), (["x"], "seeds")],
+    [
+        (["0", "0"], r"seeds \[0, 0\]: a seed is listed twice"),
+        ("1,1", r"seeds \[1, 1\]: a seed is listed twice"),
+        ("null", None),
+        (0, [0]),
+        ("0,1,2", [0, 1, 2]),
+        (["x"], "key 'seeds'.*seeds to train: one .0., a comma-separated list"),
+        ("0,x", "key 'seeds'.*a comma-separated list .0,1,2."),
+        (-1, "seeds"),
+    ],
 )
 def test_seeds_as_the_command_line_gives_them_pass_the_schema_to_a_clear_message(
-    seeds: object, message: str | None
+    seeds: object, message: str | list[int] | None
 ) -> None:
-    """The schema lets `--config seeds=null` and a repeated seed through, so that the suite's
-    list is restored, and the repeat is named by run_seeds rather than by a schema dump."""
+    """The schema lets `--config seeds=null`, one seed (`seeds=0`), a comma-separated list
+    (`seeds=0,1,2`) and a repeated seed through, so that the suite's list is restored, the seeds
+    given are trained, and the repeat is named by run_seeds rather than by a schema dump."""
     from archbench.experiments import check_config, load_config
     from archbench.plan import plan_suite
 
     schemas = ROOT / "workflow/schemas"
     config = {**load_config(ROOT / "configs/config.yaml", schemas / "config.schema.yaml")}
     config.update(suite="smoke", seeds=seeds)
-    if message is None:
+    if not isinstance(message, str):
         check_config(config, schemas / "config.schema.yaml", "--config")
-        assert plan_suite(ROOT, config, schemas).seeds == [0, 1]
+        assert plan_suite(ROOT, config, schemas).seeds == (message or [0, 1])
         return
     with pytest.raises(ConfigError, match=message):
         check_config(config, schemas / "config.schema.yaml", "--config")

@@ -355,16 +355,18 @@ def load_config(path: Path, schema: Path) -> dict[str, Any]:
 
 def check_config(config: dict[str, Any], schema: Path, source: str) -> None:
     """Check the workflow config against its schema (snakemake's `validate`), as one line that
-    names the key and suggests the closest known key for a misspelled one (snakemake's own
-    message prints the whole schema)."""
+    names the key and suggests the closest known key for a misspelled one, or says what the key
+    takes (snakemake's own message prints the whole schema)."""
     try:
         validate(config, str(schema))
     except WorkflowError as err:
         column, message = _schema_error(err)
+        known = yaml.safe_load(schema.read_text(encoding="utf-8"))["properties"]
         hint = ""
         if "was unexpected" in message:
-            known = yaml.safe_load(schema.read_text(encoding="utf-8"))["properties"]
             hint = f"{suggest(column, known)}; known keys: {', '.join(known)}"
+        elif "description" in known.get(column, {}):
+            hint = f" ({column}: {known[column]['description']})"
         raise ConfigError(f"{source}, key '{column}': {message}{hint}") from None
 
 
@@ -433,11 +435,18 @@ def load_suite(path: Path, schema: Path) -> Suite:
     )
 
 
-def run_seeds(seeds: list[int | str] | str | None, suite: Suite) -> list[int]:
-    """The seeds to train: the config's `seeds` (from `--config 'seeds=[0,1]'` they are strings
-    of digits) or, when null (the string "null" from `--config seeds=null`), the suite's. A seed
-    listed twice is a ConfigError."""
-    chosen = [int(seed) for seed in (suite.seeds if seeds in (None, "null") else seeds)]
+def run_seeds(seeds: list[int | str] | int | str | None, suite: Suite) -> list[int]:
+    """The seeds to train: the config's `seeds` or, when null (the string "null" from `--config
+    seeds=null`), the suite's. From the command line `seeds=0` gives one integer, `seeds=0,1`
+    one string and `'seeds=[0,1]'` a list of strings of digits. A seed listed twice is a
+    ConfigError."""
+    if seeds in (None, "null"):
+        seeds = suite.seeds
+    elif isinstance(seeds, int):
+        seeds = [seeds]
+    elif isinstance(seeds, str):
+        seeds = seeds.split(",")
+    chosen = [int(seed) for seed in seeds]
     if len(set(chosen)) < len(chosen):
         raise ConfigError(f"seeds {chosen}: a seed is listed twice")
     return chosen
