@@ -315,6 +315,20 @@ def test_quotes_are_text_and_blank_lines_keep_line_numbers(tmp_path: Path) -> No
         load(table(tmp_path, GOOD, "\n", "\n", "c\tgpt\tchars\tn_layer=0\t\t\n"))
 
 
+def test_comment_lines_and_whitespace_rows_are_skipped_and_counted(tmp_path: Path) -> None:
+    """`#` lines (also above the header: a licence or a note) and rows of only tabs or spaces are
+    not rows; the lines after them keep their numbers in errors."""
+    header = "# rows of the study\n\n" + HEADER
+    rows = load(table(tmp_path, GOOD, "# b\tgpt\tchars\t\t\tparked\n", "\t\t \n", header=header))
+    assert [(r.name, r.line) for r in rows] == [("gpt", 4)]
+    with pytest.raises(ConfigError, match=r"line 6 \(experiment 'c'\), column 'overrides'"):
+        load(table(tmp_path, GOOD, "  # x\n", "c\tgpt\tchars\tn_layer=0\t\t\n", header=header))
+    with pytest.raises(ConfigError, match=r"line 2: unknown column 'nam'"):
+        load(table(tmp_path, header="# note\n" + HEADER.replace("name", "nam", 1)))
+    with pytest.raises(ConfigError, match="the table has no header line"):
+        load(table(tmp_path, header="# only a note\n\n"))
+
+
 def test_a_table_that_is_not_utf8_names_the_line(tmp_path: Path) -> None:
     path = table(tmp_path, GOOD)
     path.write_bytes(path.read_bytes() + b"b\tgpt\tchars\t\t\tcaf\xe9\n")

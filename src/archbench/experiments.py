@@ -143,18 +143,23 @@ def load_experiments(path: Path, schema: Path, datasets: Iterable[str]) -> list[
     datasets = sorted(datasets)
     if not Path(path).is_file():
         raise ConfigError(f"no experiments table {path} (config key 'experiments')")
+    lines = _table_lines(Path(path))
+    header = next((i for i, text in enumerate(lines) if text), None)
+    if header is None:
+        raise ConfigError(f"{path}: the table has no header line")
     # `"` is an ordinary character: as a CSV quote, one unbalanced `"` swallowed all later rows
-    reader = csv.DictReader(_table_lines(Path(path)), delimiter="\t", quoting=csv.QUOTE_NONE)
+    reader = csv.DictReader(lines[header:], delimiter="\t", quoting=csv.QUOTE_NONE)
     columns = list(yaml.safe_load(Path(schema).read_text(encoding="utf-8"))["properties"])
     for column in reader.fieldnames or []:
         if column not in columns:
             raise ConfigError(
-                f"{path}, line 1: unknown column '{column}'{suggest(column, columns)}; the "
-                f"columns are {', '.join(columns)}, separated by tabs"
+                f"{path}, line {header + 1}: unknown column '{column}'"
+                f"{suggest(column, columns)}; the columns are {', '.join(columns)}, separated by "
+                "tabs"
             )
     experiments, seen = [], {}
     for raw in reader:
-        line = reader.line_num
+        line = header + reader.line_num
         row = {k: (v or "").strip() for k, v in raw.items() if k is not None}
         if None in raw:
             raise ConfigError(f"{path}, line {line}: more cells than header columns")
@@ -219,17 +224,19 @@ def load_experiments(path: Path, schema: Path, datasets: Iterable[str]) -> list[
 
 
 def _table_lines(path: Path) -> list[str]:
-    """The lines of a UTF-8 table (a spreadsheet's BOM dropped); ConfigError naming the line of
-    the first byte that is not UTF-8."""
+    """The lines of a UTF-8 table (a spreadsheet's BOM dropped), with comment lines (`#` first)
+    and lines of only whitespace made empty, so that line numbers still count them; ConfigError
+    naming the line of the first byte that is not UTF-8."""
     data = path.read_bytes()
     try:
-        return data.decode("utf-8-sig").splitlines()
+        lines = data.decode("utf-8-sig").splitlines()
     except UnicodeDecodeError as err:
         line = data[: err.start].count(b"\n") + 1
         raise ConfigError(
             f"{path}, line {line}: byte 0x{data[err.start]:02x} is not UTF-8; save the table as "
             f"UTF-8 text (spreadsheets on Windows save 'Text (Tab delimited)' as cp1252)"
         ) from None
+    return ["" if not text.strip() or text.lstrip().startswith("#") else text for text in lines]
 
 
 def _resolve_baselines(path: Path, experiments: list[Experiment]) -> list[Experiment]:
