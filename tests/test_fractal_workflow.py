@@ -178,7 +178,18 @@ def test_bad_rows_stop_at_load_naming_row_and_column(
         ),
         (
             [row("a", "gpt", "n_layer=3"), row("g", "gpt", init_from="model=a")],
-            r"source shapes differ \(\d+ tensors\), e.g. 'blocks.2.*' is \(.*\), needs None",
+            r"source shapes differ \(\d+ tensors\), e.g. the source has 'blocks.2.\S+' "
+            r"\(.*\), this row has no such tensor",
+        ),
+        (
+            [row("a", "gpt"), row("g", "gpt", "n_layer=5", init_from="model=a")],
+            r"shapes differ \(\d+ tensors\), e.g. this row has 'blocks.2.\S+' \(.*\), the source "
+            r"has no such tensor",
+        ),
+        (
+            [row("a", "gpt"), row("g", "gpt", "mlp_ratio=3", init_from="model=a")],
+            r"shapes differ \(4 tensors\), e.g. 'blocks.0.mlp.down.weight' is \(16, 48\), "
+            r"needs \(16, 32\)",
         ),
         (
             [row("a", "gpt"), row("g", "gpt", submodel_baselines="L1=a")],

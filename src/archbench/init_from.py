@@ -97,6 +97,17 @@ def _shapes(arch: str, config: Any) -> dict[str, tuple[int, ...]]:
     return {name: tuple(t.shape) for name, t in model.state_dict().items()}
 
 
+def _shape_difference(
+    name: str, source: tuple[int, ...] | None, target: tuple[int, ...] | None
+) -> str:
+    """How tensor `name` differs between a source and the row it initialises, for an error."""
+    if source is None:
+        return f"this row has '{name}' {target}, the source has no such tensor"
+    if target is None:
+        return f"the source has '{name}' {source}, this row has no such tensor"
+    return f"'{name}' is {source}, needs {target}"
+
+
 class WholeModel:
     """Target `model`: a warm start from a row of the same architecture and shapes."""
 
@@ -120,8 +131,8 @@ class WholeModel:
         if differ:
             name = differ[0]
             raise ConfigError(
-                f"source shapes differ ({len(differ)} tensors), e.g. '{name}' is "
-                f"{theirs.get(name)}, needs {mine.get(name)}"
+                f"source shapes differ ({len(differ)} tensors), e.g. "
+                f"{_shape_difference(name, theirs.get(name), mine.get(name))}"
             )
 
     def apply(self, model: nn.Module, states: Mapping[str, State], freeze: bool) -> None:
