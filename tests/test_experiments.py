@@ -20,6 +20,9 @@ from archbench.experiments import (
     split_overrides,
     suite_rows,
 )
+from archbench.models.gpt import GPTConfig
+from archbench.options import options_of
+from archbench.train import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 ROW_SCHEMA = ROOT / "workflow/schemas/experiments.schema.yaml"
@@ -276,9 +279,36 @@ def test_run_spec_merges_suite_and_row(tmp_path: Path) -> None:
     )
     row = load(table(tmp_path, "x\tgpt\tchars\tn_layer=3 lr=0.002\t\t\n"))[0]
     spec = run_spec(row, suite, 3)
-    assert spec["model"] == {"n_layer": 3, "d_model": 64}
-    assert spec["train"] == {"block_size": 32, "batch_size": 2, "token_budget": 640, "lr": 0.002}
+    assert spec["model"] == {**defaults(GPTConfig), "n_layer": 3, "d_model": 64}
+    assert spec["train"] == {
+        **defaults(TrainConfig),
+        **{"block_size": 32, "batch_size": 2, "token_budget": 640, "lr": 0.002},
+    }
     assert spec["seed"] == 3 and spec["arch"] == "gpt" and spec["dataset"] == "chars"
+
+
+def defaults(config_cls: type) -> dict[str, object]:
+    """{option: default} of a config class."""
+    return {name: opt.default for name, opt in options_of(config_cls).items()}
+
+
+def test_a_default_set_explicitly_is_the_same_run(tmp_path: Path) -> None:
+    """The spec holds every option resolved, so a row that spells out defaults (in the table
+    or the suite) is the same job and is not trained again, while a changed default in the
+    code changes the spec of every row it applies to."""
+    text = "seeds: [0]\nmodel: {n_head: 2}\ntrain: {block_size: 32, batch_size: 2}\n"
+    suite = load_suite(suite_file(tmp_path, text), SUITE_SCHEMA)
+    rows = load(
+        table(
+            tmp_path,
+            GOOD,
+            "a\tgpt\tchars\tmlp_ratio=3\t\t\n",
+            "b\tgpt\tchars\tmlp_ratio=3.0 mlp=swiglu n_head=2 lr=1e-3\t\t\n",
+        )
+    )
+    a, b = (run_spec(row, suite, 0) for row in rows[1:])
+    assert {**a, "experiment": "b"} == b
+    assert run_spec(rows[0], suite, 0)["model"]["mlp_ratio"] == 4.0
 
 
 def test_a_row_that_fails_in_its_suite_names_its_table_line(tmp_path: Path) -> None:
@@ -298,7 +328,8 @@ def test_options_combine_with_the_suite_they_run_in(tmp_path: Path) -> None:
     text = "seeds: [0]\nmodel: {n_head: 2}\ntrain: {block_size: 32, batch_size: 2}\n"
     suite = load_suite(suite_file(tmp_path, text), SUITE_SCHEMA)
     rows = load(table(tmp_path, GOOD, "a\tgpt\tchars\td_model=36 token_budget=640\t\t\n"))
-    assert run_spec(rows[1], suite, 0)["model"] == {"n_head": 2, "d_model": 36}
+    model = run_spec(rows[1], suite, 0)["model"]
+    assert (model["n_head"], model["d_model"]) == (2, 36)
     bad = load(table(tmp_path, GOOD, "b\tgpt\tchars\tn_head=3\t\t\n"))[1]
     with pytest.raises(ConfigError, match=r"experiment 'b' \(table line 3\).*not divisible"):
         run_spec(bad, suite, 0)

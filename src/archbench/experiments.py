@@ -541,14 +541,15 @@ def run_spec(experiment: Experiment, suite: Suite, seed: int) -> dict[str, Any]:
         check_submodel_baselines(experiment.submodel_baselines, config)
     except ConfigError as err:
         raise ConfigError(f"{where}, column 'submodel_baselines': {err}") from None
-    model_options = {k: getattr(config, k) for k in model}
+    # every option, defaults included: a default set explicitly is the same job, and a changed
+    # default in the code changes the spec (and re-runs the jobs it applies to)
     spec = {
         "experiment": experiment.name,
         "arch": experiment.arch,
         "dataset": experiment.dataset,
         "seed": seed,
-        "model": model_options,
-        "train": {k: getattr(train, k) for k in {**suite_train, **train_rows}},
+        "model": {k: getattr(config, k) for k in options_of(type(config))},
+        "train": {k: getattr(train, k) for k in options_of(TrainConfig)},
     }
     if experiment.init_from or train.init_freeze:
         spec["init_from"] = _init_from_spec(experiment, suite, seed, config, train.init_freeze)
