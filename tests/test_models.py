@@ -382,15 +382,19 @@ def test_next_token_loss_is_float32_at_least(dtype: torch.dtype, loss_dtype: tor
         assert loss.item() == pytest.approx(want.item(), rel=1e-15)
 
 
+@pytest.mark.parametrize("mode", ["eval", "train"])
 @pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
-def test_next_token_part_scores_the_logits_against_the_targets(arch: str) -> None:
+def test_next_token_part_scores_the_logits_against_the_targets(arch: str, mode: str) -> None:
     """The loss's next_token part is the mean cross-entropy of `forward`'s logits at position t
-    against targets[t] (not against idx[t], the token already read)."""
+    against targets[t] (not against idx[t], the token already read). In training mode too
+    (dropout 0), where a model may take another path to its logits (explicit attention
+    matrices, all sub-models at once): there they must equal the eval-mode logits, whose
+    causality the tests above check position by position."""
     model = build(arch, {})
     generator = torch.Generator().manual_seed(6)
     idx = torch.randint(0, VOCAB, (2, BLOCK), generator=generator)
     targets = torch.randint(0, VOCAB, (2, BLOCK), generator=generator)
     with torch.no_grad():
-        _, parts = model.loss(idx, targets)
         expected = torch.nn.functional.cross_entropy(model(idx).flatten(0, 1), targets.flatten())
+        _, parts = model.train(mode == "train").loss(idx, targets)
     torch.testing.assert_close(parts["next_token"], expected, rtol=1e-10, atol=1e-12)
