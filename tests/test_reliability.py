@@ -86,6 +86,11 @@ def _train_command(spec: dict, data: Path, out: Path) -> list[str]:
     ]
 
 
+def hash_seed(seed: int) -> dict[str, str]:
+    """This process's environment with Python's string-hash seed set to `seed`."""
+    return {**os.environ, "PYTHONHASHSEED": str(seed)}
+
+
 @pytest.mark.slow
 def test_kill_9_then_rerun_ends_identical_to_an_uninterrupted_run(
     tiny_data: Path, tmp_path: Path
@@ -93,9 +98,14 @@ def test_kill_9_then_rerun_ends_identical_to_an_uninterrupted_run(
     spec = tiny_spec(token_budget=16 * 4 * 400, checkpoint_every=25, eval_every=100)
     spec["model"]["dropout"] = 0.1
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    subprocess.run(_train_command(spec, tiny_data, straight), check=True, capture_output=True)
+    # each process hashes strings differently: an order or a seed taken from hash() would show
+    subprocess.run(
+        _train_command(spec, tiny_data, straight), check=True, capture_output=True, env=hash_seed(1)
+    )
     rng = np.random.default_rng(int(time.time()))
-    process = subprocess.Popen(_train_command(spec, tiny_data, killed), stderr=subprocess.PIPE)
+    process = subprocess.Popen(
+        _train_command(spec, tiny_data, killed), stderr=subprocess.PIPE, env=hash_seed(2)
+    )
     deadline = time.monotonic() + 120
     while not (killed / CHECKPOINT).exists() and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -105,7 +115,11 @@ def test_kill_9_then_rerun_ends_identical_to_an_uninterrupted_run(
     assert process.returncode == -signal.SIGKILL, "training finished before it could be killed"
     assert not (killed / "model.safetensors").exists()
     result = subprocess.run(
-        _train_command(spec, tiny_data, killed), capture_output=True, text=True, check=True
+        _train_command(spec, tiny_data, killed),
+        capture_output=True,
+        text=True,
+        check=True,
+        env=hash_seed(3),
     )
     assert "resuming from" in result.stderr
     a, b = load_file(straight / "model.safetensors"), load_file(killed / "model.safetensors")
