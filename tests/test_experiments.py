@@ -311,6 +311,30 @@ def test_a_default_set_explicitly_is_the_same_run(tmp_path: Path) -> None:
     assert run_spec(rows[0], suite, 0)["model"]["mlp_ratio"] == 4.0
 
 
+def test_a_value_equal_to_what_unset_stands_for_is_the_same_run(tmp_path: Path) -> None:
+    """`n_kv_heads=2` at n_head=2 is the model that n_kv_heads=0 (= n_head) builds, and
+    future_dim=31 at block 32 is future_dim=0 (= block_size - 1): one run spec each, while a
+    different value stays a different run."""
+    text = "seeds: [0]\nmodel: {n_head: 2}\ntrain: {block_size: 32, batch_size: 2}\n"
+    suite = load_suite(suite_file(tmp_path, text), SUITE_SCHEMA)
+    rows = load(
+        table(
+            tmp_path,
+            GOOD,
+            "kv\tgpt\tchars\tn_kv_heads=2\t\t\n",
+            "mqa\tgpt\tchars\tn_kv_heads=1\t\t\n",
+            "fa0\tfuture_attention\tchars\t\t\t\n",
+            "fa31\tfuture_attention\tchars\tfuture_dim=31\t\t\n",
+            "fa8\tfuture_attention\tchars\tfuture_dim=8\t\t\n",
+        )
+    )
+    gpt, kv, mqa, fa0, fa31, fa8 = (run_spec(row, suite, 0)["model"] for row in rows)
+    assert kv == gpt and kv["n_kv_heads"] == 0
+    assert mqa["n_kv_heads"] == 1
+    assert fa31 == fa0 and fa31["future_dim"] == 0
+    assert fa8["future_dim"] == 8
+
+
 def test_a_row_that_fails_in_its_suite_names_its_table_line(tmp_path: Path) -> None:
     text = "seeds: [0]\nmodel: {n_head: 2}\ntrain: {block_size: 32, batch_size: 2}\n"
     suite = load_suite(suite_file(tmp_path, text), SUITE_SCHEMA)

@@ -526,6 +526,21 @@ def check_suite_datasets(suite: Suite, datasets: dict[str, DatasetSpec]) -> None
         )
 
 
+def canonical_options(config: Any) -> dict[str, Any]:
+    """{option: value} of a model config, with a value that equals what its option's unset value
+    stands for written as the unset value (`n_kv_heads=4` at `n_head=4` as 0), so that the two
+    spellings of one model are one run spec."""
+    values = {}
+    for name, opt in options_of(type(config)).items():
+        value = getattr(config, name)
+        if opt.unset_means is not None and value == opt.unset_means(
+            lambda other: getattr(config, other)
+        ):
+            value = opt.unset
+        values[name] = value
+    return values
+
+
 def run_spec(experiment: Experiment, suite: Suite, seed: int) -> dict[str, Any]:
     """The fully resolved, validated options of one training job (JSON-serialisable)."""
     model_rows, train_rows = split_overrides(experiment.arch, experiment.overrides)
@@ -548,7 +563,7 @@ def run_spec(experiment: Experiment, suite: Suite, seed: int) -> dict[str, Any]:
         "arch": experiment.arch,
         "dataset": experiment.dataset,
         "seed": seed,
-        "model": {k: getattr(config, k) for k in options_of(type(config))},
+        "model": canonical_options(config),
         "train": {k: getattr(train, k) for k in options_of(TrainConfig)},
     }
     if experiment.init_from or train.init_freeze:
