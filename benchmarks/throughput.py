@@ -1,7 +1,9 @@
 """Training-step throughput of every registered architecture against a parameter-matched baseline.
 
 For each shape, every architecture in the registry (read at run time) is built with the shape's
-`n_layer`, `n_head` and `d_model` and its own default options. Its baseline is `gpt` at the same
+`n_layer`, `n_head` and `d_model` and its own default options; one whose `n_layer` counts only
+part of its blocks (futureformer's body, mtp's trunk) gets the `n_layer` that makes the shape's
+number of blocks in all, as its baseline has. Its baseline is `gpt` at the same
 shape with `mlp_ratio` chosen so that the parameter counts match (the plain `gpt` when they are
 already within 0.5%). One step is what training does: forward and loss, backward, gradient
 clipping and a fused AdamW update, on the training code path (`archbench.runtime`: bf16 autocast
@@ -58,7 +60,7 @@ from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode
 
 from archbench.errors import ConfigError
-from archbench.models import ARCHITECTURES, build_model
+from archbench.models import ARCHITECTURES, build_model, make_config
 from archbench.runtime import COMPILE_MODES, CUDA_GRAPH_MODES, Runtime, make_runtime
 from archbench.train import TrainConfig, make_optimizer, seed_everything
 
@@ -198,8 +200,24 @@ def count_params(model: nn.Module) -> int:
 def params_of(arch: str, shape: Shape, **options: Any) -> int:
     """Parameter count of `arch` at `shape`, built on the meta device (no memory, no init cost)."""
     with torch.device("meta"):
-        model = build_model(arch, shape.vocab_size, shape.block_size, **shape.options, **options)
+        model = build_model(
+            arch, shape.vocab_size, shape.block_size, **{**shape.options, **options}
+        )
     return count_params(model)
+
+
+def depth_options(arch: str, shape: Shape) -> dict[str, int]:
+    """`{"n_layer": L - extra}` for an architecture whose n_layer counts only part of its blocks
+    (futureformer's body, mtp's trunk: `extra_blocks()`), so that it has the shape's L blocks in
+    all, as its `gpt` baseline has and as the experiments table pairs them; else {}."""
+    extra = make_config(arch, shape.vocab_size, shape.block_size, **shape.options).extra_blocks()
+    if not extra:
+        return {}
+    if shape.n_layer - extra < 1:
+        raise ConfigError(
+            f"it has {extra} blocks besides n_layer, and the shape has {shape.n_layer} in all"
+        )
+    return {"n_layer": shape.n_layer - extra}
 
 
 def matched_mlp_ratio(shape: Shape, target: int) -> float:
@@ -245,7 +263,8 @@ def plan(
         if arch == "gpt":
             continue
         try:
-            n = params_of(arch, shape)
+            options = depth_options(arch, shape)
+            n = params_of(arch, shape, **options)
         except ConfigError as err:
             print(f"skipping {arch} at {shape.name}: {err}", file=sys.stderr)
             continue
@@ -255,7 +274,8 @@ def plan(
             baseline = f"gpt mlp_ratio={ratio:g}"
             if baseline not in {p.label for p in planned}:
                 planned.append(Planned(baseline, "gpt", {"mlp_ratio": ratio}, None))
-        planned.append(Planned(arch, arch, {}, baseline))
+        label = " ".join([arch, *(f"{k}={v}" for k, v in options.items())])
+        planned.append(Planned(label, arch, options, baseline))
     if nanogpt is not None:
         planned.append(Planned("nanoGPT", "nanogpt", {}, "gpt"))
         if compiled:
@@ -290,7 +310,7 @@ def build(
             return model(x, y)[1]
     else:
         model = build_model(
-            entry.arch, shape.vocab_size, shape.block_size, **shape.options, **entry.options
+            entry.arch, shape.vocab_size, shape.block_size, **{**shape.options, **entry.options}
         ).to(runtime.device)
 
         def loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

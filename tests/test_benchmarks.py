@@ -10,6 +10,12 @@ from pathlib import Path
 from types import ModuleType, SimpleNamespace
 
 import pytest
+import torch
+
+from archbench.errors import ConfigError
+from archbench.models import build_model
+from archbench.models.blocks import Block
+from archbench.models.futureformer import FutureSightBlock
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "throughput.py"
@@ -60,21 +66,21 @@ def run_benchmark(tmp_path: Path, *extra: str) -> subprocess.CompletedProcess:
 def test_throughput_writes_rows_against_a_parameter_matched_baseline(
     tmp_path: Path, clock: str
 ) -> None:
-    result = run_benchmark(tmp_path, "--archs", "gpt,mtp", "--clock", clock)
+    result = run_benchmark(tmp_path, "--archs", "gpt,future_attention", "--clock", clock)
     assert result.returncode == 0, result.stderr[-3000:]
     with open(tmp_path / "out.csv", newline="") as handle:
         rows = {row["model"]: row for row in csv.DictReader(handle)}
-    assert set(rows) == {"gpt", "mtp", "gpt mlp_ratio=7.0312"}
-    mtp, matched = rows["mtp"], rows["gpt mlp_ratio=7.0312"]
-    assert mtp["baseline"] == "gpt mlp_ratio=7.0312"
-    assert abs(int(mtp["n_params"]) / int(matched["n_params"]) - 1) < 0.005
+    assert set(rows) == {"gpt", "future_attention", "gpt mlp_ratio=4.5"}
+    arch, matched = rows["future_attention"], rows["gpt mlp_ratio=4.5"]
+    assert arch["baseline"] == "gpt mlp_ratio=4.5"
+    assert abs(int(arch["n_params"]) / int(matched["n_params"]) - 1) < 0.01
     for row in rows.values():
         n_params, step_ms = int(row["n_params"]), float(row["step_ms"])
         assert step_ms > 0 and float(row["tokens_per_s"]) == pytest.approx(
             768 / (step_ms / 1000), rel=0.01
         )
         assert float(row["peak_mib"]) * 2**20 > 4 * 4 * n_params  # weights, grads, AdamW moments
-    assert float(mtp["time_vs_baseline"]) > 0
+    assert float(arch["time_vs_baseline"]) > 0
     assert f"step clock: {clock}" in (tmp_path / "out.md").read_text()
 
 
@@ -151,6 +157,31 @@ def throughput() -> ModuleType:
     sys.modules[spec.name] = module  # its dataclasses look their module up
     spec.loader.exec_module(module)
     return module
+
+
+def test_every_architecture_has_the_shapes_number_of_blocks(throughput: ModuleType) -> None:
+    """futureformer's n_layer counts its body and mtp's its trunk: at a shape of 4 layers they
+    are built with 2 of them, so that each has 4 blocks in all, as its `gpt` baseline has."""
+    shape = throughput.SHAPES["tiny"]
+    planned = {
+        p.arch: p for p in throughput.plan(shape, ["futureformer", "mtp", "hourglass"], None)
+    }
+    assert planned["futureformer"].options == {"n_layer": 2}
+    assert planned["futureformer"].label == "futureformer n_layer=2"
+    assert planned["mtp"].options == {"n_layer": 2} and planned["mtp"].baseline == "gpt"
+    assert planned["hourglass"].options == {}
+    for arch in ("futureformer", "mtp"):
+        with torch.device("meta"):
+            model = build_model(arch, 321, 64, **{**shape.options, **planned[arch].options})
+        blocks = [m for m in model.modules() if isinstance(m, (Block, FutureSightBlock))]
+        assert len(blocks) == shape.n_layer
+
+
+def test_a_shape_too_shallow_for_an_architecture_skips_it(throughput: ModuleType) -> None:
+    shallow = throughput.Shape("shallow", 2, 2, 32, block_size=16, batch_size=2, vocab_size=50)
+    with pytest.raises(ConfigError, match="2 blocks besides n_layer, and the shape has 2 in all"):
+        throughput.depth_options("mtp", shallow)
+    assert [p.arch for p in throughput.plan(shallow, ["mtp"], None)] == ["gpt"]
 
 
 @pytest.mark.parametrize(

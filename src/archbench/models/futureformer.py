@@ -182,6 +182,10 @@ class FutureFormerConfig(GPTConfig):
         0.1, "lambda: span k's loss is weighted lambda^k (0 = next-token loss only)", min=0.0
     )
 
+    def extra_blocks(self) -> int:
+        """The future-sight levels, one block each, after the n_layer body blocks."""
+        return self.future_levels
+
     def span_layout(self) -> list[tuple[int, int]]:
         """(offset, length) of spans 1 … P: span k covers tokens t+offset … t+offset+length-1."""
         lengths = [self.future_mult**k for k in range(1, self.future_levels + 1)]

@@ -46,6 +46,12 @@ class LayerOptions:
     dropout: float = option(0.0, "dropout probability", min=0.0, max=0.9)
     init_std: float = option(0.02, "std of the normal weight init", min=0.0, min_exclusive=True)
 
+    def extra_blocks(self) -> int:
+        """Decoder blocks the model has besides the `n_layer` its option counts (0 where n_layer
+        is the whole depth). A model of depth L, as a baseline of L blocks is, has
+        n_layer = L - extra_blocks(): what the benchmark builds at a shape of L layers."""
+        return 0
+
     def check_window(self, length: int) -> None:
         """Raise ConfigError if training windows of `length` tokens (shorter than block_size on a
         synthetic task's instances) would leave an auxiliary loss without any target; the

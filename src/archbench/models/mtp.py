@@ -75,6 +75,10 @@ class MTPConfig(GPTConfig):
         1.0, "weight of the losses of heads 2..n_future (0 = next-token loss only)", min=0.0
     )
 
+    def extra_blocks(self) -> int:
+        """The heads' blocks, after the n_layer trunk blocks."""
+        return self.n_future * self.head_layers
+
     def validate(self) -> None:
         """Check constraints between options; raise ConfigError naming the options."""
         super().validate()
