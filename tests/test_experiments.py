@@ -292,43 +292,39 @@ def defaults(config_cls: type) -> dict[str, object]:
     return {name: opt.default for name, opt in options_of(config_cls).items()}
 
 
+def small_suite_specs(tmp_path: Path, *rows: str) -> list[dict]:
+    """The run specs (seed 0) of the table GOOD + `rows` in a suite of n_head 2, block 32."""
+    text = "seeds: [0]\nmodel: {n_head: 2}\ntrain: {block_size: 32, batch_size: 2}\n"
+    suite = load_suite(suite_file(tmp_path, text), SUITE_SCHEMA)
+    return [run_spec(row, suite, 0) for row in load(table(tmp_path, GOOD, *rows))]
+
+
 def test_a_default_set_explicitly_is_the_same_run(tmp_path: Path) -> None:
     """The spec holds every option resolved, so a row that spells out defaults (in the table
     or the suite) is the same job and is not trained again, while a changed default in the
     code changes the spec of every row it applies to."""
-    text = "seeds: [0]\nmodel: {n_head: 2}\ntrain: {block_size: 32, batch_size: 2}\n"
-    suite = load_suite(suite_file(tmp_path, text), SUITE_SCHEMA)
-    rows = load(
-        table(
-            tmp_path,
-            GOOD,
-            "a\tgpt\tchars\tmlp_ratio=3\t\t\n",
-            "b\tgpt\tchars\tmlp_ratio=3.0 mlp=swiglu n_head=2 lr=1e-3\t\t\n",
-        )
+    gpt, a, b = small_suite_specs(
+        tmp_path,
+        "a\tgpt\tchars\tmlp_ratio=3\t\t\n",
+        "b\tgpt\tchars\tmlp_ratio=3.0 mlp=swiglu n_head=2 lr=1e-3\t\t\n",
     )
-    a, b = (run_spec(row, suite, 0) for row in rows[1:])
     assert {**a, "experiment": "b"} == b
-    assert run_spec(rows[0], suite, 0)["model"]["mlp_ratio"] == 4.0
+    assert gpt["model"]["mlp_ratio"] == 4.0
 
 
 def test_a_value_equal_to_what_unset_stands_for_is_the_same_run(tmp_path: Path) -> None:
     """`n_kv_heads=2` at n_head=2 is the model that n_kv_heads=0 (= n_head) builds, and
     future_dim=31 at block 32 is future_dim=0 (= block_size - 1): one run spec each, while a
     different value stays a different run."""
-    text = "seeds: [0]\nmodel: {n_head: 2}\ntrain: {block_size: 32, batch_size: 2}\n"
-    suite = load_suite(suite_file(tmp_path, text), SUITE_SCHEMA)
-    rows = load(
-        table(
-            tmp_path,
-            GOOD,
-            "kv\tgpt\tchars\tn_kv_heads=2\t\t\n",
-            "mqa\tgpt\tchars\tn_kv_heads=1\t\t\n",
-            "fa0\tfuture_attention\tchars\t\t\t\n",
-            "fa31\tfuture_attention\tchars\tfuture_dim=31\t\t\n",
-            "fa8\tfuture_attention\tchars\tfuture_dim=8\t\t\n",
-        )
+    specs = small_suite_specs(
+        tmp_path,
+        "kv\tgpt\tchars\tn_kv_heads=2\t\t\n",
+        "mqa\tgpt\tchars\tn_kv_heads=1\t\t\n",
+        "fa0\tfuture_attention\tchars\t\t\t\n",
+        "fa31\tfuture_attention\tchars\tfuture_dim=31\t\t\n",
+        "fa8\tfuture_attention\tchars\tfuture_dim=8\t\t\n",
     )
-    gpt, kv, mqa, fa0, fa31, fa8 = (run_spec(row, suite, 0)["model"] for row in rows)
+    gpt, kv, mqa, fa0, fa31, fa8 = (spec["model"] for spec in specs)
     assert kv == gpt and kv["n_kv_heads"] == 0
     assert mqa["n_kv_heads"] == 1
     assert fa31 == fa0 and fa31["future_dim"] == 0
