@@ -3,6 +3,10 @@ check that every model runs."""
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,6 +20,53 @@ TEXT = (
     "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\n"
     "First Citizen:\nYou are all resolved rather to die than to famish?\n\n"
 ) * 40
+
+
+def _runs_end_to_end(item: pytest.Item) -> bool:
+    """Whether `item`'s module is marked slow as a whole (`pytestmark`): the files that run the
+    workflow through Snakemake, minutes each."""
+    marks = getattr(item.module, "pytestmark", [])
+    marks = marks if isinstance(marks, list) else [marks]
+    return any(mark.name == "slow" for mark in marks)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist (`-n auto --dist loadfile`, the README's test command) hand out the
+    test files in collection order instead of those with the most tests first, which started
+    the few long end-to-end tests last, on one worker, after the other worker had run out of
+    work."""
+    if hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The end-to-end files first (see pytest_configure), every other test in its order."""
+    items.sort(key=lambda item: not _runs_end_to_end(item))
+
+
+def copy_project(root: Path) -> Path:
+    """A fresh copy of the Snakefile, workflow, configs and profiles link under `root`."""
+    root.mkdir(parents=True, exist_ok=True)
+    shutil.copy(ROOT / "Snakefile", root)
+    shutil.copytree(ROOT / "workflow", root / "workflow")
+    shutil.copytree(ROOT / "configs", root / "configs")
+    shutil.copy(ROOT / "profiles", root / "profiles", follow_symlinks=False)
+    return root
+
+
+def smoke_snakemake(project: Path, *args: str) -> subprocess.CompletedProcess:
+    """Run snakemake on the smoke suite in `project` with the interpreter running the tests,
+    on the embedded data (no mirror)."""
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    env.pop("ARCHBENCH_DATA_MIRROR", None)  # the embedded default must be enough
+    return subprocess.run(
+        [sys.executable, "-m", "snakemake", "--cores", "2", "--config", "suite=smoke", *args],
+        cwd=project,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
 
 
 @pytest.fixture(autouse=True, scope="session")

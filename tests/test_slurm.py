@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 import yte
-from conftest import add_kill_test
+from conftest import add_kill_test, copy_project
 
 ROOT = Path(__file__).resolve().parents[1]
 PROFILE = ROOT / "workflow/profiles/slurm"
@@ -63,16 +63,6 @@ def workflow_rules() -> set[str]:
 def local_rules() -> set[str]:
     """The rules marked `localrule: True`."""
     return {name for name, block in _rule_blocks().items() if "localrule: True" in block}
-
-
-def copy_project(root: Path) -> Path:
-    """A fresh copy of the Snakefile, workflow, configs and profiles link under `root`."""
-    root.mkdir(parents=True, exist_ok=True)
-    shutil.copy(ROOT / "Snakefile", root)
-    shutil.copytree(ROOT / "workflow", root / "workflow")
-    shutil.copytree(ROOT / "configs", root / "configs")
-    shutil.copy(ROOT / "profiles", root / "profiles", follow_symlinks=False)
-    return root
 
 
 def snakemake_command(*args: str, suite: str = "smoke") -> list[str]:

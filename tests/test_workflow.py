@@ -3,43 +3,16 @@
 from __future__ import annotations
 
 import csv
-import gzip
-import json
-import os
 import re
-import shutil
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-import psutil
 import pytest
-import torch
-from conftest import add_kill_test
-from safetensors.torch import load_file
-
-from archbench.experiments import load_experiments, load_suite, run_spec
+from conftest import copy_project, smoke_snakemake
 
 ROOT = Path(__file__).resolve().parents[1]
 NEW_ROW = "gpt_kv1_gelu\tgpt\tshakespeare_char\tn_kv_heads=1 mlp=gelu\tsmoke\t\tnew row\n"
 
 pytestmark = pytest.mark.slow
-
-
-def snakemake(project: Path, *args: str) -> subprocess.CompletedProcess:
-    """Run snakemake in `project` with the interpreter running the tests."""
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
-    env.pop("ARCHBENCH_DATA_MIRROR", None)  # the embedded default must be enough
-    return subprocess.run(
-        [sys.executable, "-m", "snakemake", "--cores", "2", "--config", "suite=smoke", *args],
-        cwd=project,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
 
 
 def job_counts(dry_run_output: str) -> dict[str, int]:
@@ -51,12 +24,8 @@ def job_counts(dry_run_output: str) -> dict[str, int]:
 @pytest.fixture(scope="module")
 def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A copy of the workflow and configs that has run the smoke suite once."""
-    root = tmp_path_factory.mktemp("project")
-    shutil.copy(ROOT / "Snakefile", root)
-    shutil.copytree(ROOT / "workflow", root / "workflow")
-    shutil.copytree(ROOT / "configs", root / "configs")
-    shutil.copy(ROOT / "profiles", root / "profiles", follow_symlinks=False)
-    planned = snakemake(root, "--dry-run")
+    root = copy_project(tmp_path_factory.mktemp("project"))
+    planned = smoke_snakemake(root, "--dry-run")
     # rerun-incomplete and the other local defaults apply without a flag
     assert "workflow specific profile profiles/default" in planned.stderr
     counts = job_counts(planned.stdout + planned.stderr)
@@ -66,7 +35,7 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     assert counts["train"] == counts["leak_check"] == counts["evaluate_perplexity"] + 4
     assert counts["evaluate_perplexity"] >= 2
     assert counts["lm_eval"] == 2 * counts["evaluate_perplexity"]  # BLiMP, rolling ppl per run
-    result = snakemake(root)
+    result = smoke_snakemake(root)
     assert result.returncode == 0, result.stderr[-4000:]
     return root
 
@@ -108,7 +77,7 @@ def test_smoke_suite_produces_results_and_report(project: Path) -> None:
 
 def test_snakemakes_report_holds_the_report_page_figures_and_data(project: Path) -> None:
     out = project / "snakemake-report.html"
-    result = snakemake(project, "--report", str(out))
+    result = smoke_snakemake(project, "--report", str(out))
     assert result.returncode == 0, result.stderr[-4000:]
     page = out.read_text(encoding="utf-8")
     for mime, name in (("text/html", "index.html"), ("image/png", "val_loss.png"),
@@ -122,7 +91,7 @@ def test_snakemakes_report_holds_the_report_page_figures_and_data(project: Path)
 
 
 def test_nothing_reruns_when_nothing_changed(project: Path) -> None:
-    result = snakemake(project, "--dry-run")
+    result = smoke_snakemake(project, "--dry-run")
     assert result.returncode == 0, result.stderr[-4000:]
     assert "Nothing to be done" in result.stdout + result.stderr
 
@@ -131,40 +100,29 @@ def test_a_data_sets_new_source_reruns_nothing(project: Path, tmp_path: Path) ->
     """A data set's url (or path, or embedded copy) says where its verified bytes come from, not
     what they are: changing it must not re-prepare the data and retrain every row on it."""
     source = 'datasets={"shakespeare_char": {"url": "https://example.org/elsewhere.txt"}}'
-    result = snakemake(project, source, "--dry-run")
+    result = smoke_snakemake(project, source, "--dry-run")
     assert result.returncode == 0, result.stderr[-4000:]
     assert "Nothing to be done" in result.stdout + result.stderr
     # an override of what the data is (its split; from a file, as --config gives strings) does
     override = tmp_path / "split.yaml"
     override.write_text("datasets:\n  shakespeare_char:\n    val_fraction: 0.2\n")
-    changed = snakemake(project, "--configfile", str(override), "--dry-run")
+    changed = smoke_snakemake(project, "--configfile", str(override), "--dry-run")
     assert changed.returncode == 0, changed.stderr[-4000:]
     assert job_counts(changed.stdout + changed.stderr)["prepare_data"] == 1
 
 
 def test_seeds_from_the_command_line_add_only_the_new_seeds_runs(project: Path) -> None:
-    dry = snakemake(project, "seeds=[0,1,2]", "--dry-run")
+    dry = smoke_snakemake(project, "seeds=[0,1,2]", "--dry-run")
     assert dry.returncode == 0, dry.stderr[-4000:]
     counts = job_counts(dry.stdout + dry.stderr)
     assert counts["train"] >= 3 and "seed=2" in dry.stdout
     assert "seed=0" not in dry.stdout and "seed=1" not in dry.stdout
 
 
-def test_a_large_suites_commands_fit_in_one_argument(project: Path) -> None:
-    """Every shell command of the ablations suite at 10 seeds stays under Linux's 128 KiB limit
-    on one argument (bash -c gets the whole command as one): the run list goes as a file."""
-    seeds = "seeds=[" + ",".join(map(str, range(10))) + "]"
-    dry = snakemake(project, "suite=ablations", seeds, "--dry-run", "--printshellcmds")
-    assert dry.returncode == 0, dry.stderr[-4000:]
-    commands = [line for line in dry.stdout.splitlines() if " -m archbench " in line]
-    assert any(" aggregate --runs @results/ablations/runs.json " in c for c in commands)
-    assert max(len(c.encode()) for c in commands) < 131_072
-
-
 def test_a_new_row_schedules_only_its_own_jobs_and_reaches_the_report(project: Path) -> None:
     with open(project / "configs/experiments.tsv", "a", encoding="utf-8") as handle:
         handle.write(NEW_ROW)
-    dry = snakemake(project, "--dry-run")
+    dry = smoke_snakemake(project, "--dry-run")
     assert dry.returncode == 0, dry.stderr[-4000:]
     counts = job_counts(dry.stdout + dry.stderr)
     assert counts == {
@@ -180,103 +138,7 @@ def test_a_new_row_schedules_only_its_own_jobs_and_reaches_the_report(project: P
         "all": 1,
     }
     assert "gpt_kv1_gelu" in dry.stdout and "experiment=gpt_mqa" not in dry.stdout
-    result = snakemake(project)
+    result = smoke_snakemake(project)
     assert result.returncode == 0, result.stderr[-4000:]
     assert "gpt_kv1_gelu" in (project / "report/smoke/index.html").read_text()
     assert "gpt\\_kv1\\_gelu" in (project / "report/smoke/index.md").read_text()
-
-
-def test_a_bad_row_stops_before_any_job(project: Path, tmp_path: Path) -> None:
-    broken = tmp_path / "broken.tsv"
-    text = (project / "configs/experiments.tsv").read_text(encoding="utf-8")
-    broken.write_text(text + "oops\tgpt\tshakespeare_char\tn_layer=-1\t\t\n", encoding="utf-8")
-    result = snakemake(project, f"experiments={broken}", "--dry-run")
-    assert result.returncode != 0
-    line = len(text.splitlines()) + 1
-    assert re.search(
-        rf"line {line} \(experiment 'oops'\), column 'overrides': option "
-        r"'n_layer': -1 is out of range",
-        result.stderr + result.stdout,
-    )
-
-
-def test_kill_9_of_a_training_job_then_same_command_resumes(project: Path, tmp_path: Path) -> None:
-    table = add_kill_test(project)
-    args = ["--config", "suite=killtest", f"experiments={table}"]
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
-    command = [sys.executable, "-m", "snakemake", "--cores", "2", *args]
-    process = subprocess.Popen(
-        command,
-        cwd=project,
-        env=env,
-        start_new_session=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    run = project / "results/killtest/victim/seed0"
-    deadline = time.monotonic() + 300
-    while not (run / "checkpoint.safetensors").exists() and time.monotonic() < deadline:
-        time.sleep(0.1)
-    time.sleep(0.5)
-    trainers = [
-        p
-        for p in psutil.Process(process.pid).children(recursive=True)
-        if "train" in p.cmdline() and "archbench" in p.cmdline()
-    ]
-    assert len(trainers) == 1, "no training job to kill"
-    trainers[0].send_signal(signal.SIGKILL)
-    assert process.wait(timeout=120) != 0  # snakemake reports the failed job and stops
-    assert not (run / "model.safetensors").exists(), "training finished before the kill"
-
-    rerun = subprocess.run(
-        command, cwd=project, env=env, capture_output=True, text=True, timeout=600
-    )
-    assert rerun.returncode == 0, rerun.stderr[-4000:]
-    assert "resuming from" in (run / "train.log").read_text()
-
-    experiment = load_experiments(
-        table, project / "workflow/schemas/experiments.schema.yaml", ["shakespeare_char"]
-    )[0]
-    suite = load_suite(
-        project / "configs/suites/killtest.yaml", project / "workflow/schemas/suite.schema.yaml"
-    )
-    reference = tmp_path / "reference"
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "archbench",
-            "train",
-            "--spec",
-            json.dumps(run_spec(experiment, suite, 0)),
-            "--data",
-            str(project / "results/data/shakespeare_char"),
-            "--out",
-            str(reference),
-            "--no-progress",
-        ],
-        check=True,
-        capture_output=True,
-    )
-    a, b = load_file(reference / "model.safetensors"), load_file(run / "model.safetensors")
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    again = subprocess.run(
-        [*command, "--dry-run"], cwd=project, env=env, capture_output=True, text=True, timeout=300
-    )
-    assert "Nothing to be done" in again.stdout + again.stderr
-
-
-def test_a_corrupt_data_file_stops_before_any_job(project: Path, tmp_path: Path) -> None:
-    mirror = tmp_path / "mirror" / "tinyshakespeare"
-    mirror.mkdir(parents=True)
-    (mirror / "input.txt").write_text("not the real text\n")
-    result = snakemake(project, f"data_mirror={mirror.parent}", "--dry-run")
-    assert result.returncode != 0
-    assert "sha256 mismatch for data set shakespeare_char" in result.stdout + result.stderr
-    # the right text, but no BLiMP for the lm_eval jobs: also refused before any job
-    with gzip.open(ROOT / "src/archbench/embedded/tinyshakespeare.txt.gz") as text:
-        (mirror / "input.txt").write_bytes(text.read())
-    result = snakemake(project, f"data_mirror={mirror.parent}", "--dry-run")
-    assert result.returncode != 0
-    assert "not found in the data mirror" in result.stdout + result.stderr
-    assert "BLiMP paradigm" in result.stdout + result.stderr
