@@ -25,7 +25,7 @@ TEXT = (
 def _runs_end_to_end(item: pytest.Item) -> bool:
     """Whether `item`'s module is marked slow as a whole (`pytestmark`): the files that run the
     workflow through Snakemake, minutes each."""
-    marks = getattr(item.module, "pytestmark", [])
+    marks = getattr(getattr(item, "module", None), "pytestmark", [])
     marks = marks if isinstance(marks, list) else [marks]
     return any(mark.name == "slow" for mark in marks)
 

@@ -48,8 +48,8 @@ class LayerOptions:
 
     def extra_blocks(self) -> int:
         """Decoder blocks the model has besides the `n_layer` its option counts (0 where n_layer
-        is the whole depth). A model of depth L, as a baseline of L blocks is, has
-        n_layer = L - extra_blocks(): what the benchmark builds at a shape of L layers."""
+        is the whole depth). With n_layer = L - extra_blocks() it has L blocks in all, like a
+        `gpt` of n_layer = L: what the benchmark builds at a shape of L layers."""
         return 0
 
     def check_window(self, length: int) -> None:
