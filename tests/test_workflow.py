@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 from conftest import copy_project, smoke_snakemake
 
-ROOT = Path(__file__).resolve().parents[1]
 NEW_ROW = "gpt_kv1_gelu\tgpt\tshakespeare_char\tn_kv_heads=1 mlp=gelu\tsmoke\t\tnew row\n"
 
 pytestmark = pytest.mark.slow
