@@ -40,8 +40,10 @@ rule train:
         gpu=int(SUITE.gpu),
     log:
         f"{RUN}/train.log",
-    # exec: training replaces the shell, so a SIGTERM (SLURM's preemption or time limit) reaches
-    # it alone and the job ends when its checkpoint is saved, not when the shell dies at once
+    # exec: training replaces the shell. A SIGTERM (SLURM's preemption or time limit) reaches
+    # every process of the job step; the inner snakemake waits for its running job, and training
+    # saves its checkpoint and exits. A shell in between would die at once, the inner snakemake
+    # would end, and SLURM would kill training while it saves.
     shell:
         "exec {ARCHBENCH} train --spec {params.spec:q} --data {params.data} --out {params.out} "
         "{params.init} --threads {threads} 2> {log}"
