@@ -495,13 +495,16 @@ class FutureFormer(LanguageModel):
         for block in self.body:
             h = block(h)
         losses = {}
+        # norm_memory acts on each embedding row alone: normalising the V rows of the table once
+        # and gathering from it equals normalising the B·T·N gathered items, at V rows' cost.
+        memory_table = self.norm_memory(self.embed.weight)
         for level, pool, k in zip(
             self.levels, self.pools, range(self.config.future_levels, 0, -1), strict=True
         ):
             top, weights, loss = self.read_span(h, k, targets)
             if loss is not None:
                 losses[k] = loss
-            items = self.norm_memory(self.embed(top)) * weights.unsqueeze(-1)
+            items = F.embedding(top, memory_table) * weights.unsqueeze(-1)
             h = level(h, pool(items, h))
         return h, losses
 
