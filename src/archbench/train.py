@@ -123,7 +123,7 @@ class TrainConfig:
     precision: str = option(
         "auto",
         "training precision (auto: bf16 autocast on a CUDA GPU with bf16 hardware, Ampere or "
-        "newer; fp32 elsewhere)",
+        "newer, and on a CPU with AMX; fp32 elsewhere)",
         choices=("auto", "fp32", "bf16"),
     )
     compile: bool = option(False, "torch.compile the training step's loss function")
