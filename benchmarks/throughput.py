@@ -80,6 +80,11 @@ WARMUP_NEEDED = (
 )
 MATCH_TOLERANCE = 0.005  # relative parameter difference below which `gpt` itself is the baseline
 PROFILE_ROWS = 30  # ops listed per profile
+# How the extra nanoGPT entries run, as the summary under the table says it.
+NANOGPT_RECIPES = {
+    "nanoGPT eager": " run eagerly",
+    "nanoGPT eager fp32": " run eagerly in fp32 (as its README trains on a CPU)",
+}
 
 
 @dataclass(frozen=True)
@@ -148,6 +153,7 @@ class Candidate:
     raw_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # eager
     baseline: str | None
     n_params: int
+    fp32: bool = False  # outside bf16 autocast even when the run uses it
     step_times: list[float] = field(default_factory=list)
     peak_bytes: int | None = None  # None: not measurable (CUDA graphs)
     flops_per_step: int = 0
@@ -250,13 +256,20 @@ class Planned:
     options: dict[str, Any]
     baseline: str | None
     eager: bool = False  # never torch.compile'd, even with --compile
+    fp32: bool = False  # outside bf16 autocast even when the run uses it
 
 
 def plan(
-    shape: Shape, archs: list[str], nanogpt: Path | None, compiled: bool = False
+    shape: Shape,
+    archs: list[str],
+    nanogpt: Path | None,
+    compiled: bool = False,
+    cpu_bf16: bool = False,
 ) -> list[Planned]:
     """The models to compare at `shape`: `gpt`, each architecture and its matched baseline, and
-    nanoGPT if given (when `compiled`, also eager, as its README trains on the CPU)."""
+    nanoGPT if given; when `compiled` or in bf16 on the CPU (`cpu_bf16`), nanoGPT also as its
+    README trains on a CPU: eagerly (`--compile=False`) and in fp32 (its train.py autocasts on
+    CUDA only)."""
     base_params = params_of("gpt", shape)
     planned = [Planned("gpt", "gpt", {}, None)]
     for arch in archs:
@@ -278,8 +291,9 @@ def plan(
         planned.append(Planned(label, arch, options, baseline))
     if nanogpt is not None:
         planned.append(Planned("nanoGPT", "nanogpt", {}, "gpt"))
-        if compiled:
-            planned.append(Planned("nanoGPT eager", "nanogpt", {}, "gpt", eager=True))
+        if compiled or cpu_bf16:
+            label = "nanoGPT eager fp32" if cpu_bf16 else "nanoGPT eager"
+            planned.append(Planned(label, "nanogpt", {}, "gpt", eager=True, fp32=cpu_bf16))
     return planned
 
 
@@ -326,6 +340,7 @@ def build(
         loss,
         entry.baseline,
         count_params(model),
+        entry.fp32,
     )
 
 
@@ -334,7 +349,7 @@ def train_step(
 ) -> None:
     """One optimizer step as training takes it (`eager`: without torch.compile)."""
     c.optimizer.zero_grad(set_to_none=True)
-    with runtime.autocast():
+    with contextlib.nullcontext() if c.fp32 else runtime.autocast():
         loss = (c.raw_loss if eager else c.loss_fn)(x, y)
     loss.backward()
     nn.utils.clip_grad_norm_(c.model.parameters(), 1.0)
@@ -391,7 +406,8 @@ def run_shape(
         torch.randint(0, shape.vocab_size, (shape.batch_size, shape.block_size)).to(runtime.device)
         for _ in range(2)
     )
-    planned = plan(shape, args.archs, args.nanogpt, args.compile)
+    cpu_bf16 = runtime.bf16 and runtime.device.type == "cpu"
+    planned = plan(shape, args.archs, args.nanogpt, args.compile, cpu_bf16)
     if args.compile:
         # Every candidate's loss is the same Python function over another model, and each one is
         # a recompilation of it: past dynamo's limit (8) the rest would silently run eagerly.
@@ -583,8 +599,7 @@ def markdown(rows: list[dict[str, Any]], header: list[str]) -> str:
         )
     nano = [row for row in rows if row["arch"] == "nanogpt"]
     for row in nano:
-        eager = " run eagerly" if row["model"].endswith("eager") else ""
-        against = f"nanoGPT's `model.py`{eager}"
+        against = "nanoGPT's `model.py`" + NANOGPT_RECIPES.get(row["model"], "")
         lines.append(
             f"\nAt `{row['shape']}`: the `gpt` baseline trains "
             f"{row['time_vs_baseline']:.2f}× as fast as {against} "

@@ -11,11 +11,13 @@ from types import ModuleType, SimpleNamespace
 
 import pytest
 import torch
+from torch import nn
 
 from archbench.errors import ConfigError
 from archbench.models import build_model
 from archbench.models.blocks import Block
 from archbench.models.futureformer import FutureSightBlock
+from archbench.runtime import make_runtime
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "throughput.py"
@@ -110,7 +112,9 @@ def test_compiled_benchmark_also_times_nanogpt_eagerly(tmp_path: Path) -> None:
     """With --compile, nanoGPT runs compiled and, as its README trains on the CPU, eagerly."""
     nanogpt = tmp_path / "model.py"
     nanogpt.write_text(NANOGPT_STANDIN, encoding="utf-8")
-    result = run_benchmark(tmp_path, "--archs", "gpt", "--compile", "--nanogpt", str(nanogpt))
+    result = run_benchmark(
+        tmp_path, "--archs", "gpt", "--compile", "--precision", "fp32", "--nanogpt", str(nanogpt)
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     with open(tmp_path / "out.csv", newline="") as handle:
         rows = {row["model"]: row for row in csv.DictReader(handle)}
@@ -119,6 +123,48 @@ def test_compiled_benchmark_also_times_nanogpt_eagerly(tmp_path: Path) -> None:
     table = (tmp_path / "out.md").read_text()
     assert "as fast as nanoGPT's `model.py` run eagerly" in table
     assert "torch.compile: yes" in table
+
+
+def test_a_bf16_cpu_benchmark_also_times_nanogpt_as_it_trains_on_a_cpu(tmp_path: Path) -> None:
+    """nanoGPT's train.py autocasts on CUDA only: in a bf16 CPU run it is also timed in fp32."""
+    nanogpt = tmp_path / "model.py"
+    nanogpt.write_text(NANOGPT_STANDIN, encoding="utf-8")
+    result = run_benchmark(
+        tmp_path, "--archs", "gpt", "--precision", "bf16", "--nanogpt", str(nanogpt)
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    with open(tmp_path / "out.csv", newline="") as handle:
+        assert {row["model"] for row in csv.DictReader(handle)} == {
+            "gpt", "nanoGPT", "nanoGPT eager fp32"
+        }  # fmt: skip
+    table = (tmp_path / "out.md").read_text()
+    assert "precision: bf16 autocast" in table
+    assert "as fast as nanoGPT's `model.py` run eagerly in fp32" in table
+
+
+@pytest.mark.parametrize("cpu_bf16", [True, False])
+def test_the_fp32_nanogpt_entry_runs_outside_autocast(
+    throughput: ModuleType, cpu_bf16: bool
+) -> None:
+    nanogpt = Path("model.py")
+    planned = throughput.plan(throughput.SHAPES["tiny"], [], nanogpt, False, cpu_bf16)
+    entries = {p.label: p for p in planned}
+    assert ("nanoGPT eager fp32" in entries) is cpu_bf16
+    assert all(p.fp32 == (p.label == "nanoGPT eager fp32") for p in entries.values())
+    model = nn.Linear(2, 2)
+    seen = []
+
+    def loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        seen.append(torch.is_autocast_enabled("cpu"))
+        return model(x).sum()
+
+    runtime = make_runtime("cpu", "bf16")
+    for fp32 in (False, True):
+        c = throughput.Candidate(
+            "m", "gpt", {}, model, torch.optim.SGD(model.parameters()), loss, loss, None, 6, fp32
+        )
+        throughput.train_step(c, torch.ones(1, 2), torch.ones(1, 2), runtime)
+    assert seen == [True, False]
 
 
 def test_compile_mode_implies_compile_and_is_named_in_the_header(tmp_path: Path) -> None:
