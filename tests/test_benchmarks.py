@@ -278,6 +278,7 @@ def test_cuda_peak_memory_is_read_after_the_last_gradients_are_freed(
         model=model,
         optimizer=torch.optim.AdamW(model.parameters()),
         loss_fn=lambda x, y: torch.nn.functional.mse_loss(model(x), y),
+        fp32=False,
     )
     runtime = SimpleNamespace(is_cuda=True, autocast=contextlib.nullcontext)
     x, y = torch.randn(2, 4), torch.randn(2, 4)
