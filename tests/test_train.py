@@ -444,6 +444,16 @@ def test_step_flops_are_close_to_the_6nd_estimate() -> None:
     assert all(p.grad is None for p in model.parameters())
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_the_summary_records_the_precision_as_a_number_too(
+    precision: str, tiny_data: Path, tmp_path: Path
+) -> None:
+    """precision "auto" resolves per machine; as a number it reaches summary.csv and the report."""
+    summary = train_run(tiny_spec(precision=precision), tiny_data, tmp_path, show_progress=False)
+    assert summary["precision"] == precision
+    assert summary["bf16_autocast"] == (1.0 if precision == "bf16" else 0.0)
+
+
 @pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
 def test_every_architecture_trains_with_the_gpu_suites_settings_on_the_cpu(
     arch: str, tiny_data: Path, tmp_path: Path

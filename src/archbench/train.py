@@ -592,6 +592,9 @@ def train_run(
         "torch_threads": torch.get_num_threads(),
         "device": str(runtime.device),
         "precision": "bf16" if runtime.bf16 else "fp32",
+        # the same as a number, so that summary.csv and the report's "other metrics" show it
+        # (precision "auto" differs between machines: bf16 on CUDA and on CPUs with AMX)
+        "bf16_autocast": float(runtime.bf16),
     }
     _write_outputs(out_dir, spec, model, config, log, summary)
     return summary
