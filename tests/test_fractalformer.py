@@ -18,6 +18,7 @@ from archbench.models.fractalformer import (
     MLP_MODULES,
     FractalFormer,
     FractalFormerConfig,
+    Siblings,
     SubModelView,
     check_merge_source,
     merge_init,
@@ -193,6 +194,20 @@ def test_siblings_share_nothing_and_children_tile_the_parent() -> None:
             inside[model.submodel_index(name, 1, parent)] = True
             for child in (2 * parent, 2 * parent + 1):
                 assert inside[model.submodel_index(name, 2, child)].all(), name
+
+
+def test_strided_blocks_equal_the_indexed_blocks() -> None:
+    """`Siblings.take` (strided views, used by the computation) reads exactly the blocks that
+    `Siblings.index` (the definition, used by extraction and merging) names."""
+    model = build(tie_embeddings=False, n_kv_heads=2)
+    for name, param in model.named_parameters():
+        groups = model.parameter_groups(name)
+        for level in range(1, model.config.levels):
+            n = model.config.count(level)
+            for start, stop in ((0, n), (1, n), (n - 1, n), (0, 1)):
+                siblings = Siblings(n, start, stop)
+                expected = param[siblings.index(param.shape, groups, param.device)]
+                assert torch.equal(siblings.take(param, groups), expected), (name, level, start)
 
 
 def test_submodel_costs_its_own_size() -> None:

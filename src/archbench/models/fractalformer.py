@@ -21,8 +21,8 @@ their units partition the parent's, so their blocks lie on the diagonal of the p
 Siblings share no weight; a parent is its children plus the off-diagonal blocks. Level 0 is the
 whole model, which is exactly `gpt` (same modules, parameter names, shapes and initial weights).
 
-Computation. A sub-model reads only its own blocks (gathered from the big tensors), so running it
-costs its own size. RoPE and the attention scale 1/sqrt(h_l) use its own head width; its norms
+Computation. A sub-model reads only its own blocks (strided views of the big tensors), so running
+it costs its own size. RoPE and the attention scale 1/sqrt(h_l) use its own head width; its norms
 normalise over its own d_l units. The sub-models of one level run side by side: activations are
 (m, B, T, d_l) for m siblings, linear layers are matmuls batched over m with weights
 (m, out_l, in_l), and attention folds m into the batch axis, (m * B, n_head, T, h_l).
@@ -278,10 +278,32 @@ class Siblings:
         return tuple(parts)
 
     def take(self, tensor: torch.Tensor, groups: tuple[int | None, ...]) -> torch.Tensor:
-        """Their blocks of `tensor`, stacked: (m, *block)."""
+        """Their blocks of `tensor`, stacked: (m, *block); the same values as
+        `tensor[self.index(...)]`, read through a strided view instead of a gather.
+
+        Each sliced dimension is viewed as (groups, n, width); the sub-models' axis n is moved to
+        the front, or, for a matrix sliced on both sides, taken as the diagonal of the two n axes
+        (sub-model j owns slice j of both). The only copy is the final reshape, whose backward is
+        a strided write rather than an index_put (about 10% of a compiled step at `tiny`).
+        """
         if self.n == 1:
             return tensor.unsqueeze(0)
-        return tensor[self.index(tensor.shape, groups, tensor.device)]
+        view, n_axes, block = [], [], []
+        for size, group in zip(tensor.shape, groups, strict=True):
+            if group is None:
+                view.append(size)
+                block.append(size)
+            else:
+                n_axes.append(len(view) + 1)
+                view += [group, self.n, size // (group * self.n)]
+                block.append(size // self.n)
+        blocks = tensor.view(view)
+        if len(n_axes) == 2:
+            blocks = blocks.diagonal(dim1=n_axes[0], dim2=n_axes[1]).movedim(-1, 0)
+        else:
+            (axis,) = n_axes
+            blocks = blocks.movedim(axis, 0)
+        return blocks[self.start : self.stop].reshape(self.stop - self.start, *block)
 
 
 def _linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
