@@ -74,6 +74,7 @@ from archbench.report.tables import (
     metric_counts,
     per_seed_table,
     per_seed_values,
+    precision_warning,
     size_mismatched,
 )
 
@@ -953,3 +954,45 @@ def test_equal_differences_on_every_seed_fall_back_to_welch() -> None:
     assert result.delta == pytest.approx(0.25) and result.mde > 0
     constant = compare({0: 1.0, 1: 1.0, 2: 1.0}, {0: 0.0, 1: 0.0, 2: 0.0})
     assert math.isnan(constant.p_value)  # no spread at all: nothing to test
+
+
+def test_comparisons_between_precisions_are_named_in_a_warning() -> None:
+    """A tested pair whose runs did not all train in the same precision (`bf16_autocast` per
+    seed) is named with its precisions; pairs alike, and runs that did not record it, are not."""
+    val_loss = {
+        "base": [1.50, 1.52, 1.49],
+        "bf16_row": [1.45, 1.49, 1.43],
+        "mixed_row": [1.51, 1.50, 1.50],
+        "fp32_row": [1.40, 1.41, 1.42],
+        "unrecorded": [1.40, 1.41, 1.42],
+    }
+    bf16 = {
+        "base": [0.0, 0.0, 0.0],
+        "bf16_row": [1.0, 1.0, 1.0],
+        "mixed_row": [1.0, 0.0, 1.0],
+        "fp32_row": [0.0, 0.0, 0.0],
+    }
+    summary = pl.concat([_long(val_loss), _long(bf16, "bf16_autocast")])
+    order = list(val_loss)
+    leaks = dict.fromkeys(order, "pass")
+    baselines = {name: "base" for name in order[1:]}
+    warning = precision_warning(summary, comparisons(summary, order, baselines, leaks))
+    assert warning is not None
+    assert "bf16_row vs base (row: bf16 on all 3 seeds; baseline: fp32 on all 3 seeds)" in warning
+    assert "mixed_row vs base (row: bf16 on 2 of 3 seeds; baseline: fp32 on all 3 seeds)" in warning
+    assert "fp32_row" not in warning and "unrecorded" not in warning
+    alike = summary.filter(~pl.col("experiment").is_in(["bf16_row", "mixed_row"]))
+    assert precision_warning(alike, comparisons(alike, order, baselines, leaks)) is None
+
+
+def test_the_precision_warning_comes_before_the_comparisons(tmp_path: Path) -> None:
+    runs = make_runs(tmp_path)
+    for run in runs:
+        path = run.run_dir / "train_summary.json"
+        write_json(path, read_json(path) | {"bf16_autocast": float(run.experiment == "gpt_gelu")})
+    aggregate(runs, tmp_path / "summary.csv", tmp_path / "curves.csv", tmp_path / "samples.json")
+    _render(tmp_path, tmp_path / "report")
+    section = _section((tmp_path / "report" / "index.md").read_text(), "Comparisons with baselines")
+    warning = "gpt\\_gelu vs gpt (row: bf16 on all 3 seeds; baseline: fp32 on all 3 seeds)"
+    assert warning in section and section.index(warning) < section.index("| gpt\\_gelu")
+    assert "gpt\\_mqa vs gpt" not in section

@@ -64,6 +64,7 @@ from archbench.report.tables import (
     per_seed_table,
     per_seed_values,
     power_summary,
+    precision_warning,
 )
 
 
@@ -118,7 +119,7 @@ def render_report(
         *_leak_section(leaks),
         *([Section("Experiments", [experiments_table(rows)])] if rows else []),
         Section("Results", [main_table(summary, order, cells, metric_counts(stats), leaks)]),
-        _comparison_section(compared, cells),
+        _comparison_section(compared, cells, summary),
         *_nesting_section(nested, order, rows, summary, cells),
         *_axis_sections(axes, axis_figures, cells, leaks, seeds, out_dir),
         Section("Curves", [_image(f, out_dir) for f in curve_figures + extra_figures]),
@@ -280,12 +281,15 @@ def _leak_section(leaks: dict[str, str]) -> list[Section]:
     return [Section("Future leak detected", [Paragraph(warning, warning=True)], warning=True)]
 
 
-def _comparison_section(compared: list, cells: dict) -> Section:
-    """Comparisons with baselines, the power summary, or why there are none."""
+def _comparison_section(compared: list, cells: dict, summary: pl.DataFrame) -> Section:
+    """Comparisons with baselines (after a warning if some pair precisions), the power summary,
+    or why there are none."""
     if not compared:
         text = "No row declares a baseline in this suite, so nothing is compared."
         return Section("Comparisons with baselines", [Paragraph(text)])
-    blocks: list = [comparison_table(compared, cells)]
+    warning = precision_warning(summary, compared)
+    blocks: list = [Paragraph(warning, warning=True)] if warning else []
+    blocks.append(comparison_table(compared, cells))
     power = power_summary(compared)
     if power:
         blocks.append(Paragraph(power))
