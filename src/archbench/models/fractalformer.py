@@ -284,7 +284,7 @@ class Siblings:
         Each sliced dimension is viewed as (groups, n, width); the sub-models' axis n is moved to
         the front, or, for a matrix sliced on both sides, taken as the diagonal of the two n axes
         (sub-model j owns slice j of both). The only copy is the final reshape, whose backward is
-        a strided write rather than an index_put (about 10% of a compiled step at `tiny`).
+        a strided write; the gather's backward was an index_put (docs/performance.md).
         """
         if self.n == 1:
             return tensor.unsqueeze(0)

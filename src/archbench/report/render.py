@@ -282,8 +282,8 @@ def _leak_section(leaks: dict[str, str]) -> list[Section]:
 
 
 def _comparison_section(compared: list, cells: dict, summary: pl.DataFrame) -> Section:
-    """Comparisons with baselines (after a warning if some pair precisions), the power summary,
-    or why there are none."""
+    """Comparisons with baselines (after a warning if a row and its baseline trained in
+    different precisions), the power summary, or why there are none."""
     if not compared:
         text = "No row declares a baseline in this suite, so nothing is compared."
         return Section("Comparisons with baselines", [Paragraph(text)])
