@@ -451,6 +451,40 @@ def test_submodels_are_entries_of_the_summary_and_the_report(tmp_path: Path) -> 
     assert "frac/L1.0" not in comparisons  # sub-models are compared in their own section
 
 
+def test_sub_models_carry_their_runs_precision_into_the_nesting_warning(tmp_path: Path) -> None:
+    """A sub-model entry trained in its run's precision: it gets the run's `bf16_autocast`, and
+    the nesting section warns when its baseline trained in another precision."""
+    runs = []
+    for name, nested, bf16 in (("frac", {"L1.0": 1.0, "L1.1": 0.0}, 1.0), ("solo", None, 0.0)):
+        for seed in range(3):
+            run_dir = tmp_path / name / f"seed{seed}"
+            fake_run(run_dir, name, seed, nested)
+            summary_file = run_dir / "train_summary.json"
+            train_summary = json.loads(summary_file.read_text())
+            write_json(summary_file, train_summary | {"bf16_autocast": bf16})
+            runs.append(RunRef(name, "fractalformer", "chars", seed, run_dir))
+    aggregate(runs, tmp_path / "summary.csv", tmp_path / "curves.csv")
+    summary = read_summary(tmp_path / "summary.csv")
+    precision: dict[str, set[float]] = {}
+    for name, value in (
+        summary.filter(summary["metric"] == "bf16_autocast")
+        .select("experiment", "value")
+        .iter_rows()
+    ):
+        precision.setdefault(name, set()).add(value)
+    assert precision == {"frac": {1.0}, "frac/L1.0": {1.0}, "frac/L1.1": {1.0}, "solo": {0.0}}
+    rows = [
+        {"name": "frac", "arch": "fractalformer", "dataset": "chars",
+         "submodel_baselines": {"L1": "solo"}, "init_from": ""},
+        {"name": "solo", "arch": "fractalformer", "dataset": "chars"},
+    ]  # fmt: skip
+    render_report(tmp_path / "summary.csv", tmp_path / "curves.csv", tmp_path / "report", "t", rows)
+    nesting = (tmp_path / "report/index.md").read_text().split("## Nesting cost", 1)[1]
+    nesting = nesting.split("\n## ", 1)[0]
+    assert "frac/L1.0 vs solo (row: bf16 on all 3 seeds; baseline: fp32 on all 3 seeds)" in nesting
+    assert "frac/L1.1 vs" not in nesting  # failed its leak check: not compared, not named
+
+
 # ---- the DAG -------------------------------------------------------------------------------
 
 DAG_TABLE = HEADER + "".join(

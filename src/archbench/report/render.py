@@ -303,6 +303,9 @@ def _nesting_section(
     if not any(split_entry(name) for name in order):
         return []
     blocks: list = [Paragraph(text) for text in nesting_notes(rows)]
+    warning = precision_warning(summary, nested)
+    if warning:
+        blocks.append(Paragraph(warning, warning=True))
     if nested:
         blocks.append(nesting_cost_table(nested, summary, cells))
     else:

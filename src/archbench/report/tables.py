@@ -27,6 +27,7 @@ from archbench.report.stats import (
 )
 
 CONFIDENCE = 0.95
+PRECISION_METRIC = "bf16_autocast"  # train_summary.json: 1 for a run trained in bf16 autocast
 MISSING = "—"
 PRIMARY = "val_loss"  # the metric of text rows' comparisons (nats/token; lower is better)
 EXACT_MATCH = "_exact_match"  # suffix of a synthetic task's score (the task rows' comparisons)
@@ -583,7 +584,7 @@ def precision_warning(summary: pl.DataFrame, rows: list[ComparisonRow]) -> str |
     (`bf16_autocast`, 1 or 0 per seed), or None. Runs that did not record it are not judged."""
     recorded = {
         name: [v for v in by_seed.values() if math.isfinite(v)]
-        for name, by_seed in per_seed_values(summary, "bf16_autocast").items()
+        for name, by_seed in per_seed_values(summary, PRECISION_METRIC).items()
     }
     mixed = []
     for row in rows:
