@@ -414,28 +414,46 @@ def fake_run(run_dir: Path, name: str, seed: int, nested: dict | None) -> None:
         writer.writerow([1, 64, 0.001, 3.0, loss, 0.1])
 
 
-def test_submodels_are_entries_of_the_summary_and_the_report(tmp_path: Path) -> None:
+def fake_suite(root: Path, bf16: dict[str, float] | None = None) -> list[RunRef]:
+    """Runs of a fractalformer row 'frac' (sub-model L1.0 passes the leak check, L1.1 fails)
+    and a row 'solo', 3 seeds each, aggregated under `root`; `bf16`: each row's
+    `bf16_autocast`, added to its train_summary.json."""
     runs = []
     for name, nested in (("frac", {"L1.0": 1.0, "L1.1": 0.0}), ("solo", None)):
         for seed in range(3):
-            run_dir = tmp_path / name / f"seed{seed}"
+            run_dir = root / name / f"seed{seed}"
             fake_run(run_dir, name, seed, nested)
+            if bf16 is not None:
+                summary_file = run_dir / "train_summary.json"
+                train_summary = json.loads(summary_file.read_text())
+                write_json(summary_file, train_summary | {"bf16_autocast": bf16[name]})
             runs.append(RunRef(name, "fractalformer", "chars", seed, run_dir))
-    aggregate(runs, tmp_path / "summary.csv", tmp_path / "curves.csv")
+    aggregate(runs, root / "summary.csv", root / "curves.csv")
+    return runs
+
+
+def render_fake_suite(root: Path) -> str:
+    """Render fake_suite's report ('frac' with sub-model baseline L1 = 'solo'): index.md."""
+    rows = [
+        {"name": "frac", "arch": "fractalformer", "dataset": "chars",
+         "submodel_baselines": {"L1": "solo"}, "init_from": ""},
+        {"name": "solo", "arch": "fractalformer", "dataset": "chars"},
+    ]  # fmt: skip
+    render_report(root / "summary.csv", root / "curves.csv", root / "report", "t", rows)
+    return (root / "report/index.md").read_text()
+
+
+def test_submodels_are_entries_of_the_summary_and_the_report(tmp_path: Path) -> None:
+    fake_suite(tmp_path)
     summary = read_summary(tmp_path / "summary.csv")
     entry = summary.filter(summary["experiment"] == "frac/L1.0")
     values = {(m, s): v for m, s, v in entry.select("metric", "seed", "value").iter_rows()}
     assert values[("val_loss", 2)] == 2.1 and values[("n_params", 0)] == 2500
     assert values[("leak_check_passed", 1)] == 1.0
     assert set(entry["arch"]) == {"fractalformer"} and set(entry["dataset"]) == {"chars"}
+    assert "bf16_autocast" not in set(summary["metric"])  # not recorded: not made up
 
-    rows = [
-        {"name": "frac", "arch": "fractalformer", "dataset": "chars",
-         "submodel_baselines": {"L1": "solo"}, "init_from": ""},
-        {"name": "solo", "arch": "fractalformer", "dataset": "chars"},
-    ]  # fmt: skip
-    render_report(tmp_path / "summary.csv", tmp_path / "curves.csv", tmp_path / "report", "t", rows)
-    page = (tmp_path / "report/index.md").read_text()
+    page = render_fake_suite(tmp_path)
     results = page.split("## Results", 1)[1].split("\n## ", 1)[0]
     order = re.findall(r"^\| (\S+) \| fractalformer", results, re.MULTILINE)
     assert order == ["frac", "frac/L1.0", "frac/L1.1", "solo"]
@@ -454,16 +472,7 @@ def test_submodels_are_entries_of_the_summary_and_the_report(tmp_path: Path) -> 
 def test_sub_models_carry_their_runs_precision_into_the_nesting_warning(tmp_path: Path) -> None:
     """A sub-model entry trained in its run's precision: it gets the run's `bf16_autocast`, and
     the nesting section warns when its baseline trained in another precision."""
-    runs = []
-    for name, nested, bf16 in (("frac", {"L1.0": 1.0, "L1.1": 0.0}, 1.0), ("solo", None, 0.0)):
-        for seed in range(3):
-            run_dir = tmp_path / name / f"seed{seed}"
-            fake_run(run_dir, name, seed, nested)
-            summary_file = run_dir / "train_summary.json"
-            train_summary = json.loads(summary_file.read_text())
-            write_json(summary_file, train_summary | {"bf16_autocast": bf16})
-            runs.append(RunRef(name, "fractalformer", "chars", seed, run_dir))
-    aggregate(runs, tmp_path / "summary.csv", tmp_path / "curves.csv")
+    fake_suite(tmp_path, bf16={"frac": 1.0, "solo": 0.0})
     summary = read_summary(tmp_path / "summary.csv")
     precision: dict[str, set[float]] = {}
     for name, value in (
@@ -473,14 +482,7 @@ def test_sub_models_carry_their_runs_precision_into_the_nesting_warning(tmp_path
     ):
         precision.setdefault(name, set()).add(value)
     assert precision == {"frac": {1.0}, "frac/L1.0": {1.0}, "frac/L1.1": {1.0}, "solo": {0.0}}
-    rows = [
-        {"name": "frac", "arch": "fractalformer", "dataset": "chars",
-         "submodel_baselines": {"L1": "solo"}, "init_from": ""},
-        {"name": "solo", "arch": "fractalformer", "dataset": "chars"},
-    ]  # fmt: skip
-    render_report(tmp_path / "summary.csv", tmp_path / "curves.csv", tmp_path / "report", "t", rows)
-    nesting = (tmp_path / "report/index.md").read_text().split("## Nesting cost", 1)[1]
-    nesting = nesting.split("\n## ", 1)[0]
+    nesting = render_fake_suite(tmp_path).split("## Nesting cost", 1)[1].split("\n## ", 1)[0]
     assert "frac/L1.0 vs solo (row: bf16 on all 3 seeds; baseline: fp32 on all 3 seeds)" in nesting
     assert "frac/L1.1 vs" not in nesting  # failed its leak check: not compared, not named
 
