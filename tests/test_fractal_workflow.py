@@ -389,11 +389,16 @@ VALUES = {
 }
 
 
-def fake_run(run_dir: Path, name: str, seed: int, nested: dict | None) -> None:
-    """A finished run directory with made-up numbers."""
+def fake_run(
+    run_dir: Path, name: str, seed: int, nested: dict | None, bf16: float | None = None
+) -> None:
+    """A finished run directory with made-up numbers (`bf16`: its `bf16_autocast`, if any)."""
     run_dir.mkdir(parents=True)
     loss = VALUES[name][seed]
-    write_json(run_dir / "train_summary.json", {"n_params": 9000.0, "train_tokens": 768})
+    train_summary = {"n_params": 9000.0, "train_tokens": 768}
+    if bf16 is not None:
+        train_summary["bf16_autocast"] = bf16
+    write_json(run_dir / "train_summary.json", train_summary)
     evals = {"val_loss": loss, "val_bpb": loss * 1.5}
     leaks = {"leak_check_passed": 1.0}
     if nested:
@@ -417,16 +422,12 @@ def fake_run(run_dir: Path, name: str, seed: int, nested: dict | None) -> None:
 def fake_suite(root: Path, bf16: dict[str, float] | None = None) -> list[RunRef]:
     """Runs of a fractalformer row 'frac' (sub-model L1.0 passes the leak check, L1.1 fails)
     and a row 'solo', 3 seeds each, aggregated under `root`; `bf16`: each row's
-    `bf16_autocast`, added to its train_summary.json."""
+    `bf16_autocast` (none recorded without it)."""
     runs = []
     for name, nested in (("frac", {"L1.0": 1.0, "L1.1": 0.0}), ("solo", None)):
         for seed in range(3):
             run_dir = root / name / f"seed{seed}"
-            fake_run(run_dir, name, seed, nested)
-            if bf16 is not None:
-                summary_file = run_dir / "train_summary.json"
-                train_summary = json.loads(summary_file.read_text())
-                write_json(summary_file, train_summary | {"bf16_autocast": bf16[name]})
+            fake_run(run_dir, name, seed, nested, None if bf16 is None else bf16[name])
             runs.append(RunRef(name, "fractalformer", "chars", seed, run_dir))
     aggregate(runs, root / "summary.csv", root / "curves.csv")
     return runs
