@@ -32,6 +32,7 @@ from archbench.models import build_model
 from archbench.models.fractalformer import FractalFormer, parse_submodel
 from archbench.report.aggregate import RunRef, aggregate, read_summary
 from archbench.report.render import render_report
+from archbench.report.tables import per_seed_values
 from archbench.runs import load_run
 from archbench.train import make_train_config, train_run
 
@@ -475,13 +476,8 @@ def test_sub_models_carry_their_runs_precision_into_the_nesting_warning(tmp_path
     the nesting section warns when its baseline trained in another precision."""
     fake_suite(tmp_path, bf16={"frac": 1.0, "solo": 0.0})
     summary = read_summary(tmp_path / "summary.csv")
-    precision: dict[str, set[float]] = {}
-    for name, value in (
-        summary.filter(summary["metric"] == "bf16_autocast")
-        .select("experiment", "value")
-        .iter_rows()
-    ):
-        precision.setdefault(name, set()).add(value)
+    by_seed = per_seed_values(summary, "bf16_autocast")
+    precision = {name: set(values.values()) for name, values in by_seed.items()}
     assert precision == {"frac": {1.0}, "frac/L1.0": {1.0}, "frac/L1.1": {1.0}, "solo": {0.0}}
     nesting = render_fake_suite(tmp_path).split("## Nesting cost", 1)[1].split("\n## ", 1)[0]
     assert "frac/L1.0 vs solo (row: bf16 on all 3 seeds; baseline: fp32 on all 3 seeds)" in nesting
