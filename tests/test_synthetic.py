@@ -16,6 +16,7 @@ from torch import nn
 from archbench.cli import main
 from archbench.data import (
     MASK_FILES,
+    Instances,
     SyntheticSpec,
     check_local_copy,
     load_instances,
@@ -28,11 +29,14 @@ from archbench.data import (
 )
 from archbench.data.synthetic import MQAR, PathStar
 from archbench.errors import ConfigError, DataError
-from archbench.evaluate.synthetic import greedy_answers, score_instances
+from archbench.evaluate.submodels import SUBMODELS
+from archbench.evaluate.synthetic import evaluate_task, greedy_answers, score_instances
 from archbench.generate import generate
 from archbench.io import read_json
 from archbench.models import build_model
+from archbench.models.fractalformer import SubModelView, parse_submodel
 from archbench.models.futureformer import bag_loss
+from archbench.runs import load_run
 from archbench.train import (
     IGNORE_INDEX,
     estimate_val_loss,
@@ -617,6 +621,26 @@ def test_evaluate_task_cli_writes_flat_numbers_and_refuses_text_data(
     with pytest.raises(SystemExit) as usage_error:
         main([*args, "--limit", "0"])
     assert usage_error.value.code == 2 and "--limit: 0 is not >= 1" in capsys.readouterr().err
+
+
+def test_evaluate_task_scores_every_nested_submodel(prepared: Path, tmp_path: Path) -> None:
+    spec = {
+        **synthetic_spec(),
+        "arch": "fractalformer",
+        "model": {**SHAPE, "d_model": 32, "levels": 2},
+    }
+    train_run(spec, prepared, tmp_path / "run", show_progress=False)
+    metrics = evaluate_task(tmp_path / "run", prepared, tmp_path / "task.json", limit=4)
+    assert read_json(tmp_path / "task.json") == metrics
+    task_metrics = {"path_star_accuracy", "path_star_token_accuracy", "path_star_exact_match"}
+    assert set(metrics[SUBMODELS]) == {"L1.0", "L1.1"}
+    model = load_run(tmp_path / "run")
+    instances = load_instances(prepared, "val")
+    instances = Instances(instances.ids[:4], instances.mask[:4])
+    for name, scores in metrics[SUBMODELS].items():
+        assert set(scores) == task_metrics
+        view = SubModelView(model, *parse_submodel(name, model.config))
+        assert scores == score_instances(view, instances, "path_star")
 
 
 def test_prepare_cli_generates_a_synthetic_data_set(tmp_path: Path) -> None:

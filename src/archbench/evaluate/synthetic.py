@@ -31,6 +31,7 @@ from torch import nn
 
 from archbench.data import Instances, load_instances, load_meta
 from archbench.errors import ConfigError, DataError
+from archbench.evaluate.submodels import SUBMODELS, with_submodels
 from archbench.generate import next_token
 from archbench.io import write_json
 from archbench.runs import load_run
@@ -100,7 +101,8 @@ def evaluate_task(
     device: str | torch.device = "cpu",
 ) -> dict[str, float]:
     """Score a finished run on the first `limit` (all if None) validation instances of its
-    synthetic data set and write the flat JSON of numbers to `out_json`; returns it."""
+    synthetic data set and write the JSON of numbers to `out_json` (flat, plus each nested
+    sub-model's own numbers under `submodels`, archbench.evaluate.submodels); returns it."""
     if limit is not None and limit < 1:
         raise ConfigError(f"limit must be >= 1 (instances to score), got {limit}")
     if batch_size < 1:
@@ -116,9 +118,13 @@ def evaluate_task(
         instances = Instances(instances.ids[:limit], instances.mask[:limit])
     tick = time.perf_counter()
     model = load_run(Path(run_dir), device)
-    metrics = score_instances(model, instances, meta["task"], batch_size, device)
+    metrics = with_submodels(  # nested sub-models (fractalformer) are scored on the same instances
+        model, lambda scored: score_instances(scored, instances, meta["task"], batch_size, device)
+    )
     metrics["task_eval_seconds"] = round(time.perf_counter() - tick, 3)
-    if not all(math.isfinite(value) for value in metrics.values()):
+    scored = (metrics, *metrics.get(SUBMODELS, {}).values())
+    numbers = [value for part in scored for value in part.values() if not isinstance(value, dict)]
+    if not all(math.isfinite(value) for value in numbers):
         raise DataError(f"non-finite task metrics for {run_dir}: {metrics}")
     write_json(out_json, metrics)
     return metrics
