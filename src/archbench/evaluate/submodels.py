@@ -2,8 +2,9 @@
 
 A fractalformer run holds split**l sub-models at every level l; each is a language model in its
 own right (`SubModelView`: `forward` gives that sub-model's next-token logits, computing what it
-reads). The perplexity, leak-check and synthetic-task jobs run their scoring function on the whole
-model and on every sub-model (lm-eval scores the whole model only), and write the sub-models' results into the same JSON object under `SUBMODELS`:
+reads). The perplexity, leak-check and synthetic-task jobs run their scoring function on the
+whole model and on every sub-model (lm-eval scores the whole model only), and write the
+sub-models' results into the same JSON object under `SUBMODELS`:
 
     {"val_loss": ..., ..., "submodels": {"L1.0": {"val_loss": ..., "n_params": ...}, ...}}
 
