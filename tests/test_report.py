@@ -82,7 +82,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CHECK_SCRIPT = ROOT / "scripts" / "check_report_html.py"
 T_975_2 = 4.302652729749462  # scipy.stats.t.ppf(0.975, 2), the 95% two-sided quantile for n = 3
 HW_SD1_N3 = T_975_2 / math.sqrt(3)  # 2.4841 for values [1, 2, 3]
-SUITE_DEFAULTS = {"n_layer": 4, "n_head": 4, "d_model": 128, "block_size": 128}
+SUITE_DEFAULTS = {"tiny": {"n_layer": 4, "n_head": 4, "d_model": 128, "block_size": 128}}
 
 # name -> (arch, dataset, overrides, baseline, final val_loss per seed, parameter count)
 ROWS: dict[str, tuple[str, str, dict[str, str], str | None, list[float], int]] = {
@@ -515,8 +515,31 @@ def test_a_new_row_with_a_new_value_joins_its_axis() -> None:
     (axis,) = ablation_axes([*rows, _row("fa8", "future_attention", future_dim="8")])
     assert [p.experiment for p in axis.points] == ["fa8", "fa32", "fa"]
     assert axis.title == "future_attention on tiny: future_dim"
-    (axis,) = ablation_axes(rows, {"block_size": 64})  # the suite's block size
+    (axis,) = ablation_axes(rows, {"tiny": {"block_size": 64}})  # the suite's block size
     assert [p.label for p in axis.points] == ["32", "0 = 63 (default)"]
+
+
+def test_rows_take_the_defaults_of_their_own_data_set() -> None:
+    """A suite's train_by_dataset values are the defaults of that data set's rows only: a row
+    that spells out its data set's value is the same point as one that leaves it out."""
+    rows = [
+        _row("q", dataset="mqar"),
+        _row("q_same", dataset="mqar", token_budget="5000"),
+        _row("q_big", dataset="mqar", token_budget="9000"),
+        _row("t", dataset="tiny"),
+        _row("t_5000", dataset="tiny", token_budget="5000"),
+    ]
+    defaults = {"mqar": {"token_budget": 5000}, "tiny": {"token_budget": 2000}}
+    mqar, tiny = ablation_axes(rows, defaults)
+    assert [(p.experiment, p.label) for p in mqar.points] == [
+        ("q", "5000 (default)"),
+        ("q_same", "5000"),
+        ("q_big", "9000"),
+    ]
+    assert [(p.experiment, p.label) for p in tiny.points] == [
+        ("t", "2000 (default)"),
+        ("t_5000", "5000"),
+    ]
 
 
 def test_stand_in_zeros_resolve_from_the_rows_own_options_and_init_from_splits_axes() -> None:
@@ -524,17 +547,17 @@ def test_stand_in_zeros_resolve_from_the_rows_own_options_and_init_from_splits_a
         _row("f", "fractalformer", mlp_ratio="2"),
         _row("f96", "fractalformer", mlp_ratio="2", mlp_hidden="96"),
     ]
-    (axis,) = ablation_axes(rows, {"d_model": 64})
+    (axis,) = ablation_axes(rows, {"tiny": {"d_model": 64}})
     # gpt's SwiGLU rule: 2/3 of mlp_ratio * d_model, rounded up to a multiple of 8
     assert [p.label for p in axis.points] == ["0 = 88 (default)", "96"]
     warm = {**_row("f_warm", "fractalformer", mlp_ratio="2", mlp_hidden="96"), "init_from": "x"}
-    (axis,) = ablation_axes([*rows, warm], {"d_model": 64})
+    (axis,) = ablation_axes([*rows, warm], {"tiny": {"d_model": 64}})
     assert [p.experiment for p in axis.points] == ["f", "f96"]  # f_warm trained otherwise
     hourglass = [_row("h", "hourglass"), _row("h2", "hourglass", widths="64,32")]
     (axis,) = ablation_axes([*hourglass, _row("h0", "hourglass", widths="")])
     assert [p.label for p in axis.points] == ["(empty) = 128,128 (default)", "64,32",
                                               "(empty) = 128,128"]  # fmt: skip
-    (axis,) = ablation_axes(hourglass, {"d_model": 64, "latents": "4"})
+    (axis,) = ablation_axes(hourglass, {"tiny": {"d_model": 64, "latents": "4"}})
     assert axis.points[0].label == "(empty) = 64 (default)"
 
 
@@ -885,7 +908,7 @@ def test_an_axis_of_task_rows_is_scored_on_exact_match(tmp_path: Path) -> None:
         {"name": "gpt_path", "arch": "gpt", "dataset": "path_star", "overrides": {}},
         {"name": "gpt_l5_path", "arch": "gpt", "dataset": "path_star", "overrides": {"n_layer": 5}},
     ]
-    (axis,) = ablation_axes(rows, {"n_layer": 4})
+    (axis,) = ablation_axes(rows, {"path_star": {"n_layer": 4}})
     metric = "path_star_exact_match"
     cells = {("gpt_path", metric): (0.25, 0.1), ("gpt_l5_path", metric): (0.5, 0.2)}
     assert axis_score(axis, cells).metric == metric

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import re
 from pathlib import Path
 
@@ -87,6 +88,15 @@ def test_snakemakes_report_holds_the_report_page_figures_and_data(project: Path)
     assert ours.count('<img src="data:image/png;base64,') == len(
         list((project / "report/smoke/figures").glob("*.png"))
     )
+
+
+def test_the_report_gets_each_data_sets_defaults(project: Path) -> None:
+    """defaults.json holds, by data set, the suite's model and train values (train_by_dataset
+    applied) that the report places rows without an override by."""
+    defaults = json.loads((project / "results/smoke/defaults.json").read_text())
+    assert set(defaults) == {"shakespeare_char", "mqar", "path_star"}
+    for values in defaults.values():
+        assert values["d_model"] == 32 and values["token_budget"] == 10240
 
 
 def test_nothing_reruns_when_nothing_changed(project: Path) -> None:

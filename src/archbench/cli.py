@@ -469,7 +469,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--defaults",
         type=json_value,
         default=None,
-        help="JSON of the suite's model/training values, or @file (results/<suite>/defaults.json)",
+        help="JSON {dataset: {option: value}} of the values each data set's rows start from "
+        "(the suite's model and train sections, train_by_dataset applied), or @file "
+        "(results/<suite>/defaults.json)",
     )
     p.set_defaults(func=_cmd_report)
 

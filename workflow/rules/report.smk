@@ -26,7 +26,15 @@ def digest(text):
 # params are the lists' digests: Snakemake prints a changed param's old and new value.
 RUNS_JSON = run_refs()
 ROWS_JSON = json.dumps([e.describe() for e in EXPERIMENTS.values()], indent=1)
-DEFAULTS_JSON = json.dumps({**SUITE.model, **SUITE.train}, indent=1)
+# The values each data set's rows start from: the suite's model and train sections, with its
+# train_by_dataset applied (the report places rows without an override on ablation axes by them).
+DEFAULTS_JSON = json.dumps(
+    {
+        dataset: {**SUITE.model, **SUITE.train_for(dataset)}
+        for dataset in sorted({e.dataset for e in EXPERIMENTS.values()})
+    },
+    indent=1,
+)
 
 
 rule run_list:

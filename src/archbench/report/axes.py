@@ -3,12 +3,12 @@
 Rows that share an architecture and a data set and differ in exactly one option form an ablation
 axis along that option: for example `future_attention` (no overrides), `future_attention_f32`
 (`future_dim=32`) and `future_attention_f64` (`future_dim=64`) form the `future_dim` axis. A row
-without the key counts as having the default value: the suite's value when `defaults` gives one,
-else the option's registry default (model options of the architecture, then training options).
-Values are compared after conversion to the option's type, so `future_dim=0` and an absent key
-whose default is 0 are the same point; a 0 that stands for a value derived from other options
-(`Option.unset_means`: `n_kv_heads=0` is n_head) is placed at that value and labelled "0 = 4";
-an empty text that stands for one (hourglass `widths=""`: d_model at every level) reads
+without the key counts as having the default value: the suite's value for the row's data set when
+`defaults` gives one, else the option's registry default (model options of the architecture, then
+training options). Values are compared after conversion to the option's type, so `future_dim=0` and
+an absent key whose default is 0 are the same point; a 0 that stands for a value derived from other
+options (`Option.unset_means`: `n_kv_heads=0` is n_head) is placed at that value and labelled
+"0 = 4"; an empty text that stands for one (hourglass `widths=""`: d_model at every level) reads
 "(empty) = 64,64".
 Rows warm-started differently (`init_from`) are never on one axis. A new row with a new value
 joins its axis with no code change.
@@ -133,13 +133,16 @@ def _point(
         return AxisPoint(name, value, is_default)
 
 
-def ablation_axes(experiments: list[dict], defaults: Mapping[str, Any] | None = None) -> list[Axis]:
+def ablation_axes(
+    experiments: list[dict], defaults: Mapping[str, Mapping[str, Any]] | None = None
+) -> list[Axis]:
     """Every ablation axis of `experiments` (dicts with name, arch, dataset, overrides).
 
-    `defaults` are the option values every row starts from before its overrides (a suite's
-    model and train sections). Axes come in the table order of their first row, then key order.
+    `defaults` are, by data set, the option values its rows start from before their overrides
+    ({dataset: {option: value}}: a suite's model and train sections with its train_by_dataset
+    applied). Axes come in the table order of their first row, then key order.
     """
-    defaults = dict(defaults or {})
+    by_dataset = dict(defaults or {})
     groups: dict[tuple[str, str], list[dict]] = {}
     for experiment in experiments:
         if not {"name", "arch", "dataset"} <= experiment.keys():
@@ -147,6 +150,7 @@ def ablation_axes(experiments: list[dict], defaults: Mapping[str, Any] | None = 
         groups.setdefault((experiment["arch"], experiment["dataset"]), []).append(experiment)
     axes = []
     for (arch, dataset), rows in groups.items():
+        defaults = by_dataset.get(dataset, {})
         keys = list(dict.fromkeys(k for row in rows for k in (row.get("overrides") or {})))
         values = {
             row["name"]: {

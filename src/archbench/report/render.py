@@ -75,7 +75,7 @@ def render_report(
     suite: str,
     experiments: list[dict] | None = None,
     samples_json: Path | None = None,
-    defaults: Mapping[str, Any] | None = None,
+    defaults: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> list[Path]:
     """Write index.md, index.html and figures/*.png under `out_dir`; return their paths.
 
@@ -83,8 +83,9 @@ def render_report(
     baseline, description); rows follow that order (experiments it omits come after it,
     sorted); without it they are sorted by name and nothing is compared. An experiment in the
     order but absent from the data is an error. `samples_json` is the file written by
-    `collect_samples`; `defaults` the option values rows start from (the suite's model and
-    train sections), used to place rows without an override on their ablation axes.
+    `collect_samples`; `defaults` the option values rows start from, by data set (the suite's
+    model and train sections with its train_by_dataset applied), used to place rows without an
+    override on their ablation axes.
     """
     out_dir = Path(out_dir)
     summary = read_summary(summary_csv)
