@@ -97,8 +97,17 @@ def test_span_targets_hand_worked() -> None:
     ids, valid = span_targets(targets, offset=4, length=4)  # tokens t+4 … t+7
     assert ids[0, :2].tolist() == [[4, 5, 6, 7], [5, 6, 7, 8]]
     assert valid.tolist() == [True] * 2 + [False] * 6
+    ids, valid = span_targets(targets, offset=2, length=7)  # reach t+8 = the window's length
+    assert ids[0, 0].tolist() == [2, 3, 4, 5, 6, 7, 8] and valid.tolist() == [True] + [False] * 7
     ids, valid = span_targets(targets, offset=2, length=8)  # nested span 3: t+2 … t+9
     assert ids.shape == (1, 8, 8) and not valid.any()
+
+
+def test_a_block_as_long_as_the_reach_is_allowed() -> None:
+    """Spans reaching t+15 have a target at position 0 of a 15-token window, not of 14."""
+    assert make_config(block_size=15, future_levels=3).reach() == 15
+    with pytest.raises(ConfigError, match="look 15 tokens ahead, but block_size=14 allows at most"):
+        make_config(block_size=14, future_levels=3)
 
 
 def test_bag_loss_hand_worked() -> None:
@@ -398,7 +407,7 @@ def test_seed_changes_init() -> None:
         (
             {"future_levels": 4},  # spans 2 + 4 + 8 + 16 from t+2: reach t+31
             r"future_levels=4, future_mult=2 with spans=disjoint look 31 tokens ahead, but "
-            r"block_size=24 allows at most block_size - 1 = 23",
+            r"block_size=24 allows at most 24",
         ),
         ({"future_mult": 5}, r"future_mult=5 .* look 31 tokens ahead"),
         ({"n_head": 3}, r"d_model=32 is not divisible by n_head=3"),

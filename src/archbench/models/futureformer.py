@@ -219,21 +219,22 @@ class FutureFormerConfig(GPTConfig):
     def validate(self) -> None:
         """Check constraints between options; raise ConfigError naming the options."""
         super().validate()
-        if self.reach() > self.block_size - 1:
+        if self.reach() > self.block_size:
             raise ConfigError(
                 f"future_levels={self.future_levels}, future_mult={self.future_mult} with "
                 f"spans={self.spans} look {self.reach()} tokens ahead, but block_size="
-                f"{self.block_size} allows at most block_size - 1 = {self.block_size - 1}"
+                f"{self.block_size} allows at most {self.block_size} (the targets of a window "
+                "of T tokens reach t+T from its first position)"
             )
 
     def check_window(self, length: int) -> None:
-        """The farthest span must fit in a training window at least once, or its loss is 0 at
-        every step."""
-        if self.reach() > length - 1:
+        """The farthest span must fit in a training window at least once (its targets reach
+        `length` tokens ahead of the window's first position), or its loss is 0 at every step."""
+        if self.reach() > length:
             raise ConfigError(
                 f"future_levels={self.future_levels}, future_mult={self.future_mult} with "
                 f"spans={self.spans} look {self.reach()} tokens ahead, but a training window of "
-                f"{length} tokens allows at most {length - 1}: the farthest span would never "
+                f"{length} tokens allows at most {length}: the farthest span would never "
                 "have a target"
             )
 
