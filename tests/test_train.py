@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import math
 import os
 import shutil
@@ -94,6 +95,24 @@ def test_batches_are_a_pure_function_of_seed_and_step() -> None:
 def test_token_budget_smaller_than_a_batch_is_refused() -> None:
     with pytest.raises(ConfigError, match=r"token_budget=100 is smaller than one batch \(.*= 128"):
         make_train_config({"block_size": 32, "batch_size": 4, "token_budget": 100})
+
+
+def test_a_split_of_one_window_is_enough(tiny_data: Path, tmp_path: Path) -> None:
+    """block_size + 1 tokens make one window (inputs and targets); one token fewer does not."""
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    meta = read_json(data / "meta.json")
+    val = np.fromfile(data / "val.bin", dtype=meta["dtype"])
+    for length in (17, 16):  # block_size 16
+        val[:length].tofile(data / "val.bin")
+        (data / "meta.json").write_text(json.dumps({**meta, "n_val_tokens": length}))
+        if length == 17:
+            summary = train_run(tiny_spec(), data, tmp_path / "run", show_progress=False)
+            assert math.isfinite(summary["final_val_loss"])
+    with pytest.raises(
+        ConfigError, match=r"val split of 'tiny' has 16 tokens, fewer than block_size \+ 1 = 17"
+    ):
+        train_run(tiny_spec(), data, tmp_path / "run16", show_progress=False)
 
 
 def test_training_writes_every_output(tiny_data: Path, tmp_path: Path) -> None:

@@ -237,10 +237,10 @@ def _window_data(data_dir: Path, dataset: str, config: TrainConfig) -> TrainingD
     """Text: `batch_at` windows; validation on evenly spaced windows of the val split."""
     train_tokens, val_tokens = load_tokens(data_dir, "train"), load_tokens(data_dir, "val")
     for split, tokens in (("train", train_tokens), ("val", val_tokens)):
-        if len(tokens) <= config.block_size + 1:
+        if len(tokens) < config.block_size + 1:  # one window of inputs and its targets
             raise ConfigError(
                 f"{split} split of '{dataset}' has {len(tokens)} tokens, fewer than "
-                f"block_size + 2 = {config.block_size + 2}"
+                f"block_size + 1 = {config.block_size + 1}"
             )
     count = config.eval_batches * config.batch_size
     starts = np.linspace(0, len(val_tokens) - config.block_size - 1, count).astype(np.int64)
