@@ -17,8 +17,8 @@ from archbench.models.hourglass import (
     Hourglass,
     HourglassConfig,
     MultiChannelBlock,
-    merge_channels,
     perceiver_mask,
+    softmax_merge,
 )
 from archbench.options import coerce_all, options_of
 
@@ -344,10 +344,10 @@ def test_other_merges_combine_separate_channels_per_element(merge: str) -> None:
 
 def test_merge_softmax_is_a_convex_combination() -> None:
     x = torch.randn(5, 2, 3, 4, dtype=torch.float64)
-    merged = merge_channels(x, "softmax")
+    merged = softmax_merge(x)
     assert torch.all(merged <= x.amax(0) + 1e-12) and torch.all(merged >= x.amin(0) - 1e-12)
     same = x[:1].expand(5, -1, -1, -1)
-    torch.testing.assert_close(merge_channels(same, "softmax"), x[0])
+    torch.testing.assert_close(softmax_merge(same), x[0])
 
 
 def test_channel_mlps_share_one_vanilla_budget() -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -29,11 +30,22 @@ KEEP_LOGITS_ELEMENTS = 2**24
 CPU_MATH_ATTENTION_MAX_LEN = 128
 
 
-def make_norm(kind: str, dim: int) -> nn.Module:
-    """An RMSNorm or a bias-free LayerNorm over the last dimension."""
-    if kind == "rmsnorm":
-        return nn.RMSNorm(dim, eps=1e-6)
+def rms_norm(dim: int) -> nn.Module:
+    """RMSNorm over the last dimension (eps 1e-6)."""
+    return nn.RMSNorm(dim, eps=1e-6)
+
+
+def layer_norm(dim: int) -> nn.Module:
+    """LayerNorm over the last dimension, without a bias."""
     return nn.LayerNorm(dim, bias=False)
+
+
+NORMS: dict[str, Callable[[int], nn.Module]] = {"rmsnorm": rms_norm, "layernorm": layer_norm}
+
+
+def make_norm(kind: str, dim: int) -> nn.Module:
+    """The normalisation layer `kind` (a key of NORMS) over the last dimension of width `dim`."""
+    return NORMS[kind](dim)
 
 
 class RotaryEmbedding(nn.Module):

@@ -122,20 +122,113 @@ from archbench.models.blocks import (
 from archbench.models.gpt import GPTConfig
 from archbench.options import option
 
-POOLINGS = (
-    "sum",
-    "mean",
-    "max",
-    "linear",
-    "parametric_sum",
-    "parametric_max",
-    "attention",
-    "self_attention",
-    "self_attention_dynamic",
-)
 SLOT_SCHEDULES = ("constant", "linear", "root", "log", "poly")
 # Positions per head pass above KEEP_LOGITS_ELEMENTS: bounds the logits alive (see "Memory").
 HEAD_CHUNK_ROWS = 1024
+
+
+class GroupPool(nn.Module):
+    """sum / mean / max: the N items (in rank order) split into K groups, each reduced to a slot."""
+
+    def __init__(self, kind: str, slots: int):
+        super().__init__()
+        self.reduce = {"sum": torch.sum, "mean": torch.mean, "max": torch.amax}[kind]
+        self.slots = slots
+
+    def forward(self, items: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+        """Pool items (B, T, N, d) into (B, T, K, d); `state` is unused."""
+        groups = items.tensor_split(self.slots, dim=2)
+        return torch.stack([self.reduce(group, dim=2) for group in groups], dim=2)
+
+
+class LinearPool(nn.Module):
+    """Flatten the N items of a position and project them to K slots with one linear map."""
+
+    def __init__(self, d_model: int, n_items: int, slots: int):
+        super().__init__()
+        self.proj_items = nn.Linear(n_items * d_model, slots * d_model, bias=False)
+        self.slots = slots
+
+    def forward(self, items: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+        """Pool items (B, T, N, d) into (B, T, K, d); `state` is unused."""
+        b, t, _, d = items.shape
+        return self.proj_items(items.flatten(2)).view(b, t, self.slots, d)
+
+
+class ParametricPool(nn.Module):
+    """K learned maps W_k: slot k = W_k Σ_i item_i (sum) or max_i W_k item_i (max, elementwise)."""
+
+    def __init__(self, kind: str, d_model: int, slots: int):
+        super().__init__()
+        self.maps = nn.Linear(d_model, slots * d_model, bias=False)
+        self.kind, self.slots = kind, slots
+
+    def forward(self, items: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+        """Pool items (B, T, N, d) into (B, T, K, d); `state` is unused."""
+        b, t, _, d = items.shape
+        pooled = self.maps(items.sum(2)) if self.kind == "sum" else self.maps(items).amax(2)
+        return pooled.view(b, t, self.slots, d)
+
+
+class AttentionPool(nn.Module):
+    """Slot k = Σ_i a_ki item_i, a_k = softmax over the items of learned scores w_k · item_i."""
+
+    def __init__(self, d_model: int, slots: int):
+        super().__init__()
+        self.score = nn.Linear(d_model, slots, bias=False)
+
+    def forward(self, items: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+        """Pool items (B, T, N, d) into (B, T, K, d); `state` is unused."""
+        weights = self.score(items).softmax(dim=2)  # (B, T, N, K)
+        return torch.einsum("btnk,btnd->btkd", weights, items)
+
+
+class SelfAttentionPool(nn.Module):
+    """K queries attend over the items (keys Wk item, values Wv item, scale 1/√d). The queries are
+    learned vectors, or, if `dynamic`, Wq norm(state) from the current position's state."""
+
+    def __init__(self, d_model: int, slots: int, dynamic: bool, norm: str):
+        super().__init__()
+        self.key = nn.Linear(d_model, d_model, bias=False)
+        self.value = nn.Linear(d_model, d_model, bias=False)
+        self.slots, self.dynamic = slots, dynamic
+        if dynamic:
+            self.norm_state = make_norm(norm, d_model)
+            self.query = nn.Linear(d_model, slots * d_model, bias=False)
+        else:
+            self.queries = nn.Parameter(torch.empty(slots, d_model))
+
+    def forward(self, items: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+        """Pool items (B, T, N, d) into (B, T, K, d), with state (B, T, d) for dynamic queries."""
+        b, t, _, d = items.shape
+        if self.dynamic:
+            queries = self.query(self.norm_state(state)).view(b, t, self.slots, d)
+        else:
+            queries = self.queries.expand(b, t, self.slots, d)
+        scores = torch.einsum("btkd,btnd->btkn", queries, self.key(items)) / math.sqrt(d)
+        return torch.einsum("btkn,btnd->btkd", scores.softmax(dim=-1), self.value(items))
+
+
+# The poolings (option `pooling`), by name: each builds its module from (d_model, N items,
+# K slots, norm kind).
+POOLS: dict[str, Callable[[int, int, int, str], nn.Module]] = {
+    "sum": lambda d, n, k, norm: GroupPool("sum", k),
+    "mean": lambda d, n, k, norm: GroupPool("mean", k),
+    "max": lambda d, n, k, norm: GroupPool("max", k),
+    "linear": lambda d, n, k, norm: LinearPool(d, n, k),
+    "parametric_sum": lambda d, n, k, norm: ParametricPool("sum", d, k),
+    "parametric_max": lambda d, n, k, norm: ParametricPool("max", d, k),
+    "attention": lambda d, n, k, norm: AttentionPool(d, k),
+    "self_attention": lambda d, n, k, norm: SelfAttentionPool(d, k, False, norm),
+    "self_attention_dynamic": lambda d, n, k, norm: SelfAttentionPool(d, k, True, norm),
+}
+POOLINGS = tuple(POOLS)
+
+
+def make_pool(kind: str, d_model: int, n_items: int, slots: int, norm: str) -> nn.Module:
+    """The pooling module `kind` (a key of POOLS) for N = n_items items of width d_model and
+    K = slots slots."""
+    return POOLS[kind](d_model, n_items, slots, norm)
 
 
 @dataclass(frozen=True)
@@ -287,101 +380,6 @@ def over_row_chunks(
     chunks = zip(*(r.split(HEAD_CHUNK_ROWS) for r in rows), strict=True)
     outputs = [checkpoint(fn, *chunk, use_reentrant=False) for chunk in chunks]
     return [torch.cat(parts) for parts in zip(*outputs, strict=True)]
-
-
-class GroupPool(nn.Module):
-    """sum / mean / max: the N items (in rank order) split into K groups, each reduced to a slot."""
-
-    def __init__(self, kind: str, slots: int):
-        super().__init__()
-        self.reduce = {"sum": torch.sum, "mean": torch.mean, "max": torch.amax}[kind]
-        self.slots = slots
-
-    def forward(self, items: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
-        """Pool items (B, T, N, d) into (B, T, K, d); `state` is unused."""
-        groups = items.tensor_split(self.slots, dim=2)
-        return torch.stack([self.reduce(group, dim=2) for group in groups], dim=2)
-
-
-class LinearPool(nn.Module):
-    """Flatten the N items of a position and project them to K slots with one linear map."""
-
-    def __init__(self, d_model: int, n_items: int, slots: int):
-        super().__init__()
-        self.proj_items = nn.Linear(n_items * d_model, slots * d_model, bias=False)
-        self.slots = slots
-
-    def forward(self, items: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
-        """Pool items (B, T, N, d) into (B, T, K, d); `state` is unused."""
-        b, t, _, d = items.shape
-        return self.proj_items(items.flatten(2)).view(b, t, self.slots, d)
-
-
-class ParametricPool(nn.Module):
-    """K learned maps W_k: slot k = W_k Σ_i item_i (sum) or max_i W_k item_i (max, elementwise)."""
-
-    def __init__(self, kind: str, d_model: int, slots: int):
-        super().__init__()
-        self.maps = nn.Linear(d_model, slots * d_model, bias=False)
-        self.kind, self.slots = kind, slots
-
-    def forward(self, items: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
-        """Pool items (B, T, N, d) into (B, T, K, d); `state` is unused."""
-        b, t, _, d = items.shape
-        pooled = self.maps(items.sum(2)) if self.kind == "sum" else self.maps(items).amax(2)
-        return pooled.view(b, t, self.slots, d)
-
-
-class AttentionPool(nn.Module):
-    """Slot k = Σ_i a_ki item_i, a_k = softmax over the items of learned scores w_k · item_i."""
-
-    def __init__(self, d_model: int, slots: int):
-        super().__init__()
-        self.score = nn.Linear(d_model, slots, bias=False)
-
-    def forward(self, items: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
-        """Pool items (B, T, N, d) into (B, T, K, d); `state` is unused."""
-        weights = self.score(items).softmax(dim=2)  # (B, T, N, K)
-        return torch.einsum("btnk,btnd->btkd", weights, items)
-
-
-class SelfAttentionPool(nn.Module):
-    """K queries attend over the items (keys Wk item, values Wv item, scale 1/√d). The queries are
-    learned vectors, or, if `dynamic`, Wq norm(state) from the current position's state."""
-
-    def __init__(self, d_model: int, slots: int, dynamic: bool, norm: str):
-        super().__init__()
-        self.key = nn.Linear(d_model, d_model, bias=False)
-        self.value = nn.Linear(d_model, d_model, bias=False)
-        self.slots, self.dynamic = slots, dynamic
-        if dynamic:
-            self.norm_state = make_norm(norm, d_model)
-            self.query = nn.Linear(d_model, slots * d_model, bias=False)
-        else:
-            self.queries = nn.Parameter(torch.empty(slots, d_model))
-
-    def forward(self, items: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
-        """Pool items (B, T, N, d) into (B, T, K, d), with state (B, T, d) for dynamic queries."""
-        b, t, _, d = items.shape
-        if self.dynamic:
-            queries = self.query(self.norm_state(state)).view(b, t, self.slots, d)
-        else:
-            queries = self.queries.expand(b, t, self.slots, d)
-        scores = torch.einsum("btkd,btnd->btkn", queries, self.key(items)) / math.sqrt(d)
-        return torch.einsum("btkn,btnd->btkd", scores.softmax(dim=-1), self.value(items))
-
-
-def make_pool(kind: str, d_model: int, n_items: int, slots: int, norm: str) -> nn.Module:
-    """The pooling module `kind` for N = n_items items of width d_model and K = slots slots."""
-    if kind in ("sum", "mean", "max"):
-        return GroupPool(kind, slots)
-    if kind == "linear":
-        return LinearPool(d_model, n_items, slots)
-    if kind in ("parametric_sum", "parametric_max"):
-        return ParametricPool(kind.removeprefix("parametric_"), d_model, slots)
-    if kind == "attention":
-        return AttentionPool(d_model, slots)
-    return SelfAttentionPool(d_model, slots, kind == "self_attention_dynamic", norm)
 
 
 class MemoryCrossAttention(nn.Module):

@@ -14,6 +14,7 @@ from torch import nn
 from archbench.errors import ConfigError
 from archbench.models.blocks import (
     MLPS,
+    NORMS,
     Block,
     CausalSelfAttention,
     LanguageModel,
@@ -40,7 +41,7 @@ class LayerOptions:
     mlp_ratio: float = option(
         4.0, "MLP hidden width / model width (SwiGLU uses 2/3 of it)", min=0.0, min_exclusive=True
     )
-    norm: str = option("rmsnorm", "normalisation layer", choices=("rmsnorm", "layernorm"))
+    norm: str = option("rmsnorm", "normalisation layer", choices=tuple(NORMS))
     rope_base: float = option(10000.0, "RoPE base frequency", min=1.0)
     tie_embeddings: bool = option(True, "share the input embedding and output projection")
     dropout: float = option(0.0, "dropout probability", min=0.0, max=0.9)

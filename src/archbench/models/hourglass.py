@@ -142,6 +142,30 @@ from archbench.models.gpt import LayerOptions
 from archbench.options import option
 
 
+def softmax_merge(x: torch.Tensor) -> torch.Tensor:
+    """Per-element convex combination of channel streams x (s, B, T, d), weighted by a softmax of
+    their own values over the s channels → (B, T, d)."""
+    return (x.softmax(dim=0) * x).sum(dim=0)
+
+
+def mean_merge(x: torch.Tensor) -> torch.Tensor:
+    """Per-element mean of channel streams x (s, B, T, d) → (B, T, d)."""
+    return x.mean(dim=0)
+
+
+def max_merge(x: torch.Tensor) -> torch.Tensor:
+    """Per-element maximum of channel streams x (s, B, T, d) → (B, T, d)."""
+    return x.amax(dim=0)
+
+
+# The channel merges of multi-channel layers (option `merge`), by name.
+MERGES: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "softmax": softmax_merge,
+    "mean": mean_merge,
+    "max": max_merge,
+}
+
+
 def parse_sizes(spec: str, name: str) -> tuple[int, ...]:
     """The comma-separated positive integers of option `name` ("" gives ()); ConfigError if bad."""
     if not spec.strip():
@@ -220,7 +244,7 @@ class HourglassConfig(LayerOptions):
         "softmax",
         "channel merge: per-element softmax convex combination, mean, or max (unused if no "
         "multi-channel layer)",
-        choices=("softmax", "mean", "max"),
+        choices=tuple(MERGES),
     )
 
     @property
@@ -487,15 +511,6 @@ class ChannelMLPs(nn.Module):
         return torch.bmm(h, self.down)
 
 
-def merge_channels(x: torch.Tensor, how: str) -> torch.Tensor:
-    """Merge channel streams x (s, B, T, d) → (B, T, d), element by element."""
-    if how == "mean":
-        return x.mean(dim=0)
-    if how == "max":
-        return x.amax(dim=0)
-    return (x.softmax(dim=0) * x).sum(dim=0)
-
-
 class MultiChannelBlock(nn.Module):
     """A latent block with `channels` parallel causal attentions (own q/k/v, shared output
     projection), one residual stream and MLP per channel, shared MLPs, and a per-element merge."""
@@ -532,7 +547,7 @@ class MultiChannelBlock(nn.Module):
         update = self.mlps(h.view(s, b * t, d)).view(s, b, t, d)
         if self.shared is not None:
             update = update + self.shared(h)
-        return merge_channels(streams + self.dropout(update), self.merge)
+        return MERGES[self.merge](streams + self.dropout(update))
 
 
 @dataclass
