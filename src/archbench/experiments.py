@@ -515,7 +515,7 @@ def check_suite_names(path: Path, experiments: list[Experiment], suites_dir: Pat
                 )
 
 
-def check_suite_datasets(suite: Suite, datasets: dict[str, DatasetSpec]) -> None:
+def check_suite_datasets(suite: Suite, datasets: dict[str, DatasetSpec | SyntheticSpec]) -> None:
     """A suite's `train_by_dataset` names only configured data sets (a typo would silently
     leave that data set at the suite's defaults)."""
     unknown = sorted(set(suite.train_by_dataset) - set(datasets))
@@ -606,7 +606,9 @@ def _init_from_spec(
     return entries
 
 
-def check_run_fits_data(spec: dict[str, Any], suite: str, datasets: dict[str, DatasetSpec]) -> None:
+def check_run_fits_data(
+    spec: dict[str, Any], suite: str, datasets: dict[str, DatasetSpec | SyntheticSpec]
+) -> None:
     """Before any job: a run on a synthetic data set needs a block_size that holds one instance,
     and a model whose auxiliary losses have targets in it (the training job checks both again
     on the prepared data); ConfigError naming the row."""

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from archbench.data import DatasetSpec, parse_datasets
+from archbench.data import DatasetSpec, SyntheticSpec, parse_datasets
 from archbench.experiments import (
     Experiment,
     Suite,
@@ -32,7 +32,7 @@ SUITES_DIR = Path("configs/suites")
 class SuitePlan:
     """What a suite runs: its rows by name (table order), seeds and each job's run spec."""
 
-    datasets: dict[str, DatasetSpec]
+    datasets: dict[str, DatasetSpec | SyntheticSpec]
     suite: Suite
     experiments: dict[str, Experiment]
     seeds: list[int]

@@ -13,7 +13,8 @@ from archbench.errors import DataError
 from archbench.io import read_json
 from archbench.models import build_model
 
-# Flat JSON objects of numbers in every finished run directory, one per job that writes metrics.
+# Flat JSON objects of numbers in a finished run directory, one per job that writes metrics (a
+# synthetic-task run has task.json instead of eval.json: workflow/rules/common.smk).
 RESULT_FILES = ("train_summary.json", "eval.json", "leak_check.json")
 
 

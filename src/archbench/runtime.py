@@ -1,8 +1,9 @@
 """Device-specific setup, kept in one place so the training loop reads the same everywhere.
 
-On CUDA: bf16 autocast with TF32 matmuls, and pinned host memory. On a CPU with AMX (bf16
-matrix hardware) bf16 autocast too; on MPS and other CPUs plain float32 unless bf16 is asked for
-(bf16 autocast works on any CPU, which is how the GPU code path is tested without a GPU).
+On CUDA: pinned host memory, and on GPUs with bf16 hardware bf16 autocast with TF32 matmuls. On a
+CPU with AMX (bf16 matrix hardware) bf16 autocast too; on MPS and other CPUs plain float32 unless
+bf16 is asked for (bf16 autocast works on any CPU, which is how the GPU code path is tested without
+a GPU).
 """
 
 from __future__ import annotations

@@ -3,8 +3,9 @@
 Two tests, run on real validation windows in float64 so that any dependence shows up exactly:
 - perturbation: replacing every token after position t must leave the logits at positions <= t
   unchanged (every window at a few t, the first window at every t);
-- prefix consistency: the logits of a full window must equal those of each prefix run alone, which
-  also catches a model that computes something else at inference than in training.
+- prefix consistency: the logits of a full window must equal those of several of its prefixes run
+  alone (lengths 1, 2, L/4 + 1, L/2 + 1 and L - 1), which also catches a model that computes
+  something else at inference than in training.
 A checkpoint that fails is marked in the report and left out of comparisons.
 """
 

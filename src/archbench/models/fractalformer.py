@@ -717,13 +717,12 @@ class FrozenBlocks:
 
     def __init__(self, masks: list[tuple[nn.Parameter, torch.Tensor]]):
         self.entries = [(param, mask, param.detach().clone()) for param, mask in masks]
-        self.handles = [
-            param.register_hook(functools.partial(_zero_masked, mask=mask)) for param, mask in masks
-        ]
+        for param, mask in masks:
+            param.register_hook(functools.partial(_zero_masked, mask=mask))
 
     def attach(self, optimizer: torch.optim.Optimizer) -> None:
         """Restore the frozen entries after every step of `optimizer`."""
-        self.handles.append(optimizer.register_step_post_hook(lambda *_: self.restore()))
+        optimizer.register_step_post_hook(lambda *_: self.restore())
 
     @torch.no_grad()
     def restore(self) -> None:
@@ -731,12 +730,6 @@ class FrozenBlocks:
         for param, mask, saved in self.entries:
             mask = mask.to(param.device)
             param.copy_(torch.where(mask, saved.to(param.device), param))
-
-    def remove(self) -> None:
-        """Unfreeze: remove the hooks."""
-        for handle in self.handles:
-            handle.remove()
-        self.handles = []
 
 
 def _zero_masked(grad: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

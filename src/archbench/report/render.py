@@ -390,6 +390,6 @@ def _lm_eval_section(stats: pl.DataFrame, order: list[str], seeds: dict[str, int
 
 
 def _other_metrics_section(stats: pl.DataFrame, order: list[str]) -> list[Section]:
-    """Every other recorded metric (lm-eval, synthetic tasks, BLiMP fields), if any."""
+    """Every other recorded metric (lm-eval extras, synthetic tasks), if any."""
     table = other_metrics_table(stats, order)
     return [Section("Other metrics", [table])] if table else []

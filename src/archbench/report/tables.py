@@ -145,7 +145,6 @@ BOOKKEEPING = frozenset(
         "flops_per_step",
         "train_steps",
         "final_val_loss",
-        "final_train_loss",
         "torch_threads",
         "val_tokens",
         "val_bytes",
