@@ -226,10 +226,10 @@ def _table_row(md: str, title: str, first_cell: str) -> list[str]:
 def test_summary_csv_is_long_and_complete(report: dict) -> None:
     summary = pl.read_csv(report["summary_csv"])
     assert summary.columns == ["experiment", "arch", "dataset", "seed", "metric", "value"]
-    # 7 eval + 8 numeric train metrics + 1 leak check per run; gpt rows add 6 scores
+    # 7 eval + 7 numeric train metrics + 1 leak check per run; gpt rows add 6 scores
     n_runs = sum(len(row[4]) for row in ROWS.values())
     n_gpt_runs = sum(len(row[4]) for row in ROWS.values() if row[0] == "gpt")
-    assert summary.height == 16 * n_runs + 6 * n_gpt_runs
+    assert summary.height == 15 * n_runs + 6 * n_gpt_runs
     assert summary.filter(pl.col("metric").is_in(["device", "compiled"])).height == 0
     assert summary.equals(summary.sort("experiment", "seed", "metric"))
     gpt = summary.filter((pl.col("experiment") == "gpt") & (pl.col("metric") == "val_loss"))
