@@ -2,7 +2,8 @@
 
 The issue's target: aggregating 1,000 runs stays under 10 s. Each synthetic run looks like one of
 the default CPU suite (1,000 steps logged every 10, validation every 250) with the three result
-files; a third of the runs log two auxiliary-loss columns, as multi-loss architectures do.
+files and the training log's columns; a third of the runs log two auxiliary-loss columns, as
+`futureformer` does.
 
     python benchmarks/aggregate_speed.py [--runs 1000] [--steps 1000] [--log-every 10]
 """
@@ -17,6 +18,7 @@ import time
 from pathlib import Path
 
 from archbench.report.aggregate import RunRef, aggregate
+from archbench.train import BASE_COLUMNS, GRAD_NORM
 
 SEEDS = 10
 
@@ -33,14 +35,26 @@ def write_run(run_dir: Path, index: int, steps: int, log_every: int, rng: random
         ("leak_check.json", {"leak_check_passed": 1.0}),
     ):
         (run_dir / name).write_text(json.dumps(obj), encoding="utf-8")
-    aux = index % 3 == 0
-    header = "step,tokens,lr,train_loss,val_loss,elapsed_seconds,tokens_per_s,train_next_token"
-    lines = [header + (",train_future,train_head2" if aux else "")]
+    columns = [*BASE_COLUMNS, "train_next_token"]
+    if index % 3 == 0:  # futureformer's two span losses
+        columns += ["train_span_1", "train_span_2"]
+    lines = [",".join(columns)]
     for step in range(log_every, steps + 1, log_every):
         train = 4.0 / (1 + step / 100) + rng.random() * 0.01
-        val = f"{train + 0.05:.6f}" if step % 250 == 0 else ""
-        row = f"{step},{step * 2048},0.002,{train:.6f},{val},{step * 0.4:.3f},5120,{train:.6f}"
-        lines.append(row + (f",{train / 10:.6f},{train * 1.1:.6f}" if aux else ""))
+        values = {
+            "step": step,
+            "tokens": step * 2048,
+            "lr": 0.002,
+            "train_loss": f"{train:.6f}",
+            "val_loss": f"{train + 0.05:.6f}" if step % 250 == 0 else "",
+            GRAD_NORM: f"{0.5 + rng.random():.6f}",
+            "elapsed_seconds": f"{step * 0.4:.3f}",
+            "tokens_per_s": 5120,
+            "train_next_token": f"{train:.6f}",
+            "train_span_1": f"{train / 10:.6f}",
+            "train_span_2": f"{train * 1.1:.6f}",
+        }
+        lines.append(",".join(str(values[column]) for column in columns))
     (run_dir / "metrics.csv").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 

@@ -16,6 +16,7 @@ import torch
 
 import archbench
 from archbench.errors import ArchbenchError, ConfigError
+from archbench.generate import DEFAULT_LENGTH, DEFAULT_TEMPERATURE, DEFAULT_TOP_K
 from archbench.runtime import pick_device
 
 PREEMPTED_EXIT = 128 + 15  # the conventional status of a process ended by SIGTERM
@@ -432,9 +433,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", help="a run directory instead of --experiment")
     p.add_argument("--data", help="its prepared-data directory (with --run)")
     p.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
-    p.add_argument("--length", type=positive_int, default=200, help="tokens to generate")
-    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=40, help="sample from the k likeliest (0 = all)")
+    p.add_argument("--length", type=positive_int, default=DEFAULT_LENGTH, help="tokens to generate")
+    p.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE, help="0 = greedy")
+    p.add_argument(
+        "--top-k", type=int, default=DEFAULT_TOP_K, help="sample from the k likeliest (0 = all)"
+    )
     p.add_argument("--sample-seed", type=int, default=0, help="seed of the sampling")
     p.add_argument("--submodel", default=None, help="a nested sub-model, e.g. L1.0")
     p.add_argument("--threads", type=positive_int, default=1, help="torch threads")

@@ -33,11 +33,11 @@ from archbench.report.tables import (
     format_interval,
     format_p,
     per_seed_values,
+    verdict_class,
 )
 
 SEPARATOR = "/"
 _LEVEL = re.compile(r"(L\d+)\.\d+")
-_ROW_CLASSES = (("✔", "win"), ("✘", "loss"), ("EXCLUDED", "excluded"))  # verdict -> HTML class
 
 
 def entry_name(row: str, submodel: str) -> str:
@@ -122,7 +122,7 @@ def nesting_cost_table(rows: list[ComparisonRow], summary: pl.DataFrame, cells: 
                 row.verdict,
             ]
         )
-        classes.append(next((c for p, c in _ROW_CLASSES if row.verdict.startswith(p)), ""))
+        classes.append(verdict_class(row.verdict))
     headers = [
         "sub-model",
         "parameters",

@@ -77,6 +77,15 @@ def decimals_off(value: float, threshold: float, decimals: int) -> int:
     return decimals
 
 
+# A comparison's verdict (its leading mark) -> the HTML class of its table row.
+VERDICT_CLASSES = (("✔", "win"), ("✘", "loss"), ("EXCLUDED", "excluded"))
+
+
+def verdict_class(verdict: str) -> str:
+    """The HTML class of a comparison row with this verdict ("" for an inconclusive one)."""
+    return next((name for mark, name in VERDICT_CLASSES if verdict.startswith(mark)), "")
+
+
 def format_p(p: float) -> str:
     """A p-value: three decimals, scientific below 0.001, and more near ALPHA, so that the
     printed value never seems to contradict the verdict (0.0499 and 0.0504, not 0.050 twice)."""
@@ -538,16 +547,7 @@ def comparison_table(rows: list[ComparisonRow], cells: Cells) -> Table:
                 MISSING if r is None else format_seeds(r.seeds_needed),
             ]
         )
-        verdict = row.verdict
-        classes.append(
-            "win"
-            if verdict.startswith("✔")
-            else "loss"
-            if verdict.startswith("✘")
-            else "excluded"
-            if verdict.startswith("EXCLUDED")
-            else ""
-        )
+        classes.append(verdict_class(row.verdict))
     headers = [
         "experiment",
         "baseline",
