@@ -25,11 +25,13 @@ from lm_eval.api.instance import Instance
 from lm_eval.utils import get_rolling_token_windows
 from torch import nn
 
+from archbench.cli import build_parser
 from archbench.data import load_token_bytes, load_tokenizer, load_tokens, train_tokenizer
 from archbench.data.blimp import check_blimp_mirror
 from archbench.errors import ConfigError, DataError
 from archbench.evaluate.lm_eval_adapter import (
     OFFLINE_VARIABLES,
+    TASK_GROUPS,
     ArchbenchLM,
     evaluate_lm,
     plan_windows,
@@ -457,3 +459,15 @@ def test_a_synthetic_task_is_refused_with_the_command_that_scores_it(
     (data / "meta.json").write_text(json.dumps({**meta, "instance_length": 25}))
     with pytest.raises(ConfigError, match="synthetic task.*archbench evaluate-task"):
         run_lm_eval(tmp_path / "run", data, "blimp", tmp_path / "out.json")
+
+
+def test_the_cli_and_the_suite_schema_offer_the_adapters_task_groups() -> None:
+    """`--tasks` and a suite's lm_eval.tasks list the task groups the adapter has, no more."""
+    commands = next(a for a in build_parser()._actions if a.dest == "command")
+    lm_eval = commands.choices["lm-eval"]
+    tasks = next(a for a in lm_eval._actions if a.dest == "tasks")
+    schema = yaml.safe_load(
+        (Path(__file__).resolve().parents[1] / "workflow/schemas/suite.schema.yaml").read_text()
+    )
+    enum = schema["properties"]["lm_eval"]["properties"]["tasks"]["items"]["enum"]
+    assert tuple(tasks.choices) == tuple(enum) == tuple(TASK_GROUPS)

@@ -47,9 +47,9 @@ os.environ.update(dict.fromkeys(OFFLINE_VARIABLES, "1"))  # read at import by th
 
 import logging  # noqa: E402
 import time  # noqa: E402
-from collections.abc import Sequence  # noqa: E402
+from collections.abc import Callable, Sequence  # noqa: E402
 from pathlib import Path  # noqa: E402
-from typing import Any  # noqa: E402
+from typing import Any, NamedTuple  # noqa: E402
 
 import datasets  # noqa: E402
 import huggingface_hub.constants  # noqa: E402
@@ -81,9 +81,9 @@ def _drop_custom_dataset_hint(record: logging.LogRecord) -> bool:
 
 logging.getLogger("lm_eval.api.task").addFilter(_drop_custom_dataset_hint)
 
-# Task group name for run_lm_eval -> lm-eval group or task in archbench/evaluate/tasks.
-TASK_GROUPS = {"blimp": "archbench_blimp", "rolling_ppl": "archbench_rolling_ppl"}
-BLIMP_PREFIX = "archbench_blimp_"
+BLIMP_GROUP = "archbench_blimp"  # lm-eval's name of the BLiMP group in archbench/evaluate/tasks
+BLIMP_TASK_PREFIX = f"{BLIMP_GROUP}_"  # and of each of its fields and paradigms
+ROLLING_TASK = "archbench_rolling_ppl"
 ENCODE_CHUNK = 1024  # texts per call of the tokenizer
 
 
@@ -143,8 +143,8 @@ class ArchbenchLM(LM):
         """(log-prob of the continuation given the context, greedy?) for each request."""
         pairs = [_move_trailing_space(*req.args) for req in requests]
         unique = list(dict.fromkeys(context for context, _ in pairs))  # often all the same
-        context_ids = dict(zip(unique, self._encode(unique), strict=True))
-        contexts = [context_ids[context] for context, _ in pairs]
+        encoded = dict(zip(unique, self._encode(unique), strict=True))
+        contexts = [encoded[context] for context, _ in pairs]
         wholes = self._encode([context + continuation for context, continuation in pairs])
         sequences, firsts = [], []
         for context_ids, whole, (_, continuation) in zip(contexts, wholes, pairs, strict=True):
@@ -368,19 +368,19 @@ def evaluate_lm(
     model_seconds = lm.model_seconds
     results = simple_evaluate(
         model=lm,
-        tasks=[group],
+        tasks=[group.lm_eval_name],
         task_manager=manager,
         limit=limit,
         bootstrap_iters=0,
         log_samples=False,
     )
-    metrics = _blimp_metrics(results) if tasks == "blimp" else _rolling_metrics(results)
+    metrics = group.metrics(results)
     metrics[f"lm_eval_{tasks}_model_seconds"] = lm.model_seconds - model_seconds
     return metrics
 
 
-def _task_group(tasks: str) -> str:
-    """The lm-eval name of task group `tasks`; ConfigError naming the choices if unknown."""
+def _task_group(tasks: str) -> TaskGroup:
+    """Task group `tasks` of TASK_GROUPS; ConfigError naming the choices if unknown."""
     if tasks not in TASK_GROUPS:
         raise ConfigError(
             f"unknown lm-eval task group {tasks!r}; choose one of {', '.join(TASK_GROUPS)}"
@@ -394,12 +394,12 @@ def _blimp_metrics(results: dict[str, Any]) -> dict[str, float]:
     subtasks = results["group_subtasks"]
     metrics: dict[str, float] = {}
     paradigms = []
-    for group in subtasks[TASK_GROUPS["blimp"]]:
-        field = [scores[task]["acc,none"] for task in subtasks[group]]
-        metrics[f"blimp_{group.removeprefix(BLIMP_PREFIX)}"] = float(np.mean(field))
-        paradigms += subtasks[group]
+    for field in subtasks[BLIMP_GROUP]:
+        field_accuracies = [scores[task]["acc,none"] for task in subtasks[field]]
+        metrics[f"blimp_{field.removeprefix(BLIMP_TASK_PREFIX)}"] = float(np.mean(field_accuracies))
+        paradigms += subtasks[field]
     for task in paradigms:
-        metrics[f"blimp_{task.removeprefix(BLIMP_PREFIX)}"] = float(scores[task]["acc,none"])
+        metrics[f"blimp_{task.removeprefix(BLIMP_TASK_PREFIX)}"] = float(scores[task]["acc,none"])
     metrics["blimp_overall"] = float(np.mean([scores[task]["acc,none"] for task in paradigms]))
     metrics["blimp_pairs"] = float(
         sum(results["n-samples"][task]["effective"] for task in paradigms)
@@ -409,9 +409,24 @@ def _blimp_metrics(results: dict[str, Any]) -> dict[str, float]:
 
 def _rolling_metrics(results: dict[str, Any]) -> dict[str, float]:
     """Bits per byte, word and byte perplexity of the held-out split."""
-    scores = results["results"][TASK_GROUPS["rolling_ppl"]]
+    scores = results["results"][ROLLING_TASK]
     return {
         "lm_eval_rolling_bpb": float(scores["bits_per_byte,none"]),
         "lm_eval_word_perplexity": float(scores["word_perplexity,none"]),
         "lm_eval_byte_perplexity": float(scores["byte_perplexity,none"]),
     }
+
+
+class TaskGroup(NamedTuple):
+    """A task group of `archbench lm-eval`: its lm-eval group or task in archbench/evaluate/tasks
+    and how its numbers are read from lm-eval's results."""
+
+    lm_eval_name: str
+    metrics: Callable[[dict[str, Any]], dict[str, float]]
+
+
+# The task groups of `archbench lm-eval --tasks`, by name.
+TASK_GROUPS = {
+    "blimp": TaskGroup(BLIMP_GROUP, _blimp_metrics),
+    "rolling_ppl": TaskGroup(ROLLING_TASK, _rolling_metrics),
+}
