@@ -555,6 +555,18 @@ def compile_description(compiled: bool, mode: str | None) -> str:
     return f"yes{f', mode {mode}' if mode else ''} (but not the models labelled eager)"
 
 
+# How a result row's non-empty value of a column is written in the Markdown table (others: as is).
+CELL_FORMATS: dict[str, Callable[[dict[str, Any]], str]] = {
+    "n_params": lambda row: f"{row['n_params'] / 1e6:.2f}M",
+    "tokens_per_s": lambda row: f"{row['tokens_per_s']:,}",
+    "time_vs_baseline": lambda row: (
+        f"{row['time_vs_baseline']:.2f}× ({row['time_vs_baseline_min']:.2f}–"
+        f"{row['time_vs_baseline_max']:.2f})"
+    ),
+    "mfu": lambda row: f"{100 * row['mfu']:.1f}%",
+}
+
+
 def markdown(rows: list[dict[str, Any]], header: list[str]) -> str:
     """The results as a Markdown table under the machine description."""
     columns = [
@@ -572,19 +584,10 @@ def markdown(rows: list[dict[str, Any]], header: list[str]) -> str:
     lines = [*header, "", "| " + " | ".join(title for _, title in columns) + " |"]
     lines.append("|" + "---|" * len(columns))
     for row in rows:
-        cells = []
-        for key, _ in columns:
-            value = row[key]
-            if key == "n_params":
-                value = f"{value / 1e6:.2f}M"
-            elif key == "tokens_per_s":
-                value = f"{value:,}"
-            elif key == "time_vs_baseline" and value != "":
-                value = f"{value:.2f}× ({row['time_vs_baseline_min']:.2f}–"
-                value += f"{row['time_vs_baseline_max']:.2f})"
-            elif key == "mfu" and value != "":
-                value = f"{100 * value:.1f}%"
-            cells.append(str(value))
+        cells = [
+            str(row[key]) if row[key] == "" or key not in CELL_FORMATS else CELL_FORMATS[key](row)
+            for key, _ in columns
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     if any(row["time_vs_baseline"] != "" for row in rows):
         lines.append(
