@@ -22,7 +22,7 @@ from snakemake_interface_common.exceptions import WorkflowError
 from archbench.data import DatasetSpec, SyntheticSpec
 from archbench.errors import ConfigError
 from archbench.init_from import InitSource, format_init_from, initializer_for, parse_init_from
-from archbench.models import get_architecture, list_options, make_config
+from archbench.models import BASELINE_ARCH, get_architecture, list_options, make_config
 from archbench.options import coerce_all, options_of, suggest, unknown_key_error
 from archbench.train import TrainConfig, check_instances_fit, make_train_config
 
@@ -240,12 +240,13 @@ def _table_lines(path: Path) -> list[str]:
 
 
 def _resolve_baselines(path: Path, experiments: list[Experiment]) -> list[Experiment]:
-    """Check each `baseline` cell; fill empty ones with the data set's first `gpt` row; `none`
-    compares the row with nothing (it then does not count in the report's Holm family)."""
+    """Check each `baseline` cell; fill empty ones with the data set's first BASELINE_ARCH (`gpt`)
+    row; `none` compares the row with nothing (it then does not count in the report's Holm
+    family)."""
     by_name = {e.name: e for e in experiments}
     default: dict[str, str] = {}
     for e in experiments:
-        if e.arch == "gpt":
+        if e.arch == BASELINE_ARCH:
             default.setdefault(e.dataset, e.name)
     resolved = []
     for e in experiments:

@@ -72,6 +72,11 @@ ARCHITECTURES: dict[str, Architecture] = {
 }
 
 
+# The baseline architecture: a row with an empty `baseline` cell is compared with its data set's
+# first row of this architecture.
+BASELINE_ARCH = "gpt"
+
+
 def get_architecture(arch: str) -> Architecture:
     """Look up a registered architecture; unknown names get a suggestion."""
     if arch not in ARCHITECTURES:
