@@ -33,3 +33,10 @@ def test_environment_yml_matches_pyproject() -> None:
     listed = {d for d in pip_section if not d.startswith("-")}
     assert listed == wanted
     assert any(re.fullmatch(r"python=3\.1[0-9]", str(d)) for d in env["dependencies"])
+
+
+def test_the_plain_install_can_bundle_snakemakes_report() -> None:
+    """`snakemake --report` (README) needs pygments, which only snakemake's `reports` extra
+    installs; without it the quick start's environment cannot bundle the report."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert any(d.startswith("snakemake[reports]") for d in project["dependencies"])
