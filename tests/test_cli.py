@@ -156,7 +156,11 @@ def test_malformed_arguments_are_usage_errors(
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["train", "--spec", "{}", "--data", "d", "--out", "o"], "--spec must be a JSON object"),
+        (
+            ["train", "--spec", '{"experiment": "x", "arch": "gpt", "seed": 0, "model": {}}']
+            + ["--data", "d", "--out", "o"],
+            "--spec lacks dataset, train: a spec is a JSON object with the keys experiment, arch",
+        ),
         (
             ["evaluate", "--run", "nowhere", "--data", "d", "--out", "o"],
             "nowhere is not a finished run directory (no model_config.json or model.safetensors)",

@@ -192,7 +192,10 @@ def test_optional_columns_may_be_absent(tmp_path: Path) -> None:
             r"of line 2",
         ),
         ("x\tgpt\t\t\t\t\n", r"line 3 .*column 'dataset'"),
-        ("x\tgpt\tchars\t\t\t\textra\n", r"line 3: more cells than header columns"),
+        (
+            "x\tgpt\tchars\t\t\t\textra\n",
+            r"line 3 \(experiment 'x'\): 7 cells, but the header has 6 columns",
+        ),
     ],
 )
 def test_bad_rows_name_line_and_column(tmp_path: Path, row: str, message: str) -> None:
@@ -221,6 +224,14 @@ def test_unknown_column_is_refused(tmp_path: Path) -> None:
         load(table(tmp_path, "gpt\tgpt\tchars\t0\n", header="name\tarch\tdataset\tseed\n"))
     with pytest.raises(ConfigError, match=r"unknown column 'overides' \(did you mean 'overrides'"):
         load(table(tmp_path, GOOD, header=HEADER.replace("overrides", "overides")))
+
+
+def test_a_header_without_a_required_column_is_blamed_on_the_header(tmp_path: Path) -> None:
+    with pytest.raises(
+        ConfigError,
+        match=r"line 1: the header has no column 'dataset' \(required: name, arch, dataset;",
+    ):
+        load(table(tmp_path, "gpt\tgpt\n", header="name\tarch\n"))
 
 
 def test_empty_table_is_refused(tmp_path: Path) -> None:

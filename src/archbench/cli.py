@@ -87,7 +87,10 @@ def _cmd_train(args: argparse.Namespace) -> None:
         [k for k in SPEC_KEYS if k not in args.spec] if isinstance(args.spec, dict) else SPEC_KEYS
     )
     if missing:
-        raise ArchbenchError(f"--spec must be a JSON object with keys {', '.join(missing)}")
+        raise ArchbenchError(
+            f"--spec lacks {', '.join(missing)}: a spec is a JSON object with the keys "
+            f"{', '.join(SPEC_KEYS)} (model and train may be {{}}: the defaults)"
+        )
     torch.set_num_threads(args.threads)
     init_dirs = {}
     for item in args.init:

@@ -149,7 +149,8 @@ def load_experiments(path: Path, schema: Path, datasets: Iterable[str]) -> list[
         raise ConfigError(f"{path}: the table has no header line")
     # `"` is an ordinary character: as a CSV quote, one unbalanced `"` swallowed all later rows
     reader = csv.DictReader(lines[header:], delimiter="\t", quoting=csv.QUOTE_NONE)
-    columns = list(yaml.safe_load(Path(schema).read_text(encoding="utf-8"))["properties"])
+    table_schema = yaml.safe_load(Path(schema).read_text(encoding="utf-8"))
+    columns = list(table_schema["properties"])
     for column in reader.fieldnames or []:
         if column not in columns:
             raise ConfigError(
@@ -157,12 +158,21 @@ def load_experiments(path: Path, schema: Path, datasets: Iterable[str]) -> list[
                 f"{suggest(column, columns)}; the columns are {', '.join(columns)}, separated by "
                 "tabs"
             )
+    absent = [c for c in table_schema.get("required", []) if c not in (reader.fieldnames or [])]
+    if absent:
+        raise ConfigError(
+            f"{path}, line {header + 1}: the header has no column {', '.join(map(repr, absent))} "
+            f"(required: {', '.join(table_schema['required'])}; columns separated by tabs)"
+        )
     experiments, seen = [], {}
     for raw in reader:
         line = header + reader.line_num
         row = {k: (v or "").strip() for k, v in raw.items() if k is not None}
         if None in raw:
-            raise ConfigError(f"{path}, line {line}: more cells than header columns")
+            raise ConfigError(
+                f"{path}, line {line} (experiment '{row.get('name', '?')}'): "
+                f"{len(row) + len(raw[None])} cells, but the header has {len(row)} columns"
+            )
         where = f"{path}, line {line} (experiment '{row.get('name', '?')}')"
         if sum(bool(v) for v in row.values()) == 1 and len(row.get("name", "").split()) > 1:
             raise ConfigError(f"{where}: one cell only; the table's columns are separated by tabs")
