@@ -143,6 +143,7 @@ def test_prepare_train_evaluate_by_hand(
             ],
             "argument --limit: 0 is not >= 1",
         ),
+        (["generate", "--run", "r", "--data", "d", "--top-k", "-1"], "--top-k: -1 is not >= 0"),
     ],
 )
 def test_malformed_arguments_are_usage_errors(

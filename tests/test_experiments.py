@@ -260,6 +260,10 @@ def test_common_typing_mistakes_get_a_hint(tmp_path: Path) -> None:
 def test_overrides_split_between_model_and_training() -> None:
     model, train = split_overrides("gpt", {"n_layer": "2", "lr": "1e-3"})
     assert model == {"n_layer": "2"} and train == {"lr": "1e-3"}
+    with pytest.raises(ConfigError, match=r"'future_dim' is an option of future_attention\)$"):
+        split_overrides("gpt", {"future_dim": "4"})
+    with pytest.raises(ConfigError, match=r"known options: .*[^)]$"):  # nobody's option: no hint
+        split_overrides("gpt", {"no_such_option": "4"})
 
 
 def suite_file(tmp_path: Path, text: str) -> Path:

@@ -283,6 +283,9 @@ def test_non_finite_train_options_are_refused() -> None:
 def test_unknown_architecture_suggests() -> None:
     with pytest.raises(ConfigError, match=r"unknown architecture 'gptt' \(did you mean 'gpt'\?\)"):
         build_model("gptt", VOCAB, BLOCK)
+    # a transposition: 'mtp' is as close to 'gtp' by difflib's measure, but has other letters
+    with pytest.raises(ConfigError, match=r"unknown architecture 'gtp' \(did you mean 'gpt'\?\)"):
+        build_model("gtp", VOCAB, BLOCK)
 
 
 def test_string_values_from_a_table_are_parsed() -> None:

@@ -42,12 +42,22 @@ class Subcommand(argparse.ArgumentParser):
 
 def positive_int(text: str) -> int:
     """argparse type: an integer >= 1."""
+    return _int_at_least(text, 1)
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    return _int_at_least(text, 0)
+
+
+def _int_at_least(text: str, least: int) -> int:
+    """`text` as an integer >= `least`; argparse.ArgumentTypeError otherwise."""
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not >= 1")
+    if value < least:
+        raise argparse.ArgumentTypeError(f"{value} is not >= {least}")
     return value
 
 
@@ -439,7 +449,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--length", type=positive_int, default=DEFAULT_LENGTH, help="tokens to generate")
     p.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE, help="0 = greedy")
     p.add_argument(
-        "--top-k", type=int, default=DEFAULT_TOP_K, help="sample from the k likeliest (0 = all)"
+        "--top-k",
+        type=non_negative_int,
+        default=DEFAULT_TOP_K,
+        help="sample from the k likeliest (0 = all)",
     )
     p.add_argument("--sample-seed", type=int, default=0, help="seed of the sampling")
     p.add_argument("--submodel", default=None, help="a nested sub-model, e.g. L1.0")

@@ -22,7 +22,13 @@ from snakemake_interface_common.exceptions import WorkflowError
 from archbench.data import DatasetSpec, SyntheticSpec
 from archbench.errors import ConfigError
 from archbench.init_from import InitSource, format_init_from, initializer_for, parse_init_from
-from archbench.models import BASELINE_ARCH, get_architecture, list_options, make_config
+from archbench.models import (
+    ARCHITECTURES,
+    BASELINE_ARCH,
+    get_architecture,
+    list_options,
+    make_config,
+)
 from archbench.options import coerce_all, options_of, suggest, unknown_key_error
 from archbench.train import TrainConfig, check_instances_fit, make_train_config
 
@@ -114,9 +120,13 @@ def split_overrides(arch: str, overrides: dict[str, str]) -> tuple[dict[str, str
         elif key in train_keys:
             train[key] = value
         else:
-            raise unknown_key_error(
+            owners = [other for other in sorted(ARCHITECTURES) if key in list_options(other)]
+            error = unknown_key_error(
                 key, f"architecture '{arch}' or training", [*model_keys, *train_keys]
             )
+            if owners:
+                error = ConfigError(f"{error} ('{key}' is an option of {', '.join(owners)})")
+            raise error
     return model, train
 
 

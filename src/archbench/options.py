@@ -133,8 +133,11 @@ def options_of(config_cls: type) -> dict[str, Option]:
 
 
 def suggest(name: str, candidates: Iterable[str]) -> str:
-    """A ' (did you mean ...?)' hint for a misspelled name, or ''."""
-    close = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.6)
+    """A ' (did you mean ...?)' hint for a misspelled name, or ''. A candidate with the same
+    letters in another order (a transposition: 'gtp' for 'gpt') comes first."""
+    candidates = list(candidates)
+    anagrams = [c for c in candidates if c != name and sorted(c) == sorted(name)]
+    close = anagrams or difflib.get_close_matches(name, candidates, n=1, cutoff=0.6)
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
