@@ -153,8 +153,10 @@ def test_generate_text_checks_the_tokenizer(run_dir: Path, tiny_data: Path) -> N
 def test_locate_run_finds_the_data_set(run_dir: Path) -> None:
     results = run_dir.parents[2]
     assert locate_run(results, "smoke", "gpt", 0) == (run_dir, results / "data" / "tiny")
-    with pytest.raises(ArchbenchError, match="no finished run.*seed 1"):
+    with pytest.raises(ArchbenchError, match=r"no finished run.*seed 1 of suite 'smoke' first$"):
         locate_run(results, "smoke", "gpt", 1)
+    with pytest.raises(ArchbenchError, match=r"suite 'default' first \(found in suite smoke: add"):
+        locate_run(results, "default", "gpt", 0)
     with pytest.raises(ArchbenchError, match=r"'gtp' \(did you mean 'gpt'\?\).*there: gpt"):
         locate_run(results, "smoke", "gtp", 0)
 

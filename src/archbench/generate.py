@@ -181,9 +181,14 @@ def locate_run(results_dir: Path, suite: str, experiment: str, seed: int) -> tup
             f"trained there: {', '.join(trained)}"
         )
     if not config.is_file():
+        elsewhere = sorted(
+            other.parents[2].name
+            for other in Path(results_dir).glob(f"*/{experiment}/seed{seed}/train_config.json")
+        )
+        hint = f" (found in suite {', '.join(elsewhere)}: add --suite)" if elsewhere else ""
         raise ArchbenchError(
             f"no finished run at {run_dir} (missing train_config.json): train experiment "
-            f"'{experiment}' seed {seed} of suite '{suite}' first"
+            f"'{experiment}' seed {seed} of suite '{suite}' first{hint}"
         )
     return run_dir, Path(results_dir) / "data" / read_json(config)["dataset"]
 
