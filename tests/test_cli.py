@@ -49,6 +49,13 @@ def test_validate_accepts_the_repository_config(capsys: pytest.CaptureFixture) -
     assert "do not run in suite default" not in out
 
 
+def test_validate_outside_a_project_says_where_to_run_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    assert main(["validate", "--root", str(tmp_path)]) == 2
+    assert "is not an archbench project (no workflow/schemas)" in capsys.readouterr().err
+
+
 def test_validate_refuses_a_misspelled_suite_in_the_table(
     tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
@@ -170,6 +177,12 @@ def test_malformed_arguments_are_usage_errors(
             ["leakcheck", "--run", "r", "--data", "d", "--out", "o", "--device", "gpu0"],
             "device='gpu0' is not a device",
         ),
+        (["generate", "--run", "r"], "--run needs --data"),
+        (
+            ["generate", "--run", "r", "--data", "d", "--experiment", "gpt"],
+            "either by --experiment",
+        ),
+        (["generate"], "name a run: --experiment NAME"),
     ],
 )
 def test_bad_inputs_are_one_line_errors(

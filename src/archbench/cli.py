@@ -215,6 +215,8 @@ def _cmd_generate(args: argparse.Namespace) -> None:
     from archbench.generate import generate_from_run, locate_run
 
     torch.set_num_threads(args.threads)
+    if args.run and args.experiment:
+        raise ArchbenchError("name a run either by --experiment (with --suite, --seed) or by --run")
     if args.run:
         if not args.data:
             raise ArchbenchError("--run needs --data (the prepared-data directory)")
@@ -300,6 +302,11 @@ def _cmd_validate(args: argparse.Namespace) -> None:
 
     root = Path(args.root)
     schemas = root / "workflow/schemas"
+    if not schemas.is_dir():
+        raise ConfigError(
+            f"{root.resolve()} is not an archbench project (no workflow/schemas): run "
+            "`archbench validate` from the repository root, or pass --root"
+        )
     config = load_config(root / args.config, schemas / "config.schema.yaml")
     suites, chosen = suite_names(root / SUITES_DIR), config["suite"]
     if chosen not in suites:
