@@ -421,7 +421,12 @@ def build_parser() -> argparse.ArgumentParser:
         "lm-evaluation-harness tasks (offline) on one run",
         "results JSON to write",
     )
-    p.add_argument("--tasks", required=True, choices=("blimp", "rolling_ppl"))
+    p.add_argument(
+        "--tasks",
+        required=True,
+        choices=("blimp", "rolling_ppl"),
+        help="one task group per call (the workflow runs one job per group)",
+    )
     p.add_argument("--batch-size", type=positive_int, default=64, help="requests per forward pass")
     p.add_argument("--limit", type=positive_int, default=None, help="BLiMP pairs per paradigm")
     p.add_argument("--max-tokens", type=positive_int, default=None, help="rolling: held-out prefix")
