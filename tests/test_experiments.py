@@ -191,7 +191,10 @@ def test_optional_columns_may_be_absent(tmp_path: Path) -> None:
             r"line 3 \(experiment 'gpt'\), column 'name': duplicate "
             r"of line 2",
         ),
-        ("x\tgpt\t\t\t\t\n", r"line 3 .*column 'dataset'"),
+        (
+            "x\tgpt\t\t\t\t\n",
+            r"line 3 .*column 'dataset': empty, but every row needs one: one of bpe512, chars",
+        ),
         (
             "x\tgpt\tchars\t\t\t\textra\n",
             r"line 3 \(experiment 'x'\): 7 cells, but the header has 6 columns",

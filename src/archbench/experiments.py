@@ -187,6 +187,13 @@ def load_experiments(path: Path, schema: Path, datasets: Iterable[str]) -> list[
         if sum(bool(v) for v in row.values()) == 1 and len(row.get("name", "").split()) > 1:
             raise ConfigError(f"{where}: one cell only; the table's columns are separated by tabs")
         row["suites"] = re.sub(r"\s*,\s*", ",", row.get("suites", ""))  # "smoke, default"
+        for column in table_schema["required"]:
+            if not row.get(column):
+                known = {"arch": sorted(ARCHITECTURES), "dataset": datasets}.get(column)
+                choices = f": one of {', '.join(known)}" if known else ""
+                raise ConfigError(
+                    f"{where}, column '{column}': empty, but every row needs one{choices}"
+                )
         try:
             validate(row, str(schema))
         except WorkflowError as err:
