@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import http.server
 import re
+import threading
 import time
 from pathlib import Path
 
@@ -229,6 +231,33 @@ def test_corrupt_cached_file_is_downloaded_again(tmp_path: Path) -> None:
     cached.write_bytes(b"garbage")
     assert load_text(spec, cache_dir=tmp_path / "cache") == SMALL_TEXT
     assert cached.read_bytes() == data
+
+
+class _TruncatingHandler(http.server.BaseHTTPRequestHandler):
+    """Promises 1,000 bytes and sends 5, as a connection cut mid-download does."""
+
+    def do_GET(self) -> None:  # noqa: N802 (the name http.server calls)
+        self.send_response(200)
+        self.send_header("Content-Length", "1000")
+        self.end_headers()
+        self.wfile.write(b"hello")
+
+    def log_message(self, *args: object) -> None:
+        """Quiet."""
+
+
+def test_a_download_cut_short_is_a_data_error(tmp_path: Path) -> None:
+    server = http.server.HTTPServer(("127.0.0.1", 0), _TruncatingHandler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_port}/input.txt"
+        with pytest.raises(DataError, match="could not download .*IncompleteRead"):
+            load_text(spec_for(b"x", url=url), cache_dir=tmp_path)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert not [p for p in tmp_path.rglob("*") if p.is_file()]  # nothing cached
 
 
 def test_unavailable_and_failed_downloads_are_data_errors(tmp_path: Path) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import difflib
 import gzip
 import hashlib
+import http.client
 import os
 import re
 import urllib.error
@@ -312,7 +313,8 @@ def _download(spec: DatasetSpec, path: Path) -> bytes:
     try:
         with urllib.request.urlopen(spec.url, timeout=DOWNLOAD_TIMEOUT_S) as response:
             raw = response.read()
-    except (OSError, ValueError) as err:  # URLError and HTTPError are OSErrors
+    # URLError and HTTPError are OSErrors; a body cut short is http.client.IncompleteRead
+    except (OSError, ValueError, http.client.HTTPException) as err:
         raise DataError(f"could not download data set {spec.name} from {spec.url}: {err}") from err
     _verify(spec, raw, spec.url)
     with atomic_path(path) as tmp:
