@@ -55,7 +55,9 @@ def read_training_meta(path: Path) -> dict[str, Any]:
         with safe_open(str(path), framework="pt") as handle:
             return json.loads(handle.metadata()["meta"])
     except (SafetensorError, OSError, KeyError, TypeError, ValueError) as err:
-        raise CorruptFileError(f"cannot read checkpoint {path}: {err}") from err
+        raise CorruptFileError(
+            f"cannot read checkpoint {path}: {err} (delete it to train the run from the start)"
+        ) from err
 
 
 def load_training_state(
@@ -67,7 +69,9 @@ def load_training_state(
         with safe_open(str(path), framework="pt") as handle:
             header = handle.metadata()
     except (SafetensorError, OSError) as err:
-        raise CorruptFileError(f"cannot read checkpoint {path}: {err}") from err
+        raise CorruptFileError(
+            f"cannot read checkpoint {path}: {err} (delete it to train the run from the start)"
+        ) from err
     slots: dict[int, dict[str, torch.Tensor]] = {}
     try:
         for key, value in tensors.items():
