@@ -120,6 +120,35 @@ def test_a_data_sets_new_source_reruns_nothing(project: Path, tmp_path: Path) ->
     assert job_counts(changed.stdout + changed.stderr)["prepare_data"] == 1
 
 
+@pytest.mark.parametrize(
+    ("old", "new", "reruns", "keeps"),
+    [
+        ("blimp_limit: 2", "blimp_limit: 3", "lm_eval_blimp.json", "lm_eval_rolling_ppl.json"),
+        (
+            "rolling_max_tokens: 4096",
+            "rolling_max_tokens: 2048",
+            "lm_eval_rolling_ppl.json",
+            "lm_eval_blimp.json",
+        ),
+    ],
+)
+def test_an_lm_eval_size_reruns_only_the_task_it_sizes(
+    project: Path, old: str, new: str, reruns: str, keeps: str
+) -> None:
+    suite = project / "configs/suites/smoke.yaml"
+    text = suite.read_text(encoding="utf-8")
+    assert old in text
+    try:
+        suite.write_text(text.replace(old, new), encoding="utf-8")
+        dry = smoke_snakemake(project, "--dry-run")
+    finally:
+        suite.write_text(text, encoding="utf-8")
+    assert dry.returncode == 0, dry.stderr[-4000:]
+    outputs = " ".join(re.findall(r"^\s*output: (.*)$", dry.stdout, re.MULTILINE))
+    assert reruns in outputs and keeps not in outputs
+    assert "train" not in job_counts(dry.stdout + dry.stderr)
+
+
 def test_seeds_from_the_command_line_add_only_the_new_seeds_runs(project: Path) -> None:
     dry = smoke_snakemake(project, "seeds=[0,1,2]", "--dry-run")
     assert dry.returncode == 0, dry.stderr[-4000:]

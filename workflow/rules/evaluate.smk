@@ -35,9 +35,12 @@ rule lm_eval:
         data=data_dir,
         run=RUN,
         batch_size=LM_EVAL.get("batch_size", 64),
-        limit=(f"--limit {LM_EVAL['blimp_limit']}" if LM_EVAL.get("blimp_limit") else ""),
-        max_tokens=(f"--max-tokens {LM_EVAL['rolling_max_tokens']}"
-                    if LM_EVAL.get("rolling_max_tokens") else ""),
+        # each size reaches only the task it sizes, so that changing it re-runs that task's jobs
+        limit=lambda w: (f"--limit {LM_EVAL['blimp_limit']}"
+                         if w.lm_eval_task == "blimp" and LM_EVAL.get("blimp_limit") else ""),
+        max_tokens=lambda w: (f"--max-tokens {LM_EVAL['rolling_max_tokens']}"
+                              if w.lm_eval_task == "rolling_ppl" and LM_EVAL.get("rolling_max_tokens")
+                              else ""),
     threads: SUITE.threads
     resources:
         gpu=int(SUITE.gpu),
