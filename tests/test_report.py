@@ -530,6 +530,8 @@ def test_rows_take_the_defaults_of_their_own_data_set() -> None:
     ]
     defaults = {"mqar": {"token_budget": 5000}, "tiny": {"token_budget": 2000}}
     mqar, tiny = ablation_axes(rows, defaults)
+    with pytest.raises(ArchbenchError, match=r"defaults are by data set.*\['token_budget'\] hold"):
+        ablation_axes(rows, {"token_budget": 5000})  # the flat form of before 5e872f3
     assert [(p.experiment, p.label) for p in mqar.points] == [
         ("q", "5000 (default)"),
         ("q_same", "5000"),

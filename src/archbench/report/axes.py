@@ -143,6 +143,11 @@ def ablation_axes(
     applied). Axes come in the table order of their first row, then key order.
     """
     by_dataset = dict(defaults or {})
+    flat = sorted(key for key, values in by_dataset.items() if not isinstance(values, Mapping))
+    if flat:
+        raise ArchbenchError(
+            f"defaults are by data set, {{dataset: {{option: value}}}}; {flat} hold no mapping"
+        )
     groups: dict[tuple[str, str], list[dict]] = {}
     for experiment in experiments:
         if not {"name", "arch", "dataset"} <= experiment.keys():
