@@ -177,7 +177,7 @@ def test_malformed_arguments_are_usage_errors(
             ["leakcheck", "--run", "r", "--data", "d", "--out", "o", "--device", "gpu0"],
             "device='gpu0' is not a device",
         ),
-        (["generate", "--run", "r"], "--run needs --data"),
+        (["generate", "--run", "r"], "r is not a finished run (no train_config.json)"),
         (
             ["generate", "--run", "r", "--data", "d", "--experiment", "gpt"],
             "either by --experiment",

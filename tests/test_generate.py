@@ -3,6 +3,7 @@ cropping, seeding, argument checks, and samples written from a finished run dire
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ from archbench.generate import (
     generate_text,
     locate_run,
     next_token,
+    workflow_data_dir,
     write_samples,
 )
 from archbench.io import read_json, write_json
@@ -125,6 +127,7 @@ def run_dir(tiny_data: Path, tmp_path: Path) -> Path:
         {"arch": "gpt", "vocab_size": vocab, "block_size": 16, "options": SHAPE},
     )
     write_json(run / "train_config.json", {"experiment": "gpt", "dataset": "tiny", "seed": 0})
+    shutil.copytree(tiny_data, tmp_path / "results" / "data" / "tiny")  # the workflow's layout
     return run
 
 
@@ -153,6 +156,10 @@ def test_generate_text_checks_the_tokenizer(run_dir: Path, tiny_data: Path) -> N
 def test_locate_run_finds_the_data_set(run_dir: Path) -> None:
     results = run_dir.parents[2]
     assert locate_run(results, "smoke", "gpt", 0) == (run_dir, results / "data" / "tiny")
+    assert workflow_data_dir(run_dir) == results / "data" / "tiny"
+    shutil.rmtree(results / "data")
+    with pytest.raises(ArchbenchError, match=r"no prepared data at .*/data/tiny .*: pass --data"):
+        workflow_data_dir(run_dir)
     with pytest.raises(ArchbenchError, match=r"no finished run.*seed 1 of suite 'smoke' first$"):
         locate_run(results, "smoke", "gpt", 1)
     with pytest.raises(ArchbenchError, match=r"suite 'default' first \(found in suite smoke: add"):

@@ -212,15 +212,14 @@ def _cmd_sample(args: argparse.Namespace) -> None:
 
 
 def _cmd_generate(args: argparse.Namespace) -> None:
-    from archbench.generate import generate_from_run, locate_run
+    from archbench.generate import generate_from_run, locate_run, workflow_data_dir
 
     torch.set_num_threads(args.threads)
     if args.run and args.experiment:
         raise ArchbenchError("name a run either by --experiment (with --suite, --seed) or by --run")
     if args.run:
-        if not args.data:
-            raise ArchbenchError("--run needs --data (the prepared-data directory)")
-        run_dir, data_dir = Path(args.run), Path(args.data)
+        run_dir = Path(args.run)
+        data_dir = Path(args.data) if args.data else workflow_data_dir(run_dir)
     else:
         if not args.experiment:
             raise ArchbenchError("name a run: --experiment NAME [--suite --seed], or --run/--data")
@@ -456,7 +455,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="which training seed's run")
     p.add_argument("--results", default="results", help="results directory")
     p.add_argument("--run", help="a run directory instead of --experiment")
-    p.add_argument("--data", help="its prepared-data directory (with --run)")
+    p.add_argument(
+        "--data",
+        help="its prepared-data directory (with --run; default: the workflow's "
+        "results/data/<dataset> beside the run)",
+    )
     p.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
     p.add_argument("--length", type=positive_int, default=DEFAULT_LENGTH, help="tokens to generate")
     p.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE, help="0 = greedy")

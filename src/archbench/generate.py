@@ -190,7 +190,26 @@ def locate_run(results_dir: Path, suite: str, experiment: str, seed: int) -> tup
             f"no finished run at {run_dir} (missing train_config.json): train experiment "
             f"'{experiment}' seed {seed} of suite '{suite}' first{hint}"
         )
-    return run_dir, Path(results_dir) / "data" / read_json(config)["dataset"]
+    return run_dir, workflow_data_dir(run_dir)
+
+
+def workflow_data_dir(run_dir: Path) -> Path:
+    """The prepared data of a run in the workflow's layout: results/<suite>/<experiment>/seed<k>
+    reads results/data/<dataset>, its data set named by the run's train_config.json.
+    ArchbenchError when the run has no train_config.json or that directory does not exist."""
+    config = Path(run_dir) / "train_config.json"
+    if not config.is_file():
+        raise ArchbenchError(f"{run_dir} is not a finished run (no train_config.json)")
+    parents = Path(run_dir).absolute().parents
+    data_dir = (
+        (parents[2] if len(parents) > 2 else parents[-1]) / "data" / read_json(config)["dataset"]
+    )
+    if not data_dir.is_dir():
+        raise ArchbenchError(
+            f"no prepared data at {data_dir} (where the workflow puts this run's data set): "
+            "pass --data"
+        )
+    return data_dir
 
 
 def write_samples(
