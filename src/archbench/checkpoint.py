@@ -49,15 +49,20 @@ def save_training_state(
         save_file(tensors, str(tmp), metadata=header)
 
 
+def _unreadable(path: Path, err: Exception) -> CorruptFileError:
+    """The error for a checkpoint file that cannot be read at all."""
+    return CorruptFileError(
+        f"cannot read checkpoint {path}: {err} (delete it to train the run from the start)"
+    )
+
+
 def read_training_meta(path: Path) -> dict[str, Any]:
     """The `meta` dict of a training-state file, without loading its tensors."""
     try:
         with safe_open(str(path), framework="pt") as handle:
             return json.loads(handle.metadata()["meta"])
     except (SafetensorError, OSError, KeyError, TypeError, ValueError) as err:
-        raise CorruptFileError(
-            f"cannot read checkpoint {path}: {err} (delete it to train the run from the start)"
-        ) from err
+        raise _unreadable(path, err) from err
 
 
 def load_training_state(
@@ -69,9 +74,7 @@ def load_training_state(
         with safe_open(str(path), framework="pt") as handle:
             header = handle.metadata()
     except (SafetensorError, OSError) as err:
-        raise CorruptFileError(
-            f"cannot read checkpoint {path}: {err} (delete it to train the run from the start)"
-        ) from err
+        raise _unreadable(path, err) from err
     slots: dict[int, dict[str, torch.Tensor]] = {}
     try:
         for key, value in tensors.items():
