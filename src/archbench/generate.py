@@ -201,9 +201,12 @@ def workflow_data_dir(run_dir: Path) -> Path:
     if not config.is_file():
         raise ArchbenchError(f"{run_dir} is not a finished run (no train_config.json)")
     parents = Path(run_dir).absolute().parents
-    data_dir = (
-        (parents[2] if len(parents) > 2 else parents[-1]) / "data" / read_json(config)["dataset"]
-    )
+    if len(parents) < 3:
+        raise ArchbenchError(
+            f"{run_dir} is not in the workflow's layout results/<suite>/<experiment>/seed<k>: "
+            "pass --data"
+        )
+    data_dir = parents[2] / "data" / read_json(config)["dataset"]
     if not data_dir.is_dir():
         raise ArchbenchError(
             f"no prepared data at {data_dir} (where the workflow puts this run's data set): "
