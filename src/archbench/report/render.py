@@ -237,8 +237,11 @@ def how_to_read() -> list[str]:
         f"train_summary.json records) and when: on a small data set a model can "
         f"overfit before its last step, and nanoGPT reports that minimum. Parameters, training "
         f"tokens, FLOPs and wall time stand beside the scores because comparisons are only fair at"
-        f" matched size and compute. 'leak check' says whether every seed's checkpoint passed the "
-        f"automatic future-leak test; rows that failed are excluded from every comparison. "
+        f" matched size and compute. 'train FLOPs' is torch's FLOP count (FlopCounterMode: matrix "
+        f"products and attention, causal attention counted as full) of one forward and backward "
+        f"pass on the first batch, times the number of steps; element-wise work, the optimizer "
+        f"and evaluation are not in it. 'leak check' says whether every seed's checkpoint passed "
+        f"the automatic future-leak test; rows that failed are excluded from every comparison. "
         f"{MISSING} marks a value that was not recorded. Entries named <row>/L<level>.<index> are "
         f"a row's nested sub-models, each scored alone (see 'Nesting cost').",
         f"Comparisons: each row with a baseline is compared on validation loss (Δ = row − "
