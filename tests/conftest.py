@@ -135,8 +135,9 @@ def add_kill_test(project: Path) -> Path:
 
 def assert_causal_at_every_position(model: torch.nn.Module, vocab: int, block: int) -> None:
     """Changing tokens after position t leaves `model`'s logits at positions <= t unchanged, for
-    every t: row t of one batch is a sequence with its tokens after t redrawn, the last row the
-    sequence itself. For a float64 model in eval mode (a leak moves logits by far more than the
+    every t: row t of one batch is a sequence with its tokens after t redrawn, compared with the
+    sequence itself run alone (so that a leak through the batch, e.g. a mean over its rows, does
+    not cancel out). For a float64 model in eval mode (a leak moves logits by far more than the
     1e-12 allowed); the logits after t must change."""
     generator = torch.Generator().manual_seed(1)
     idx = torch.randint(0, vocab, (block,), generator=generator)
@@ -146,12 +147,33 @@ def assert_causal_at_every_position(model: torch.nn.Module, vocab: int, block: i
     assert all(not torch.equal(batch[t], idx) for t in range(block - 1))
     with torch.no_grad():
         logits = model(batch)
-    reference = logits[-1]
+        reference = model(idx[None])[0]
     for t in range(block - 1):
         torch.testing.assert_close(
             logits[t, : t + 1], reference[: t + 1], rtol=0, atol=1e-12, msg=f"leak at t={t}"
         )
         assert not torch.allclose(logits[t, t + 1 :], reference[t + 1 :])
+
+
+def assert_causal_in_training_mode(model: torch.nn.Module, vocab: int, block: int) -> None:
+    """The same check as `assert_causal_at_every_position` for a float64 model in training mode,
+    where dropout is active: both batches have the same shape and run after the same seed, so
+    they draw the same dropout masks, and a leak that only dropout opens (e.g. attention that
+    drops its causal mask when dropout_p > 0) shows as a difference at positions <= t."""
+    generator = torch.Generator().manual_seed(1)
+    idx = torch.randint(0, vocab, (block,), generator=generator)
+    redrawn = torch.randint(0, vocab, (block, block), generator=generator)
+    after = torch.arange(block)[None, :] > torch.arange(block)[:, None]
+    batch = torch.where(after, redrawn, idx)
+    with torch.no_grad():
+        torch.manual_seed(9)
+        logits = model(batch)
+        torch.manual_seed(9)
+        reference = model(idx.expand(block, block).clone())
+    for t in range(block - 1):
+        torch.testing.assert_close(
+            logits[t, : t + 1], reference[t, : t + 1], rtol=0, atol=1e-12, msg=f"leak at t={t}"
+        )
 
 
 def assert_deterministic(build: Callable[[], torch.nn.Module], vocab: int, block: int) -> None:

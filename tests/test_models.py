@@ -7,7 +7,11 @@ from collections.abc import Callable
 
 import pytest
 import torch
-from conftest import assert_causal_at_every_position, assert_deterministic
+from conftest import (
+    assert_causal_at_every_position,
+    assert_causal_in_training_mode,
+    assert_deterministic,
+)
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from archbench.errors import ConfigError
@@ -147,15 +151,26 @@ def test_causality(arch: str, overrides: dict) -> None:
     assert_causal_at_every_position(build(arch, overrides), VOCAB, BLOCK)
 
 
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_causality_in_training_mode_with_dropout(arch: str) -> None:
+    """With dropout active (training mode, as the gpu suite trains), changing tokens after
+    position t still leaves the logits at positions <= t unchanged."""
+    model = build(arch, {"dropout": 0.1}).train()
+    assert_causal_in_training_mode(model, VOCAB, BLOCK)
+
+
 @pytest.mark.parametrize(("arch", "overrides"), CASES, ids=IDS)
 def test_prefix_consistency(arch: str, overrides: dict) -> None:
-    """Logits of a full sequence equal those of each prefix run alone."""
+    """Logits of a full sequence equal those of each prefix run alone, and each row of a batch
+    gets the logits it gets alone (no mixing between the sequences of a batch)."""
     model = build(arch, overrides)
     idx = torch.randint(0, VOCAB, (2, BLOCK), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         full = model(idx)
         for t in (1, 9, BLOCK - 1):
             torch.testing.assert_close(model(idx[:, :t]), full[:, :t], rtol=1e-10, atol=1e-10)
+        for row in range(2):
+            torch.testing.assert_close(model(idx[row : row + 1]), full[row : row + 1])
 
 
 @pytest.mark.parametrize(("arch", "overrides"), CASES, ids=IDS)
@@ -197,12 +212,23 @@ def test_no_per_token_python_loops(arch: str, overrides: dict) -> None:
     assert abs(long_training - short_training) < BLOCK // 2, message
 
 
-def test_seed_changes_init() -> None:
+# Parameters set to a fixed, non-constant value by design (futureformer: each span's prior
+# log-odds), which the seed must not change.
+SEED_FREE_PARAMETERS = {("futureformer", "bag_bias")}
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_seed_changes_init(arch: str) -> None:
+    """Every randomly initialised parameter (one not filled with a single value such as a norm's
+    ones) differs between seeds, so that seeds sample the variance of initialisation."""
     torch.manual_seed(0)
-    a = build_model("gpt", VOCAB, BLOCK, **SHAPE)
+    a = build_model(arch, VOCAB, BLOCK, **SHAPE)
     torch.manual_seed(1)
-    b = build_model("gpt", VOCAB, BLOCK, **SHAPE)
-    assert not torch.equal(a.embed.weight, b.embed.weight)
+    b = dict(build_model(arch, VOCAB, BLOCK, **SHAPE).named_parameters())
+    random = {n: p for n, p in a.named_parameters() if p.unique().numel() > 1}
+    assert random
+    unchanged = {n for n, p in random.items() if torch.equal(p, b[n])}
+    assert unchanged == {n for a_, n in SEED_FREE_PARAMETERS if a_ == arch}
 
 
 def test_tied_embeddings_share_storage_and_count_once() -> None:
