@@ -182,8 +182,10 @@ def test_generation_is_deterministic_with_separate_streams(name: str, knobs: dic
     val = task.generate(0, "val")
     assert not {r.tobytes() for r in val.ids} & {r.tobytes() for r in train.ids}
     assert not np.array_equal(task.generate(1, "train").ids[:50], train.ids[:50])
-    bigger = make_task(name, {**knobs, "n_train": 200, "n_val": 80}).generate(0, "val")
-    assert not np.array_equal(bigger.ids[:50], train.ids[:50])
+    bigger_val = make_task(name, {**knobs, "n_train": 200, "n_val": 80})
+    assert np.array_equal(bigger_val.generate(0, "train").ids, train.ids)  # train ignores n_val
+    bigger_train = make_task(name, {**knobs, "n_train": 300, "n_val": 50})
+    assert np.array_equal(bigger_train.generate(0, "val").ids, val.ids)  # val ignores n_train
 
 
 @pytest.mark.parametrize(("name", "knobs"), [("mqar", {}), ("path_star", {})])
