@@ -339,7 +339,7 @@ def _one_layer(model: FractalFormer, x0: torch.Tensor, n: int, indices: list[int
     return torch.cat(outs, dim=-1)
 
 
-# ---- causality, prefix consistency, determinism: every option value, every sub-model ----------
+# ---- causality, prefix consistency: every option value, every sub-model (determinism: test_models)
 
 
 @pytest.mark.parametrize("overrides", OPTION_CASES, ids=IDS)

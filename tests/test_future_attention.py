@@ -367,6 +367,21 @@ def test_detach_target(detach: bool) -> None:
     assert all(prediction.requires_grad for prediction, _ in pairs)
 
 
+def test_detach_target_changes_gradients_not_the_loss() -> None:
+    """Same weights, same loss; only the gradients differ, by the target's part of them."""
+    idx = torch.randint(0, VOCAB, (2, BLOCK), generator=torch.Generator().manual_seed(7))
+    runs = []
+    for detach in (True, False):
+        model = make({"detach_target": detach}).train()
+        total, _ = model.loss(idx, torch.roll(idx, -1, 1))
+        total.backward()
+        runs.append((total, {name: p.grad for name, p in model.named_parameters()}))
+    (detached, detached_grads), (attached, attached_grads) = runs
+    assert torch.equal(detached, attached)
+    differ = {n for n, g in detached_grads.items() if not torch.allclose(g, attached_grads[n])}
+    assert any(".attn." in name for name in differ)
+
+
 def test_options_are_declared() -> None:
     """The baseline's options plus the five future-attention ones, with types and defaults."""
     options = options_of(FutureAttentionConfig)

@@ -22,7 +22,7 @@ from archbench.generate import (
     write_samples,
 )
 from archbench.io import read_json, write_json
-from archbench.models import ARCHITECTURES, Architecture, build_model
+from archbench.models import ARCHITECTURES, build_model
 from archbench.runs import load_run
 
 SHAPE = {"n_layer": 2, "n_head": 4, "d_model": 32}
@@ -169,15 +169,8 @@ def test_locate_run_finds_the_data_set(run_dir: Path) -> None:
 
 
 @pytest.fixture
-def fractal_run(tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A finished run directory of a tiny three-level fractalformer (registered here if the
-    registry does not list it yet)."""
-    if "fractalformer" not in ARCHITECTURES:
-        fractal = pytest.importorskip("archbench.models.fractalformer")
-        entry = Architecture(
-            "fractalformer", fractal.FractalFormerConfig, fractal.FractalFormer, ""
-        )
-        monkeypatch.setitem(ARCHITECTURES, "fractalformer", entry)
+def fractal_run(tiny_data: Path, tmp_path: Path) -> Path:
+    """A finished run directory of a tiny three-level fractalformer."""
     vocab = load_meta(tiny_data)["vocab_size"]
     options = {"n_layer": 1, "n_head": 2, "d_model": 32, "levels": 3}
     torch.manual_seed(0)
