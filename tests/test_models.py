@@ -17,6 +17,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from archbench.errors import ConfigError
 from archbench.models import ARCHITECTURES, build_model, list_options
 from archbench.models.blocks import IGNORE_INDEX, next_token_loss
+from archbench.options import Option
 from archbench.train import make_train_config
 
 VOCAB, BLOCK = 37, 24
@@ -283,6 +284,43 @@ def test_too_long_sequence_is_refused() -> None:
 def test_invalid_options_give_clear_errors(overrides: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         build_model("gpt", VOCAB, BLOCK, **overrides)
+
+
+def invalid_values(opt: Option) -> list[tuple[object, str]]:
+    """(value, the error it must give) for values of `opt` that no model may accept: outside its
+    choices, not of its type, below its minimum or above its maximum, or (a free-form text)
+    malformed."""
+    if opt.choices is not None:
+        return [("bogus", "is not one of")]
+    if opt.type == "bool":
+        return [("maybe", "is not a valid bool")]
+    if opt.type == "str":
+        return [("x;y", "")]
+    step = 1 if opt.type == "int" else 0.5
+    cases = [("abc", f"is not a valid {opt.type}")]
+    if opt.min is not None:
+        cases.append((opt.min if opt.min_exclusive else opt.min - step, "is out of range"))
+    if opt.max is not None:
+        cases.append((opt.max + step, "is out of range"))
+    return cases
+
+
+INVALID_CASES = [
+    (arch, name, value, message)
+    for arch in sorted(ARCHITECTURES)
+    for name, opt in list_options(arch).items()
+    for value, message in invalid_values(opt)
+]
+
+
+@pytest.mark.parametrize(("arch", "name", "value", "message"), INVALID_CASES)
+def test_every_option_refuses_invalid_values(
+    arch: str, name: str, value: object, message: str
+) -> None:
+    """Every option of every architecture refuses a bad value with a ConfigError that names the
+    option (as 'name' or name=...) and, for typed options, says what is wrong."""
+    with pytest.raises(ConfigError, match=rf"('{name}'|{name}=).*{message}"):
+        build_model(arch, VOCAB, BLOCK, **{**SHAPE, name: value})
 
 
 FLOAT_OPTIONS = [
