@@ -313,7 +313,11 @@ INVALID_CASES = [
 ]
 
 
-@pytest.mark.parametrize(("arch", "name", "value", "message"), INVALID_CASES)
+@pytest.mark.parametrize(
+    ("arch", "name", "value", "message"),
+    INVALID_CASES,
+    ids=[f"{arch}-{name}={value}" for arch, name, value, _ in INVALID_CASES],
+)
 def test_every_option_refuses_invalid_values(
     arch: str, name: str, value: object, message: str
 ) -> None:
