@@ -5,6 +5,7 @@ consistency and determinism for every option value."""
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 import pytest
@@ -169,7 +170,7 @@ def test_slot_schedules_hand_worked() -> None:
         "constant": [2, 2, 2, 2],
         "linear": [1, 3, 5, 7],  # 1 + 2x
         "root": [1, 1, 1, 2],  # floor(sqrt(x + 1))
-        "log": [1, 3, 4, 5],  # 1 + floor(2 log2(x + 1))
+        "log": [1, 2, 2, 3],  # 1 + floor(log2(x + 1)), the original's formula
         "poly": [1, 4, 8, 16],  # (x + 1)^2 = 1, 4, 9, 16 capped at N = 2, 4, 8, 16
     }
     for schedule, slots in expected.items():
@@ -406,11 +407,22 @@ def test_causality_and_prefix_consistency(overrides: dict) -> None:
         ),
         ({"future_mult": 5}, r"future_mult=5 .* look 31 tokens ahead"),
         ({"n_head": 3}, r"d_model=32 is not divisible by n_head=3"),
+        ({"pool_slots": "log", "pool_slots_n": 1}, r"pool_slots=log needs pool_slots_n > 1"),
     ],
 )
 def test_invalid_options_give_clear_errors(overrides: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         make_config(**overrides)
+
+
+def test_one_slot_warns_that_the_cross_attention_degenerates() -> None:
+    """root with n = 2 gives spans 1 and 2 one slot each: their levels' query weights get no
+    gradient, which the configuration says; the default (2 slots per span) says nothing."""
+    with pytest.warns(UserWarning, match=r"span\(s\) 1, 2 get one memory slot"):
+        make_config(pool_slots="root")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        make_config()
 
 
 def test_nested_spans_reach_less_far() -> None:

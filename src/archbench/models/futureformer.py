@@ -56,10 +56,11 @@ Pooling turns the N_k items of a position into K_k slots (`pooling`):
 
 The slot count K_k follows `pool_slots` with n = `pool_slots_n` as a function of the span's
 distance x = k - 1 (0 = nearest): constant ⌊n⌋, linear 1 + ⌊n·x⌋, root ⌊(x+1)^(1/n)⌋, log
-1 + ⌊n·log2(x+1)⌋, poly ⌊(x+1)^n⌋, capped at N_k (N tokens never become more than N slots). The
-default is 2 slots per span (constant, n = 2). With one slot (the original's default) the
-cross-attention below degenerates: a softmax over one slot is 1, so the level reads a linear map of
-that slot and its query weights get no gradient.
+1 + ⌊log_n(x+1)⌋ (n > 1), poly ⌊(x+1)^n⌋ (the original's five schedules), capped at N_k (N tokens
+never become more than N slots). The default is 2 slots per span (constant, n = 2). With one slot
+(the original's default) the cross-attention below degenerates: a softmax over one slot is 1, so
+the level reads a linear map of that slot, and its query weights and norm get no gradient (but
+count in the parameters); the configuration warns when a span gets one slot.
 
 Cross-attention is per position: the query of h[t] attends over the K_k slots of position t only
 (multi-head, grouped key/value heads as in self-attention, no RoPE, no mask).
@@ -103,6 +104,7 @@ n_layer = 2, P = 2 with sum pooling (0.964M) matches gpt with 4 blocks and mlp_r
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -122,7 +124,15 @@ from archbench.models.blocks import (
 from archbench.models.gpt import GPTConfig
 from archbench.options import option
 
-SLOT_SCHEDULES = ("constant", "linear", "root", "log", "poly")
+# Slots per span (before flooring and the cap at N_k) as a function of the span's distance x
+# (0 = nearest) and the schedule's parameter n (option `pool_slots_n`): the original's five.
+SLOT_SCHEDULES: dict[str, Callable[[int, float], float]] = {
+    "constant": lambda x, n: n,
+    "linear": lambda x, n: 1 + n * x,
+    "root": lambda x, n: (x + 1) ** (1 / n),
+    "log": lambda x, n: 1 + math.log(x + 1, n),
+    "poly": lambda x, n: (x + 1) ** n,
+}
 # Positions per head pass above KEEP_LOGITS_ELEMENTS: bounds the logits alive (see "Memory").
 HEAD_CHUNK_ROWS = 1024
 
@@ -261,7 +271,7 @@ class FutureFormerConfig(GPTConfig):
     )
     pooling: str = option("sum", "how a span's memory items become slots", choices=POOLINGS)
     pool_slots: str = option(
-        "constant", "slots per span as a function of its distance", choices=SLOT_SCHEDULES
+        "constant", "slots per span as a function of its distance", choices=tuple(SLOT_SCHEDULES)
     )
     pool_slots_n: float = option(
         2.0, "the parameter n of the pool_slots schedule", min=1.0, max=16.0
@@ -298,26 +308,33 @@ class FutureFormerConfig(GPTConfig):
 
     def memory_slots(self, k: int) -> int:
         """K_k: pooled slots of span k, from the pool_slots schedule, capped at N_k."""
-        x, n = k - 1, self.pool_slots_n
         eps = 1e-9  # so that e.g. 64 ** (1/3) = 3.99…96 still floors to 4
-        slots = {
-            "constant": n,
-            "linear": 1 + n * x,
-            "root": (x + 1) ** (1 / n),
-            "log": 1 + n * math.log2(x + 1),
-            "poly": (x + 1) ** n,
-        }[self.pool_slots]
+        slots = SLOT_SCHEDULES[self.pool_slots](k - 1, self.pool_slots_n)
         return max(1, min(math.floor(slots + eps), self.memory_items(k)))
 
     def validate(self) -> None:
         """Check constraints between options; raise ConfigError naming the options."""
         super().validate()
+        if self.pool_slots == "log" and self.pool_slots_n <= 1:
+            raise ConfigError(
+                f"pool_slots=log needs pool_slots_n > 1 (the base of its logarithm), got "
+                f"{self.pool_slots_n}"
+            )
         if self.reach() > self.block_size:
             raise ConfigError(
                 f"future_levels={self.future_levels}, future_mult={self.future_mult} with "
                 f"spans={self.spans} look {self.reach()} tokens ahead, but block_size="
                 f"{self.block_size} allows at most {self.block_size} (the targets of a window "
                 "of T tokens reach t+T from its first position)"
+            )
+        single = [k for k in range(1, self.future_levels + 1) if self.memory_slots(k) == 1]
+        if single:
+            warnings.warn(
+                f"futureformer span(s) {', '.join(map(str, single))} get one memory slot "
+                f"(pool_slots={self.pool_slots}, pool_slots_n={self.pool_slots_n}, memory_topk="
+                f"{self.memory_topk}): a softmax over one slot is 1, so the cross-attention "
+                "reading it trains no query weights (they still count in the parameters)",
+                stacklevel=2,
             )
 
     def check_window(self, length: int) -> None:
