@@ -57,10 +57,12 @@ Pooling turns the N_k items of a position into K_k slots (`pooling`):
 The slot count K_k follows `pool_slots` with n = `pool_slots_n` as a function of the span's
 distance x = k - 1 (0 = nearest): constant ⌊n⌋, linear 1 + ⌊n·x⌋, root ⌊(x+1)^(1/n)⌋, log
 1 + ⌊log_n(x+1)⌋ (n > 1), poly ⌊(x+1)^n⌋ (the original's five schedules), capped at N_k (N tokens
-never become more than N slots). The default is 2 slots per span (constant, n = 2). With one slot
-(the original's default) the cross-attention below degenerates: a softmax over one slot is 1, so
-the level reads a linear map of that slot, and its query weights and norm get no gradient (but
-count in the parameters); the configuration warns when a span gets one slot.
+never become more than N slots). The default is 2 slots per span (constant, n = 2). Where
+N_k = K_k (span 1 at the defaults: 2 tokens, 2 slots) each slot is one item, and sum, mean and max
+pool that span identically. With one slot (the original's default) the cross-attention below
+degenerates: a softmax over one slot is 1, so the level reads a linear map of that slot, and its
+query weights and norm get no gradient (but count in the parameters); the configuration warns
+when a span gets one slot.
 
 Cross-attention is per position: the query of h[t] attends over the K_k slots of position t only
 (multi-head, grouped key/value heads as in self-attention, no RoPE, no mask).
