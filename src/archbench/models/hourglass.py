@@ -112,8 +112,15 @@ taken after the encoder's local blocks, and the two streams are normalised where
 original mixed them with a learned scalar after the blocks; only its attention upsampling also
 added the skip before them); RoPE is used in all
 attentions besides the slot embeddings (the original offered either); every channel has its own
-q, k and v (the original's default shared k, v between channels). Memory tokens, DenseFormer
-weights, the latent reconstruction loss, noisy embeddings and muP are left out.
+q, k and v (the original's default shared k, v between channels), and its own whole MLP (the
+original shared one gated up-projection and a shared output projection between its soft experts,
+only the down-projection per expert; the seed describes per-channel MLPs); queries and keys are
+not normalised (the original's `ln_qk`); attention upsampling attends to the group's latents plus
+a null key, as in Hourglass Transformers (issue 9), instead of the original's causal
+self-attention within a group (queries from skip + x, keys and values from the upsampled x); the
+perceiver's latents keep a residual of the items they compress (the original output only the
+projected cross-attention). Memory tokens, DenseFormer weights, the latent reconstruction loss,
+noisy embeddings and muP are left out.
 """
 
 from __future__ import annotations
