@@ -45,7 +45,10 @@ def leak_check(
     """
     if len(tokens) < 2:
         raise DataError(f"{len(tokens)} validation tokens: the leak check needs at least 2")
-    model = copy.deepcopy(model).double().eval()
+    model = copy.deepcopy(model)
+    if next(model.parameters()).device.type == "mps":  # MPS has no float64: check on the CPU
+        model = model.cpu()
+    model = model.double().eval()
     device = next(model.parameters()).device
     rng = np.random.default_rng(seed)
     length = min(block_size, len(tokens))

@@ -242,10 +242,11 @@ class ArchbenchLM(LM):
             n_scored = torch.tensor([n for *_, n in chosen], device=self._device)
             positions = torch.arange(inputs.shape[1], device=self._device)
             scored = (positions >= (n_inputs - n_scored)[:, None]) & (positions < n_inputs[:, None])
-            sums = torch.where(scored, log_probs.double(), 0.0).sum(-1)
+            # summed in float64 on the host (MPS has no float64 tensors)
+            sums = torch.where(scored, log_probs, 0.0).cpu().double().sum(-1)
             hits = ((logits.argmax(-1) == targets) | ~scored).all(-1)  # argmax, as generated
             index = np.fromiter((i for i, *_ in chosen), dtype=np.int64, count=len(chosen))
-            np.add.at(totals, index, sums.cpu().numpy())
+            np.add.at(totals, index, sums.numpy())
             np.logical_and.at(greedy, index, hits.cpu().numpy())
         self.model_seconds += time.perf_counter() - started
         return [(float(t), bool(g)) for t, g in zip(totals, greedy, strict=True)]

@@ -58,15 +58,8 @@ def evaluate_perplexity(
             chunk = chunk.to(device)
             logits = model(chunk[:, :-1]).float().flatten(0, 1)
             targets = chunk[:, 1:].flatten()
-            total_nats += (
-                F.cross_entropy(
-                    logits,
-                    targets,
-                    reduction="sum",
-                )
-                .double()
-                .item()
-            )
+            # .item() gives a Python float (float64) on the host: MPS has no float64 tensors
+            total_nats += F.cross_entropy(logits, targets, reduction="sum").item()
             best = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
             hits = best == targets[:, None]
             top1 += int(hits[:, 0].sum())
