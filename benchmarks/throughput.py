@@ -57,12 +57,11 @@ from torch import nn
 from torch.profiler import ProfilerActivity, profile
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
-from torch.utils.flop_counter import FlopCounterMode
 
 from archbench.errors import ConfigError
 from archbench.models import ARCHITECTURES, build_model, make_config
 from archbench.runtime import COMPILE_MODES, CUDA_GRAPH_MODES, Runtime, make_runtime
-from archbench.train import TrainConfig, make_optimizer, seed_everything
+from archbench.train import TrainConfig, make_optimizer, measure_step_flops, seed_everything
 
 ROOT = Path(__file__).resolve().parents[1]
 # How a step is timed: wall-clock time, or the CPU time of this process, which on a machine shared
@@ -389,14 +388,6 @@ def memory_is_measurable(c: Candidate, runtime: Runtime, compile_mode: str | Non
     return not (runtime.is_cuda and compiled and compile_mode in CUDA_GRAPH_MODES)
 
 
-def measure_flops(c: Candidate, x: torch.Tensor, y: torch.Tensor) -> int:
-    """FLOPs of one forward + backward, counted by torch (for the MFU on CUDA)."""
-    with FlopCounterMode(display=False) as counter:
-        c.raw_loss(x, y).backward()
-    c.model.zero_grad(set_to_none=True)
-    return int(counter.get_total_flops())
-
-
 def run_shape(
     shape: Shape, args: argparse.Namespace, runtime: Runtime, nanogpt: Any
 ) -> list[dict[str, Any]]:
@@ -423,7 +414,7 @@ def run_shape(
         if memory_is_measurable(c, runtime, args.compile_mode):
             c.peak_bytes = measure_memory(c, x, y, runtime)
         if runtime.is_cuda:
-            c.flops_per_step = measure_flops(c, x, y)
+            c.flops_per_step = measure_step_flops(c.raw_loss, x, y)
         print(f"  {shape.name}: {c.label} ready ({c.n_params:,} parameters)", file=sys.stderr)
     for round_ in range(args.rounds):
         for c in candidates[round_ % len(candidates) :] + candidates[: round_ % len(candidates)]:
