@@ -414,7 +414,7 @@ def run_shape(
         if memory_is_measurable(c, runtime, args.compile_mode):
             c.peak_bytes = measure_memory(c, x, y, runtime)
         if runtime.is_cuda:
-            c.flops_per_step = measure_step_flops(c.raw_loss, x, y)
+            c.flops_per_step = measure_step_flops(c.raw_loss, c.model, x, y)
         print(f"  {shape.name}: {c.label} ready ({c.n_params:,} parameters)", file=sys.stderr)
     for round_ in range(args.rounds):
         for c in candidates[round_ % len(candidates) :] + candidates[: round_ % len(candidates)]:

@@ -461,7 +461,7 @@ def test_step_flops_are_the_model_flops_of_nanogpts_estimate() -> None:
     model = build_model("gpt", 64, 32, n_layer=2, n_head=2, d_model=64)
     x = torch.randint(0, 64, (4, 32))
     tokens = x.numel()
-    flops = measure_step_flops(model.loss, x, x)
+    flops = measure_step_flops(lambda a, b: model.loss(a, b)[0], model, x, x)
     matrix_weights = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
     attention = 12 * 2 * 64 * 32 * tokens  # 12 · L · d · T per token
     assert flops == 6 * matrix_weights * tokens + attention

@@ -338,21 +338,33 @@ _CPU_SDPA_FLOPS = {
 }
 
 
+def _fused_attention_flops(counter: FlopCounterMode) -> int:
+    """FLOPs `counter` attributed to fused attention kernels (the ops named *attention*)."""
+    return sum(f for op, f in counter.get_flop_counts()["Global"].items() if "attention" in str(op))
+
+
 def measure_step_flops(
-    loss_fn: Callable[[torch.Tensor, torch.Tensor], object], x: torch.Tensor, y: torch.Tensor
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
 ) -> int:
-    """Model FLOPs of one training step of `loss_fn` (e.g. a model's `loss`) on (x, y): 3 × torch's
-    count of the forward pass (matrix products and attention, causal attention counted as full),
-    the convention of nanoGPT's MFU estimate (6N + 12·L·d·T per token). Work that a backward pass
-    repeats (a fused attention kernel recomputing its scores, activation checkpointing) depends on
-    the kernel, not the model, and is left out. RNG state is left as it was."""
-    with (
-        fork_rng(x.device),
-        torch.no_grad(),
-        FlopCounterMode(display=False, custom_mapping=_CPU_SDPA_FLOPS) as counter,
-    ):
-        loss_fn(x, y)
-    return 3 * int(counter.get_total_flops())
+    """FLOPs of one training step of `loss_fn` (the loss of `model`'s parameters) on (x, y):
+    torch's count of the forward and the backward pass (matrix products and attention, causal
+    attention counted as full), with a fused attention kernel's backward counted as twice its
+    forward, the gradient products it needs, as nanoGPT's estimate 6N + 12·L·d·T per token does:
+    some kernels recompute the scores there, and that depends on the kernel, not the model.
+    (Activation checkpointing's recomputed heads, above KEEP_LOGITS_ELEMENTS logits, do count.)
+    RNG state and gradients are left as they were."""
+    with fork_rng(x.device):
+        with FlopCounterMode(display=False, custom_mapping=_CPU_SDPA_FLOPS) as forward:
+            loss = loss_fn(x, y)
+        with FlopCounterMode(display=False) as backward:
+            loss.backward()
+    model.zero_grad(set_to_none=True)
+    attention = _fused_attention_flops(forward)
+    total = forward.get_total_flops() + backward.get_total_flops()
+    return int(total - _fused_attention_flops(backward) + 2 * attention)
 
 
 def warm_up(
@@ -491,7 +503,9 @@ def train_run(
     if frozen is not None:  # before resuming, so a resumed run keeps its blocks frozen too
         frozen.attach(optimizer)
     x0, y0 = data.batch(seed, 0)
-    step_flops = measure_step_flops(model.loss, runtime.put(x0), runtime.put(y0))
+    step_flops = measure_step_flops(
+        lambda x, y: model.loss(x, y)[0], model, runtime.put(x0), runtime.put(y0)
+    )
     with torch.no_grad(), fork_rng(runtime.device):
         _, parts0 = model.loss(runtime.put(x0[:1]), runtime.put(y0[:1]))
     loss_fn = runtime.compile(model.loss, config.compile_mode) if config.compile else model.loss
