@@ -231,8 +231,10 @@ def matched_mlp_ratio(shape: Shape, target: int) -> float:
     for _ in range(30):  # parameters grow with the MLP width: bisect
         mid = (lo + hi) / 2
         lo, hi = (mid, hi) if params_of("gpt", shape, mlp_ratio=mid) < target else (lo, mid)
-    candidates = {round(r, 4) for r in (lo, hi)}
-    return min(candidates, key=lambda r: abs(params_of("gpt", shape, mlp_ratio=r) - target))
+    best = min((lo, hi), key=lambda r: abs(params_of("gpt", shape, mlp_ratio=r) - target))
+    short = round(best, 4)  # a readable label, unless rounding crosses a width step
+    same = params_of("gpt", shape, mlp_ratio=short) == params_of("gpt", shape, mlp_ratio=best)
+    return short if same else best
 
 
 def load_nanogpt(path: Path) -> Any:
@@ -388,6 +390,15 @@ def memory_is_measurable(c: Candidate, runtime: Runtime, compile_mode: str | Non
     return not (runtime.is_cuda and compiled and compile_mode in CUDA_GRAPH_MODES)
 
 
+def alternation(models: list[Any], round_: int) -> list[Any]:
+    """The order of `models` in timing round `round_`: rotated by one place every two rounds, so
+    that each starts a round in turn, and reversed in odd rounds, so that of two neighbours each
+    runs right after the other equally often."""
+    k = round_ // 2 % len(models)
+    order = models[k:] + models[:k]
+    return order[::-1] if round_ % 2 else order
+
+
 def run_shape(
     shape: Shape, args: argparse.Namespace, runtime: Runtime, nanogpt: Any
 ) -> list[dict[str, Any]]:
@@ -417,7 +428,7 @@ def run_shape(
             c.flops_per_step = measure_step_flops(c.raw_loss, c.model, x, y)
         print(f"  {shape.name}: {c.label} ready ({c.n_params:,} parameters)", file=sys.stderr)
     for round_ in range(args.rounds):
-        for c in candidates[round_ % len(candidates) :] + candidates[: round_ % len(candidates)]:
+        for c in alternation(candidates, round_):
             runtime.synchronize()
             tick = CLOCKS[args.clock]()
             for _ in range(args.steps):

@@ -327,3 +327,28 @@ def test_mfu_peak_is_the_devices_own(
     fp32 = SimpleNamespace(is_cuda=True, device="cuda", bf16=False)  # the table holds bf16 peaks
     assert throughput.device_peak_tflops(fp32, None) is None
     assert throughput.device_peak_tflops(fp32, 60.0) == 60.0
+
+
+def test_alternation_starts_each_model_in_turn_and_balances_who_follows_whom(
+    throughput: ModuleType,
+) -> None:
+    models = ["a", "b", "c", "d"]
+    orders = [throughput.alternation(models, r) for r in range(8)]
+    assert all(sorted(order) == models for order in orders)
+    assert {order[0] for order in orders} == set(models)
+    follows = [
+        sum(order.index(first) + 1 == order.index(then) for order in orders)
+        for first, then in (("a", "b"), ("b", "a"))
+    ]
+    assert follows[0] == follows[1] > 0
+
+
+def test_matched_mlp_ratio_gives_the_closest_parameter_count(throughput: ModuleType) -> None:
+    """No other SwiGLU width (the ratio moves it in steps of 8) comes closer to the target."""
+    shape = throughput.SHAPES["tiny"]
+    target = throughput.params_of("futureformer", shape, n_layer=2)
+    ratio = throughput.matched_mlp_ratio(shape, target)
+    best = abs(throughput.params_of("gpt", shape, mlp_ratio=ratio) - target)
+    step = 3 * 8 / 2 / shape.d_model  # one step of 8 hidden units, in mlp_ratio
+    for other in (ratio - step, ratio + step):
+        assert best <= abs(throughput.params_of("gpt", shape, mlp_ratio=other) - target)
