@@ -133,17 +133,23 @@ def add_kill_test(project: Path) -> Path:
     return table
 
 
+def redrawn_after_each_position(vocab: int, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A random sequence idx (block,) and a batch (block, block) whose row t is idx with its
+    tokens after position t redrawn."""
+    generator = torch.Generator().manual_seed(1)
+    idx = torch.randint(0, vocab, (block,), generator=generator)
+    redrawn = torch.randint(0, vocab, (block, block), generator=generator)
+    after = torch.arange(block)[None, :] > torch.arange(block)[:, None]  # row t: positions > t
+    return idx, torch.where(after, redrawn, idx)
+
+
 def assert_causal_at_every_position(model: torch.nn.Module, vocab: int, block: int) -> None:
     """Changing tokens after position t leaves `model`'s logits at positions <= t unchanged, for
     every t: row t of one batch is a sequence with its tokens after t redrawn, compared with the
     sequence itself run alone (so that a leak through the batch, e.g. a mean over its rows, does
     not cancel out). For a float64 model in eval mode (a leak moves logits by far more than the
     1e-12 allowed); the logits after t must change."""
-    generator = torch.Generator().manual_seed(1)
-    idx = torch.randint(0, vocab, (block,), generator=generator)
-    redrawn = torch.randint(0, vocab, (block, block), generator=generator)
-    after = torch.arange(block)[None, :] > torch.arange(block)[:, None]  # row t: positions > t
-    batch = torch.where(after, redrawn, idx)
+    idx, batch = redrawn_after_each_position(vocab, block)
     assert all(not torch.equal(batch[t], idx) for t in range(block - 1))
     with torch.no_grad():
         logits = model(batch)
@@ -160,11 +166,7 @@ def assert_causal_in_training_mode(model: torch.nn.Module, vocab: int, block: in
     where dropout is active: both batches have the same shape and run after the same seed, so
     they draw the same dropout masks, and a leak that only dropout opens (e.g. attention that
     drops its causal mask when dropout_p > 0) shows as a difference at positions <= t."""
-    generator = torch.Generator().manual_seed(1)
-    idx = torch.randint(0, vocab, (block,), generator=generator)
-    redrawn = torch.randint(0, vocab, (block, block), generator=generator)
-    after = torch.arange(block)[None, :] > torch.arange(block)[:, None]
-    batch = torch.where(after, redrawn, idx)
+    idx, batch = redrawn_after_each_position(vocab, block)
     with torch.no_grad():
         torch.manual_seed(9)
         logits = model(batch)
