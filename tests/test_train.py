@@ -454,7 +454,7 @@ def test_weights_that_diverge_in_the_update_are_never_saved(
     assert all(torch.isfinite(tensor).all() for tensor in saved.values())
 
 
-def test_step_flops_are_the_model_flops_of_nanogpts_estimate() -> None:
+def test_step_flops_of_gpt_are_nanogpts_estimate_exactly() -> None:
     """6 FLOPs per token per matrix weight (forward, and twice that backward) plus 12·L·d·T per
     token of full attention: nanoGPT's estimate, counted exactly; the CPU's fused attention
     kernel is counted, and its backward recomputation is not."""

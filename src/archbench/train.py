@@ -355,7 +355,7 @@ def measure_step_flops(
     forward, the gradient products it needs, as nanoGPT's estimate 6N + 12·L·d·T per token does:
     some kernels recompute the scores there, and that depends on the kernel, not the model.
     (Activation checkpointing's recomputed heads, above KEEP_LOGITS_ELEMENTS logits, do count.)
-    RNG state and gradients are left as they were."""
+    RNG state is left as it was, and `model`'s gradients are cleared (set to None)."""
     with fork_rng(x.device):
         with FlopCounterMode(display=False, custom_mapping=_CPU_SDPA_FLOPS) as forward:
             loss = loss_fn(x, y)
