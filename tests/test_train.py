@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import importlib
 import json
 import math
 import os
@@ -28,6 +29,7 @@ from archbench.checkpoint import (
 from archbench.errors import ConfigError
 from archbench.io import read_json
 from archbench.models import ARCHITECTURES, build_model, make_config
+from archbench.models.blocks import tally_recomputed_flops
 from archbench.runtime import Runtime, inductor_cpp_compiler, make_runtime, triton_c_compiler
 from archbench.train import (
     CHECKPOINT,
@@ -466,6 +468,29 @@ def test_step_flops_of_gpt_are_nanogpts_estimate_exactly() -> None:
     attention = 12 * 2 * 64 * 32 * tokens  # 12 · L · d · T per token
     assert flops == 6 * matrix_weights * tokens + attention
     assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("arch", ["futureformer", "mtp"])
+def test_step_flops_leave_out_the_heads_recomputed_under_checkpointing(
+    arch: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Extra heads above KEEP_LOGITS_ELEMENTS logits run their forward pass again in the backward
+    pass; that is the same model doing the same step, so the count must not change."""
+    model = build_model(arch, 64, 32, n_layer=2, n_head=2, d_model=64)
+    x = torch.randint(0, 64, (4, 32))
+
+    def count() -> int:
+        return measure_step_flops(lambda a, b: model.loss(a, b)[0], model, x, x)
+
+    kept = count()
+    module = importlib.import_module(f"archbench.models.{arch}")
+    monkeypatch.setattr(module, "KEEP_LOGITS_ELEMENTS", 0)
+    monkeypatch.setattr(module, "HEAD_CHUNK_ROWS", 50, raising=False)  # futureformer: 3 chunks
+    with tally_recomputed_flops() as recomputed:  # checkpointing is in use: 9 or 2 calls
+        model.loss(x, x)[0].backward()
+    model.zero_grad(set_to_none=True)
+    assert len(recomputed) == (3 * 3 if arch == "futureformer" else 2)
+    assert count() == kept
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])

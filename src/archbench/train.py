@@ -45,7 +45,7 @@ from archbench.errors import ArchbenchError, ConfigError
 from archbench.init_from import initialise
 from archbench.io import atomic_path, write_json
 from archbench.models import get_architecture, make_config
-from archbench.models.blocks import IGNORE_INDEX
+from archbench.models.blocks import IGNORE_INDEX, tally_recomputed_flops
 from archbench.options import coerce_all, option
 from archbench.runtime import COMPILE_MODES, Runtime, fork_rng, make_runtime
 
@@ -354,16 +354,20 @@ def measure_step_flops(
     attention counted as full), with a fused attention kernel's backward counted as twice its
     forward, the gradient products it needs, as nanoGPT's estimate 6N + 12·L·d·T per token does:
     some kernels recompute the scores there, and that depends on the kernel, not the model.
-    (Activation checkpointing's recomputed heads, above KEEP_LOGITS_ELEMENTS logits, do count.)
+    For the same reason the forward passes that activation checkpointing runs again in the
+    backward pass (mtp's and futureformer's heads above KEEP_LOGITS_ELEMENTS logits) count once.
     RNG state is left as it was, and `model`'s gradients are cleared (set to None)."""
     with fork_rng(x.device):
-        with FlopCounterMode(display=False, custom_mapping=_CPU_SDPA_FLOPS) as forward:
+        with (
+            FlopCounterMode(display=False, custom_mapping=_CPU_SDPA_FLOPS) as forward,
+            tally_recomputed_flops() as recomputed,
+        ):
             loss = loss_fn(x, y)
         with FlopCounterMode(display=False) as backward:
             loss.backward()
     model.zero_grad(set_to_none=True)
     attention = _fused_attention_flops(forward)
-    total = forward.get_total_flops() + backward.get_total_flops()
+    total = forward.get_total_flops() + backward.get_total_flops() - sum(recomputed)
     return int(total - _fused_attention_flops(backward) + 2 * attention)
 
 

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.checkpoint import checkpoint
+from torch.utils.flop_counter import FlopCounterMode
 
 # Targets equal to this count in no loss (torch's cross-entropy ignore_index): the training loop's
 # mark for tokens outside a loss mask. Every architecture's loss, auxiliary parts included, skips
@@ -28,6 +30,40 @@ KEEP_LOGITS_ELEMENTS = 2**24
 # scaled_dot_product_attention's math backend (docs/performance.md: faster there than the CPU
 # flash kernel at 64 and 128 positions, slower at 256).
 CPU_MATH_ATTENTION_MAX_LEN = 128
+# While `tally_recomputed_flops` is open: the FLOPs of the forward passes that activation
+# checkpointing will run again in the backward pass, one entry per checkpointed call.
+_recomputed_flops: list[int] | None = None
+
+
+@contextlib.contextmanager
+def tally_recomputed_flops() -> Iterator[list[int]]:
+    """Yield a list to which every `recompute_in_backward` call made inside the context adds
+    the FLOPs of its forward pass (torch's FlopCounterMode count): the work that the backward pass
+    will do again, which a count of model FLOPs leaves out. Eager code only."""
+    global _recomputed_flops
+    outer, _recomputed_flops = _recomputed_flops, []
+    try:
+        yield _recomputed_flops
+    finally:
+        _recomputed_flops = outer
+
+
+def recompute_in_backward(fn: Callable[..., object], *args: torch.Tensor) -> object:
+    """fn(*args) under non-reentrant activation checkpointing: its intermediate tensors are not
+    kept but recomputed in the backward pass. `fn` must draw no random numbers (no RNG state is
+    saved for the recomputation)."""
+    if _recomputed_flops is None:
+        return checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=False)
+
+    def tallied(*inputs: torch.Tensor) -> object:
+        if _recomputed_flops is None:  # the recomputation itself, after the tally has closed
+            return fn(*inputs)
+        with FlopCounterMode(display=False) as counter:
+            out = fn(*inputs)
+        _recomputed_flops.append(counter.get_total_flops())
+        return out
+
+    return checkpoint(tallied, *args, use_reentrant=False, preserve_rng_state=False)
 
 
 def rms_norm(dim: int) -> nn.Module:

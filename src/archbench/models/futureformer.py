@@ -113,7 +113,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from archbench.errors import ConfigError
 from archbench.models.blocks import (
@@ -122,6 +121,7 @@ from archbench.models.blocks import (
     LanguageModel,
     init_weights,
     make_norm,
+    recompute_in_backward,
 )
 from archbench.models.gpt import GPTConfig
 from archbench.options import option
@@ -397,7 +397,7 @@ def over_row_chunks(
     if rows[0].shape[0] * vocab <= KEEP_LOGITS_ELEMENTS:
         return list(fn(*rows))
     chunks = zip(*(r.split(HEAD_CHUNK_ROWS) for r in rows), strict=True)
-    outputs = [checkpoint(fn, *chunk, use_reentrant=False) for chunk in chunks]
+    outputs = [recompute_in_backward(fn, *chunk) for chunk in chunks]
     return [torch.cat(parts) for parts in zip(*outputs, strict=True)]
 
 

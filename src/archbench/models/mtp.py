@@ -48,7 +48,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from archbench.errors import ConfigError
 from archbench.models.blocks import (
@@ -57,6 +56,7 @@ from archbench.models.blocks import (
     init_weights,
     make_norm,
     next_token_loss,
+    recompute_in_backward,
 )
 from archbench.models.gpt import GPTConfig
 from archbench.options import option
@@ -153,17 +153,8 @@ class MTP(LanguageModel):
             if states.shape[0] * kept * self.config.vocab_size <= KEEP_LOGITS_ELEMENTS:
                 losses.append(self._head_loss(states, targets[:, k - 1 :]))
                 continue
-            # Recompute this head's (B, T, V) logits in the backward pass instead of storing them;
-            # the recomputed part draws no random numbers, so no RNG state needs saving.
-            losses.append(
-                checkpoint(
-                    self._head_loss,
-                    states,
-                    targets[:, k - 1 :],
-                    use_reentrant=False,
-                    preserve_rng_state=False,
-                )
-            )
+            # Recompute this head's (B, T, V) logits in the backward pass instead of storing them.
+            losses.append(recompute_in_backward(self._head_loss, states, targets[:, k - 1 :]))
         total = losses[0] + self.config.future_loss_weight * sum(losses[1:])
         parts = {"next_token": losses[0].detach()}
         parts.update({f"future_{k}": part.detach() for k, part in enumerate(losses[1:], start=2)})
