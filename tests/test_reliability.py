@@ -20,12 +20,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file
 
+import archbench.train as train_module
 from archbench.checkpoint import CorruptFileError
 from archbench.errors import ConfigError
 from archbench.experiments import parse_overrides, split_overrides
 from archbench.models import ARCHITECTURES, build_model
 from archbench.runs import load_run
-from archbench.train import CHECKPOINT, train_run
+from archbench.train import CHECKPOINT, Preempted, train_run
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -181,3 +182,48 @@ def test_sigterm_checkpoints_and_exits_then_resumes_identically(
     subprocess.run(_train_command(spec, tiny_data, stopped), check=True, capture_output=True)
     a, b = load_file(straight / "model.safetensors"), load_file(stopped / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _metric_rows(run: Path) -> list[list[str]]:
+    """metrics.csv without its wall-clock columns."""
+    return [line.split(",")[:5] for line in (run / "metrics.csv").read_text().splitlines()]
+
+
+# Where a SIGTERM arrives: (function of archbench.train it arrives in, which call of it).
+SIGTERM_MOMENTS = {
+    "before the first step": ("measure_step_flops", 1),
+    "in the final validation": ("estimate_val_loss", 3),  # after steps 4, 8 and 12 (the last)
+    "while the outputs are written": ("save_weights", 1),
+}
+
+
+@pytest.mark.parametrize("moment", sorted(SIGTERM_MOMENTS))
+def test_a_sigterm_at_any_moment_saves_the_state_and_the_rerun_ends_identical(
+    moment: str, tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Also at the last step and while the outputs are written: Snakemake deletes the outputs of
+    a job stopped by SIGTERM, so the rerun must find a checkpoint to write them from, not train
+    from step 0 (nor lose the steps since the last periodic checkpoint)."""
+    spec = tiny_spec(checkpoint_every=1000)  # 12 steps, no periodic checkpoint
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    expected = train_run(spec, tiny_data, straight, show_progress=False)
+    name, at_call = SIGTERM_MOMENTS[moment]
+    original, calls = getattr(train_module, name), []
+
+    def interrupted(*args, **kwargs):
+        calls.append(name)
+        if len(calls) == at_call:
+            os.kill(os.getpid(), signal.SIGTERM)  # handled in this (the main) thread
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, name, interrupted)
+    with pytest.raises(Preempted, match="stopped by SIGTERM"):
+        train_run(spec, tiny_data, stopped, show_progress=False)
+    monkeypatch.undo()
+    assert (stopped / CHECKPOINT).exists()
+    resumed = train_run(spec, tiny_data, stopped, show_progress=False)
+    assert not (stopped / CHECKPOINT).exists()
+    a, b = load_file(straight / "model.safetensors"), load_file(stopped / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert _metric_rows(stopped) == _metric_rows(straight)
+    assert resumed["final_val_loss"] == expected["final_val_loss"]

@@ -476,7 +476,27 @@ def train_run(
     Resumes from `out_dir/checkpoint.safetensors` when it belongs to the same spec and data.
     `stop_after=k` saves a checkpoint after step k and returns None (used to test resuming).
     Returns the training summary on completion.
+
+    SIGTERM at any moment (a cluster preemption; Slurm's warning before the time limit) lets
+    the current step, validation or file write finish, then saves the training state and raises
+    Preempted. That holds during the last step and while the final outputs are written too: a
+    job that Snakemake sees stopped counts as failed, its outputs are deleted, and the retry then
+    writes them again from the saved state instead of training from step 0.
     """
+    with _StopRequest() as stop:
+        return _train(spec, data_dir, out_dir, stop, show_progress, stop_after, init_dirs)
+
+
+def _train(
+    spec: dict[str, Any],
+    data_dir: Path,
+    out_dir: Path,
+    stop: _StopRequest,
+    show_progress: bool,
+    stop_after: int | None,
+    init_dirs: Mapping[str, Path] | None,
+) -> dict[str, Any] | None:
+    """train_run's work, with SIGTERM turned into `stop.requested`."""
     out_dir.mkdir(parents=True, exist_ok=True)
     config = make_train_config(spec["train"])
     if config.warmup_steps >= config.steps:
@@ -531,67 +551,73 @@ def train_run(
         mininterval=5.0,
         dynamic_ncols=True,
     )
+
+    def save_state() -> None:
+        save_training_state(
+            out_dir / CHECKPOINT,
+            model,
+            optimizer,
+            {
+                "fingerprint": fingerprint,
+                "runtime": runtime.label,
+                "torch_threads": torch.get_num_threads(),
+                "progress": asdict(progress),
+            },
+        )
+
+    def preempted() -> Preempted:
+        return Preempted(
+            f"experiment '{spec['experiment']}' seed {seed}: stopped by SIGTERM after step "
+            f"{progress.step}; its checkpoint is saved, run the job again to resume"
+        )
+
     model.train()
     window = StepWindow()
-    with _StopRequest() as stop:
-        for step in range(progress.step, config.steps):
-            window.open(step)
-            lr = lr_at(step, config)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            x, y = data.batch(seed, step)
-            with runtime.autocast():
-                loss, parts = loss_fn(runtime.put(x), runtime.put(y))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = gradient_norm(model, config.grad_clip)
-            optimizer.step()
-            window.add(loss, parts, grad_norm)
-            bar.update(1)
+    for step in range(progress.step, config.steps):
+        window.open(step)
+        lr = lr_at(step, config)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        x, y = data.batch(seed, step)
+        with runtime.autocast():
+            loss, parts = loss_fn(runtime.put(x), runtime.put(y))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = gradient_norm(model, config.grad_clip)
+        optimizer.step()
+        window.add(loss, parts, grad_norm)
+        bar.update(1)
 
-            done = step + 1
-            evaluating = done % config.eval_every == 0 or done == config.steps
-            logging = done % config.log_every == 0 or evaluating
-            stopping = done == stop_after or (stop.requested and done < config.steps)
-            saving = (done % config.checkpoint_every == 0 and done < config.steps) or stopping
-            if not (logging or saving):
-                continue
-            runtime.synchronize()  # a GPU's forward, backward and update are still queued
-            seconds = time.perf_counter() - window.started
-            losses = window.close()
-            check_finite(spec, losses)
-            progress.add_steps(losses.rows, seconds)
+        done = step + 1
+        evaluating = done % config.eval_every == 0 or done == config.steps
+        logging = done % config.log_every == 0 or evaluating
+        stopping = done == stop_after or stop.requested
+        saving = (done % config.checkpoint_every == 0 and done < config.steps) or stopping
+        if not (logging or saving):
+            continue
+        runtime.synchronize()  # a GPU's forward, backward and update are still queued
+        seconds = time.perf_counter() - window.started
+        losses = window.close()
+        check_finite(spec, losses)
+        progress.add_steps(losses.rows, seconds)
 
-            val_loss = None
-            if evaluating:
-                tick = time.perf_counter()
-                val_loss = estimate_val_loss(model, data.val_batches, runtime)
-                check_finite_val(spec, done, val_loss)
-                progress.add_val(val_loss, time.perf_counter() - tick)
-                bar.set_postfix(val=f"{val_loss:.3f}")
-            if logging:
-                log.append(progress.take_row(lr, val_loss, data.tokens_per_step))
-            if saving:
-                check_finite_weights(spec, done, model)
-                save_training_state(
-                    out_dir / CHECKPOINT,
-                    model,
-                    optimizer,
-                    {
-                        "fingerprint": fingerprint,
-                        "runtime": runtime.label,
-                        "torch_threads": torch.get_num_threads(),
-                        "progress": asdict(progress),
-                    },
-                )
-            if stopping:
-                bar.close()
-                if stop.requested:
-                    raise Preempted(
-                        f"experiment '{spec['experiment']}' seed {seed}: stopped by SIGTERM "
-                        f"after step {done}; its checkpoint is saved, run the job again to resume"
-                    )
-                return None
+        val_loss = None
+        if evaluating:
+            tick = time.perf_counter()
+            val_loss = estimate_val_loss(model, data.val_batches, runtime)
+            check_finite_val(spec, done, val_loss)
+            progress.add_val(val_loss, time.perf_counter() - tick)
+            bar.set_postfix(val=f"{val_loss:.3f}")
+        if logging:
+            log.append(progress.take_row(lr, val_loss, data.tokens_per_step))
+        if saving:
+            check_finite_weights(spec, done, model)
+            save_state()
+        if stopping:
+            bar.close()
+            if stop.requested:
+                raise preempted()
+            return None
     bar.close()
 
     summary = {
@@ -615,6 +641,11 @@ def train_run(
         "bf16_autocast": float(runtime.bf16),
     }
     _write_outputs(out_dir, spec, model, config, log, summary)
+    if stop.requested:  # while the outputs were written: the retry writes them again
+        save_state()
+        raise preempted()
+    (out_dir / CHECKPOINT).unlink(missing_ok=True)
+    log.path.unlink(missing_ok=True)
     return summary
 
 
@@ -824,7 +855,7 @@ def _write_outputs(
     log: MetricsLog,
     summary: dict[str, Any],
 ) -> None:
-    """Write the final artefacts, each atomically, then drop the resumable state."""
+    """Write the final artefacts, each atomically."""
     model_config = dataclasses.asdict(model.config)
     vocab_size, block_size = model_config.pop("vocab_size"), model_config.pop("block_size")
     write_json(
@@ -848,5 +879,3 @@ def _write_outputs(
     save_weights(model, out_dir / "model.safetensors")
     log.publish(out_dir / "metrics.csv")
     write_json(out_dir / "train_summary.json", summary)
-    (out_dir / CHECKPOINT).unlink(missing_ok=True)
-    log.path.unlink(missing_ok=True)
