@@ -136,7 +136,8 @@ def test_dry_run_resolves_every_rules_resources(project: Path, flag: str, suite:
     for rule, resources in (job for job in jobs if job[0] not in local_rules()):
         assert int(resources["mem_mb"]) >= 1000, (rule, resources)
         assert int(resources["runtime"]) >= 10, (rule, resources)
-        assert not {"slurm_partition", "slurm_account", "gres"} & set(resources), (rule, resources)
+        unset = {"slurm_partition", "slurm_account", "gres", "constraint"}
+        assert not unset & set(resources), (rule, resources)
         # The plugin turns `gpu=1` into `--gpus=1`: only the gpu suite's computing jobs ask.
         wants_gpu = suite == "gpu" and rule in COMPUTE_RULES
         assert int(resources.get("gpu", 0)) == wants_gpu, (rule, resources)
@@ -152,6 +153,7 @@ def test_cluster_settings_come_from_the_environment(project: Path) -> None:
         "ARCHBENCH_SLURM_ACCOUNT": "proj42",
         "ARCHBENCH_SLURM_GPU_PARTITION": "gpu",
         "ARCHBENCH_SLURM_GPU_GRES": "shard:1",
+        "ARCHBENCH_SLURM_GPU_CONSTRAINT": "a100&nvlink",
         "ARCHBENCH_SLURM_TRAIN_RUNTIME": "90",
         "ARCHBENCH_SLURM_TRAIN_MEM_MB": "16000",
     }
@@ -167,9 +169,10 @@ def test_cluster_settings_come_from_the_environment(project: Path) -> None:
         if rule in COMPUTE_RULES:  # the shard replaces `--gpus=1`
             assert resources["slurm_partition"] == "gpu"
             assert resources["gres"] == "shard:1" and resources["gpu"] == "0"
+            assert resources["constraint"] == "a100&nvlink"
         else:
             assert resources["slurm_partition"] == "all"
-            assert "gres" not in resources
+            assert not {"gres", "constraint"} & set(resources)
         if rule == "train":
             assert (resources["runtime"], resources["mem_mb"]) == ("90", "16000")
 
