@@ -15,6 +15,7 @@ from conftest import tiny_spec
 
 import archbench
 from archbench.cli import main
+from archbench.train import train_run
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -314,3 +315,21 @@ def test_snakemake_names_a_misspelled_config_key_in_one_line(tmp_path: Path) -> 
     assert result.returncode != 0
     assert "key 'suitee': Additional properties are not allowed" in output
     assert "(did you mean 'suite'?)" in output and "Failed validating" not in output
+
+
+def test_evaluate_refuses_a_synthetic_task_and_names_the_command_that_scores_it(
+    tiny_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """Perplexity over every token of a synthetic task (its random prompts too) would not compare
+    with its training loss, which counts the answers only."""
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    meta = json.loads((data / "meta.json").read_text())
+    (data / "meta.json").write_text(json.dumps({**meta, "instance_length": 25}))
+    run = tmp_path / "run"
+    train_run(tiny_spec(), tiny_data, run, show_progress=False)
+    args = ["evaluate", "--run", str(run), "--data", str(data), "--out", str(tmp_path / "e.json")]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "holds a synthetic task" in err and "archbench evaluate-task" in err
+    assert not (tmp_path / "e.json").exists()

@@ -47,7 +47,7 @@ from archbench.evaluate.tasks.utils import (
     heldout_dataset,
     read_blimp,
 )
-from archbench.models import build_model
+from archbench.models import ARCHITECTURES, build_model
 from archbench.runs import load_run
 from archbench.train import train_run
 
@@ -148,11 +148,15 @@ def test_rolling_windows_are_lm_evals(block_size: int, context_len: int) -> None
 # --- loglikelihood, rolling, generation ---------------------------------------------------------
 
 
-def test_loglikelihood_matches_a_direct_forward_pass(tiny_data: Path) -> None:
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_loglikelihood_matches_a_direct_forward_pass(arch: str, tiny_data: Path) -> None:
+    """Every architecture, in padded batches of mixed lengths; the model is handed over in
+    training mode with dropout, which the adapter must switch off."""
     tok = load_tokenizer(tiny_data)
     torch.manual_seed(0)
-    model = build_model("gpt", tok.get_vocab_size(), 64, n_layer=2, n_head=2, d_model=16)
-    model = model.double().eval()
+    model = build_model(
+        arch, tok.get_vocab_size(), 64, n_layer=2, n_head=2, d_model=16, dropout=0.5
+    ).double()
     lm = ArchbenchLM(model, tok, batch_size=1)  # 64 tokens a batch: padded rows of mixed lengths
     pairs = [
         ("", "Speak, speak."),
@@ -162,6 +166,7 @@ def test_loglikelihood_matches_a_direct_forward_pass(tiny_data: Path) -> None:
         ("", "x"),
     ]
     got = lm.loglikelihood(requests("loglikelihood", *pairs))
+    model.eval()  # for the direct passes below; the adapter had to switch dropout off itself
     for (context, continuation), (logprob, greedy) in zip(pairs, got, strict=True):
         context_ids = tok.encode(context.rstrip()).ids or tok.encode("\n").ids
         ids = context_ids + tok.encode(context[len(context.rstrip()) :] + continuation).ids

@@ -12,7 +12,7 @@ from torch import nn
 
 from archbench.errors import ArchbenchError, DataError
 from archbench.evaluate.perplexity import bits_per_byte, evaluate_perplexity
-from archbench.models import build_model
+from archbench.models import ARCHITECTURES, build_model
 
 
 class Uniform(nn.Module):
@@ -96,21 +96,26 @@ def test_top_k_accuracy() -> None:
     assert result["val_top5"] == pytest.approx(4 / 7)
 
 
-def test_matches_a_direct_forward_pass() -> None:
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_matches_a_direct_forward_pass(arch: str) -> None:
+    """Every architecture over several windows (the last one short), tokens of 1 to 4 bytes; the
+    model comes in training mode with dropout, which the evaluation must switch off."""
     torch.manual_seed(0)
-    model = build_model("gpt", 20, 8, n_layer=1, n_head=2, d_model=16).eval()
+    model = build_model(arch, 20, 8, n_layer=2, n_head=2, d_model=16, dropout=0.5)
     tokens = np.random.default_rng(0).integers(0, 20, size=30)
-    result = evaluate_perplexity(
-        model, tokens, np.ones(20, dtype=np.int64), block_size=8, batch_size=2
-    )
+    token_bytes = np.arange(20) % 4 + 1
+    result = evaluate_perplexity(model, tokens, token_bytes, block_size=8, batch_size=2)
+    model.eval()
     total = 0.0
     with torch.no_grad():
-        for start in range(0, 29, 8):
+        for start in range(0, 29, 8):  # windows of 8, 8, 8 and 5 targets
             window = torch.from_numpy(tokens[start : start + 9]).long()[None]
             logits = model(window[:, :-1])
             total += F.cross_entropy(logits[0], window[0, 1:], reduction="sum").item()
+    n_bytes = int(token_bytes[tokens[1:]].sum())
     assert result["val_loss"] == pytest.approx(total / 29, rel=1e-6)
-    assert result["val_tokens"] == 29
+    assert result["val_tokens"] == 29 and result["val_bytes"] == n_bytes
+    assert result["val_bpb"] == pytest.approx(total / (math.log(2) * n_bytes), rel=1e-6)
 
 
 def test_max_tokens_limits_the_scored_prefix() -> None:

@@ -119,7 +119,7 @@ def _cmd_train(args: argparse.Namespace) -> None:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> None:
-    from archbench.data import load_token_bytes, load_tokens
+    from archbench.data import load_meta, load_token_bytes, load_tokens
     from archbench.evaluate.perplexity import evaluate_perplexity
     from archbench.evaluate.submodels import with_submodels
     from archbench.io import write_json
@@ -127,6 +127,12 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
 
     torch.set_num_threads(args.threads)
     run_dir, data_dir = Path(args.run), Path(args.data)
+    if "instance_length" in load_meta(data_dir):
+        raise ConfigError(
+            f"{data_dir} holds a synthetic task: its loss counts the answer tokens only, and "
+            "perplexity over every token (the random prompts included) would not compare with "
+            "it; score the run with `archbench evaluate-task`"
+        )
     device = pick_device(args.device)
     model = load_run(run_dir, device)
     tokens, token_bytes = load_tokens(data_dir, "val"), load_token_bytes(data_dir)

@@ -4,7 +4,8 @@
 next-token logits (B, T, V), with the tokenizer of its prepared data directory:
 
 - `loglikelihood((context, continuation))` -> (sum of the continuation tokens' log-probs, whether
-  greedy decoding produces them: no token has a higher logit at any of their positions). The
+  greedy decoding produces them: at each of their positions the token is the argmax, the first
+  of the highest logits when several tie, as greedy generation picks it). The
   continuation's tokens are those of context + continuation after the context's (trailing spaces
   of the context move to the continuation, as in lm-eval's own models; if a token straddles the
   boundary, the continuation is encoded on its own). archbench vocabularies have no BOS/EOS
