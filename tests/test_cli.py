@@ -15,6 +15,7 @@ from conftest import tiny_spec
 
 import archbench
 from archbench.cli import main
+from archbench.runs import check_run_data
 from archbench.train import train_run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -333,3 +334,22 @@ def test_evaluate_refuses_a_synthetic_task_and_names_the_command_that_scores_it(
     err = capsys.readouterr().err
     assert "holds a synthetic task" in err and "archbench evaluate-task" in err
     assert not (tmp_path / "e.json").exists()
+
+
+@pytest.mark.parametrize("command", ["evaluate", "leakcheck", "sample", "lm-eval", "evaluate-task"])
+def test_a_run_and_another_preparation_of_its_data_set_are_refused(
+    command: str, tiny_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """The same data set prepared again with another validation fraction (or vocabulary, or
+    source): the name matches, the token ids need not; entries added to meta.json are fine."""
+    run, data = tmp_path / "run", tmp_path / "data"
+    train_run(tiny_spec(), tiny_data, run, show_progress=False)
+    shutil.copytree(tiny_data, data)
+    meta = json.loads((data / "meta.json").read_text())
+    (data / "meta.json").write_text(json.dumps({**meta, "a_new_entry": 1}))
+    check_run_data(run, data)
+    (data / "meta.json").write_text(json.dumps({**meta, "val_fraction": 0.2}))
+    args = [command, "--run", str(run), "--data", str(data), "--out", str(tmp_path / "o")]
+    assert main([*args, *(["--tasks", "blimp"] if command == "lm-eval" else [])]) == 2
+    err = capsys.readouterr().err
+    assert "trained on another preparation of data set 'tiny'" in err and "(val_fraction" in err

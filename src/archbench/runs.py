@@ -24,13 +24,26 @@ def lm_eval_result(task_group: str) -> str:
 
 
 def check_run_data(run_dir: Path, data_dir: Path) -> None:
-    """DataError unless `data_dir` holds the data set that the run in `run_dir` trained on (as
-    its train_config.json records; a run directory without one is not checked)."""
+    """DataError unless `data_dir` holds the data set that the run in `run_dir` trained on, as
+    its train_config.json records (a run directory without one is not checked): the same name
+    and, for runs that recorded it, the same preparation (every meta.json entry the run saw, e.g.
+    vocabulary, validation fraction, source digest, is unchanged)."""
     config_path = run_dir / "train_config.json"
-    if config_path.is_file():
-        dataset = read_json(config_path).get("dataset")
-        if dataset:
-            load_meta_of(data_dir, dataset, f"run {run_dir}")
+    if not config_path.is_file():
+        return
+    recorded = read_json(config_path)
+    dataset = recorded.get("dataset")
+    if not dataset:
+        return
+    meta = load_meta_of(data_dir, dataset, f"run {run_dir}")
+    trained_on = recorded.get("data_meta", {})
+    changed = sorted(k for k, v in trained_on.items() if k in meta and meta[k] != v)
+    if changed:
+        raise DataError(
+            f"run {run_dir} trained on another preparation of data set '{dataset}' than "
+            f"{data_dir} holds ({', '.join(changed)} differ): its token ids may mean other "
+            "text; evaluate it on the data it trained on, or train it again"
+        )
 
 
 def load_run(run_dir: Path, device: str | torch.device = "cpu") -> nn.Module:

@@ -640,7 +640,7 @@ def _train(
         # (precision "auto" differs between machines: bf16 on CUDA and on CPUs with AMX)
         "bf16_autocast": float(runtime.bf16),
     }
-    _write_outputs(out_dir, spec, model, config, log, summary)
+    _write_outputs(out_dir, spec, data_meta, model, config, log, summary)
     if stop.requested:  # while the outputs were written: the retry writes them again
         save_state()
         raise preempted()
@@ -850,6 +850,7 @@ def check_finite_val(spec: dict[str, Any], step: int, val_loss: float) -> None:
 def _write_outputs(
     out_dir: Path,
     spec: dict[str, Any],
+    data_meta: dict[str, Any],
     model: nn.Module,
     config: TrainConfig,
     log: MetricsLog,
@@ -872,6 +873,7 @@ def _write_outputs(
         {
             "experiment": spec["experiment"],
             "dataset": spec["dataset"],
+            "data_meta": data_meta,  # evaluation checks that it reads the same preparation
             "seed": spec["seed"],
             **dataclasses.asdict(config),
         },
