@@ -491,6 +491,8 @@ def test_seeds_from_the_command_line_are_integers_and_unique(tmp_path: Path) -> 
     assert run_seeds("0,2", suite) == [0, 2]  # `--config seeds=0,2`
     with pytest.raises(ConfigError, match=r"seeds \[0, 0\]: a seed is listed twice"):
         run_seeds([0, "0"], suite)
+    with pytest.raises(ConfigError, match=r"seeds: must be an integer from 0 to 4294967295"):
+        run_seeds(f"0,{2**32}", suite)  # one 32-bit word: batch streams (seed, step) stay apart
 
 
 @pytest.mark.parametrize(
@@ -504,6 +506,8 @@ def test_seeds_from_the_command_line_are_integers_and_unique(tmp_path: Path) -> 
         (["x"], "key 'seeds'.*seeds to train: one .0., a comma-separated list"),
         ("0,x", "key 'seeds'.*a comma-separated list .0,1,2."),
         (-1, "seeds"),
+        (2**32, "seeds"),
+        (f"0,{2**32}", "seeds: must be an integer from 0 to 4294967295"),
     ],
 )
 def test_seeds_as_the_command_line_gives_them_pass_the_schema_to_a_clear_message(

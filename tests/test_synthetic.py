@@ -244,7 +244,9 @@ def test_synthetic_entry_parses_with_defaults_and_round_trips() -> None:
         ({"synthetic": "path_star", "n_nodes": 8}, r"n_nodes=8 is too small: .* need 9 labels"),
         ({"synthetic": "path_star", "degree": 1}, r"option 'degree': 1 is out of range"),
         ({"synthetic": "path_star", "degree": "x"}, r"option 'degree': 'x' is not a valid int"),
-        ({"synthetic": "mqar", "seed": -1}, r"datasets.s.seed: must be an integer >= 0"),
+        ({"synthetic": "mqar", "seed": -1}, r"datasets.s.seed: must be an integer from 0 to"),
+        # two entropy words: data seed 2**32's train split would be data seed 0's val split
+        ({"synthetic": "mqar", "seed": 2**32}, r"datasets.s.seed: .* to 4294967295, got 4294"),
     ],
 )
 def test_bad_synthetic_entries_name_the_entry_and_key(entry: dict, message: str) -> None:

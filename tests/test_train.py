@@ -470,6 +470,14 @@ def test_step_flops_of_gpt_are_nanogpts_estimate_exactly() -> None:
     assert all(p.grad is None for p in model.parameters())
 
 
+@pytest.mark.parametrize("seed", [-1, 2**32, "0", True])
+def test_a_seed_outside_one_32_bit_word_is_refused(seed: object, tiny_data: Path, tmp_path: Path):
+    """Batch streams are keyed (seed, step); a seed of two words would alias another's."""
+    spec = {**tiny_spec(), "seed": seed}
+    with pytest.raises(ConfigError, match=r"experiment 'tiny' seed: must be an integer from 0"):
+        train_run(spec, tiny_data, tmp_path, show_progress=False)
+
+
 @pytest.mark.parametrize("arch", ["futureformer", "mtp"])
 def test_step_flops_leave_out_the_heads_recomputed_under_checkpointing(
     arch: str, monkeypatch: pytest.MonkeyPatch

@@ -19,7 +19,7 @@ import yaml
 from snakemake.utils import validate
 from snakemake_interface_common.exceptions import WorkflowError
 
-from archbench.data import DatasetSpec, SyntheticSpec
+from archbench.data import DatasetSpec, SyntheticSpec, check_seed
 from archbench.errors import ConfigError
 from archbench.init_from import InitSource, format_init_from, initializer_for, parse_init_from
 from archbench.models import (
@@ -481,7 +481,7 @@ def run_seeds(seeds: list[int | str] | int | str | None, suite: Suite) -> list[i
         seeds = [seeds]
     elif isinstance(seeds, str):
         seeds = seeds.split(",")
-    chosen = [int(seed) for seed in seeds]
+    chosen = [check_seed(int(seed), "seeds") for seed in seeds]
     if len(set(chosen)) < len(chosen):
         raise ConfigError(f"seeds {chosen}: a seed is listed twice")
     return chosen

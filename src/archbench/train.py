@@ -40,7 +40,14 @@ from archbench.checkpoint import (
     save_training_state,
     save_weights,
 )
-from archbench.data import Instances, load_instances, load_meta, load_meta_of, load_tokens
+from archbench.data import (
+    Instances,
+    check_seed,
+    load_instances,
+    load_meta,
+    load_meta_of,
+    load_tokens,
+)
 from archbench.errors import ArchbenchError, ConfigError
 from archbench.init_from import initialise
 from archbench.io import atomic_path, write_json
@@ -517,7 +524,7 @@ def _train(
     )
     data = load_training_data(data_dir, spec["dataset"], config, model_config)
     runtime = make_runtime(config.device, config.precision)
-    seed = int(spec["seed"])
+    seed = check_seed(spec["seed"], f"experiment '{spec['experiment']}' seed")
     seed_everything(seed)
     model = get_architecture(spec["arch"]).model_cls(model_config).to(runtime.device)
     frozen = initialise(

@@ -23,7 +23,7 @@ from archbench.data.sources import (
     parse_datasets,
     resolve_mirror,
 )
-from archbench.data.synthetic import TASKS, Instances, SyntheticSpec, make_task
+from archbench.data.synthetic import TASKS, Instances, SyntheticSpec, check_seed, make_task
 from archbench.data.tokenizers import (
     decode,
     encode,
@@ -38,6 +38,7 @@ __all__ = [
     "Instances",
     "SyntheticSpec",
     "check_local_copy",
+    "check_seed",
     "decode",
     "default_cache_dir",
     "encode",

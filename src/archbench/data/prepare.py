@@ -13,7 +13,8 @@ A synthetic data set (archbench.data.synthetic) is generated instead of split: i
 whole instances of `instance_length` tokens laid end to end, with the same files plus
 train_mask.bin and val_mask.bin (one byte per token, 1 on answer tokens), and meta.json adds
 `task`, `instance_length`, the data `seed` and the task's `knobs`; `sha256` is the digest of the
-generated ids and masks.
+generated ids and masks, and `train_bytes` / `val_bytes` count the symbols' bytes without the
+spaces that decoding puts between them.
 """
 
 from __future__ import annotations

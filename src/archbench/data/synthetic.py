@@ -54,9 +54,23 @@ from archbench.options import (
 )
 
 SPLIT_STREAMS = {"train": 0, "val": 1}
-# Leading entropy word of every generation stream, so that generated data never shares a stream
-# with the training batches (numpy.random.default_rng((seed, step))).
+# Leading entropy word of every generation stream [_STREAM, data seed, split], which keeps
+# generated data apart from the training batches' streams (seed, step). numpy pads a shorter key
+# with zero words, so the two kinds meet only where a training seed equals _STREAM (99,080,826):
+# its batch at step s then draws from the stream of data seed s's train split.
 _STREAM = 0x5E7_DA7A
+# Seeds (data and training) are one 32-bit entropy word each: a larger one would take two words,
+# and e.g. data seed 2**32's train split would be data seed 0's validation split.
+MAX_SEED = 2**32 - 1
+
+
+def check_seed(seed: object, where: str) -> int:
+    """`seed` if it is an integer in 0 … MAX_SEED, else a ConfigError naming `where`."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        raise ConfigError(f"{where}: must be an integer from 0 to {MAX_SEED}, got {seed!r}")
+    return seed
+
+
 BOS = "<bos>"
 
 
@@ -310,6 +324,5 @@ def parse_synthetic(name: str, entry: dict[str, Any], where: str) -> SyntheticSp
         task = make_task(task_name, values)
     except ConfigError as err:
         raise ConfigError(f"{where}: {err}") from None
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ConfigError(f"{where}.seed: must be an integer >= 0, got {seed!r}")
+    check_seed(seed, f"{where}.seed")
     return SyntheticSpec(name, task_name, seed, tuple(task.knobs().items()))

@@ -86,7 +86,9 @@ def token_byte_lengths(tok: Tokenizer) -> np.ndarray:
     """Number of UTF-8 bytes each token id decodes to, as int64 [vocab_size].
 
     Summed over the ids of an encoded text this gives the text's UTF-8 length, which turns a
-    per-token loss into bits per byte.
+    per-token loss into bits per byte. Not so for the synthetic tasks' word-level tokenizer:
+    decoding puts a space between its symbols, which no token counts (bits per byte is not
+    computed for synthetic tasks).
     """
     vocab = tok.get_vocab()
     lengths = np.zeros(tok.get_vocab_size(), dtype=np.int64)
