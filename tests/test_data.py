@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import gzip
 import hashlib
 import http.server
 import re
@@ -28,6 +29,7 @@ from archbench.data import (
     parse_datasets,
     prepare_dataset,
     resolve_mirror,
+    sources,
     split_text,
     token_byte_lengths,
     token_dtype,
@@ -182,6 +184,46 @@ def test_embedded_copy_matches_tiny_shakespeare(tmp_path: Path) -> None:
     shared = SHARED_DATA / "tinyshakespeare" / "input.txt"
     if shared.is_file():
         assert text == shared.read_text(encoding="utf-8")
+
+
+def test_a_mirror_or_embedded_copy_never_touches_the_network(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A spec with a url too: the local copy is read, the url never opened."""
+
+    def offline(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the network was used")
+
+    monkeypatch.setattr(sources.urllib.request, "urlopen", offline)
+    data = SMALL_TEXT.encode("utf-8")
+    url = "https://example.invalid/input.txt"
+    assert load_text(spec_for(data, url=url), mirror=write_mirror(tmp_path, data)) == SMALL_TEXT
+    embedded = DatasetSpec(
+        name="tinyshakespeare",
+        path="tinyshakespeare/input.txt",
+        sha256=TINY_SHAKESPEARE_SHA256,
+        embedded="tinyshakespeare.txt.gz",
+        url=url,
+    )
+    assert len(load_text(embedded, cache_dir=tmp_path / "cache")) == TINY_SHAKESPEARE_CHARS
+
+
+@pytest.mark.parametrize(
+    ("contents", "message"),
+    [
+        (gzip.compress(b"other text\n"), "sha256 mismatch for data set small"),
+        (gzip.compress(SMALL_TEXT.encode("utf-8"))[:-12], "embedded copy small.gz is corrupt"),
+        (b"not gzip at all", "embedded copy small.gz is corrupt"),
+    ],
+)
+def test_a_bad_embedded_copy_is_a_data_error(
+    contents: bytes, message: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "small.gz").write_bytes(contents)
+    monkeypatch.setattr(sources, "_embedded_file", lambda name: tmp_path / name)
+    spec = spec_for(SMALL_TEXT.encode("utf-8"), embedded="small.gz")
+    with pytest.raises(DataError, match=message):
+        load_text(spec)
 
 
 def test_download_from_file_url_is_cached_and_verified(tmp_path: Path) -> None:

@@ -95,6 +95,19 @@ def test_batches_are_a_pure_function_of_seed_and_step() -> None:
     assert int(y1.max()) < 1000
 
 
+def test_batch_windows_reach_both_ends_of_the_split_and_never_past_it() -> None:
+    """Every window is block_size + 1 consecutive tokens inside the split; over many steps the
+    first window start (0) and the last one (n - block_size - 1) both occur."""
+    n, block = 40, 8
+    tokens = np.arange(n, dtype=np.uint16)
+    starts = set()
+    for step in range(300):
+        x, y = batch_at(tokens, 0, step, 16, block)
+        assert torch.equal(x, x[:, :1] + torch.arange(block)) and torch.equal(y, x + 1)
+        starts.update(x[:, 0].tolist())
+    assert starts == set(range(n - block))  # 0 … n - block - 1: the last target is token n - 1
+
+
 def test_token_budget_smaller_than_a_batch_is_refused() -> None:
     with pytest.raises(ConfigError, match=r"token_budget=100 is smaller than one batch \(.*= 128"):
         make_train_config({"block_size": 32, "batch_size": 4, "token_budget": 100})
