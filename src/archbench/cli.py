@@ -127,14 +127,14 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
 
     torch.set_num_threads(args.threads)
     run_dir, data_dir = Path(args.run), Path(args.data)
+    device = pick_device(args.device)
+    model = load_run(run_dir, device)  # first: a wrong --run is the error to name, not the data
     if "instance_length" in load_meta(data_dir):
         raise ConfigError(
             f"{data_dir} holds a synthetic task: its loss counts the answer tokens only, and "
             "perplexity over every token (the random prompts included) would not compare with "
             "it; score the run with `archbench evaluate-task`"
         )
-    device = pick_device(args.device)
-    model = load_run(run_dir, device)
     tokens, token_bytes = load_tokens(data_dir, "val"), load_token_bytes(data_dir)
     metrics = with_submodels(  # nested sub-models (fractalformer) are scored on the same windows
         model,
