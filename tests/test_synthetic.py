@@ -301,6 +301,25 @@ def test_prepare_writes_instances_masks_tokenizer_and_meta(prepared: Path, tmp_p
         assert (again / name).read_bytes() == (prepared / name).read_bytes()
 
 
+def test_preparation_counts_validation_instances_that_occur_in_training(
+    prepared: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """Few distinct instances (3 labels, 2 arms of 1 node: at most 24) let validation repeat
+    training, which preparation records and warns about; the varied fixture has none."""
+
+    def seen(data_dir: Path) -> int:
+        train = {tuple(row) for row in load_instances(data_dir, "train").ids.tolist()}
+        return sum(tuple(row) in train for row in load_instances(data_dir, "val").ids.tolist())
+
+    capsys.readouterr()
+    entry = {"synthetic": "path_star", "seed": 2, "degree": 2, "path_length": 1, "n_nodes": 3}
+    prepare_dataset(parse_datasets({"few": {**entry, **SMALL}})["few"], tmp_path)
+    repeated = load_meta(tmp_path)["n_val_in_train"]
+    assert repeated == seen(tmp_path) > 0
+    assert f"warning: {repeated} of 16 validation instances of 'few'" in capsys.readouterr().err
+    assert load_meta(prepared)["n_val_in_train"] == seen(prepared) == 0
+
+
 def test_load_instances_refuses_text_data_and_a_truncated_mask(
     tiny_data: Path, prepared: Path, tmp_path: Path
 ) -> None:

@@ -21,6 +21,7 @@ from conftest import add_kill_test, copy_project, smoke_snakemake
 from safetensors.torch import load_file
 
 from archbench.experiments import load_experiments, load_suite, run_spec
+from archbench.runtime import pick_device
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -138,3 +139,18 @@ def test_a_corrupt_data_file_stops_before_any_job(project: Path, tmp_path: Path)
     assert result.returncode != 0
     assert "not found in the data mirror" in result.stdout + result.stderr
     assert "BLiMP paradigm" in result.stdout + result.stderr
+
+
+@pytest.mark.skipif(
+    pick_device("auto").type != "cpu", reason="this machine has a GPU: the warning is for none"
+)
+def test_a_gpu_suite_on_a_machine_without_a_gpu_warns_before_its_jobs(tmp_path: Path) -> None:
+    """Run by this machine itself, the gpu suite would train on the CPU for hours: Snakemake
+    says so when it starts; a CPU suite does not. (Only the data jobs run here.)"""
+    warning = "archbench: warning: suite 'gpu' is meant for a GPU"
+    for suite in ("smoke", "gpu"):
+        started = smoke_snakemake(
+            copy_project(tmp_path / suite), f"suite={suite}", "--until", "prepare_data"
+        )
+        assert started.returncode == 0, started.stderr[-4000:]
+        assert (warning in started.stderr) == (suite == "gpu")

@@ -7,6 +7,7 @@ import shlex
 import sys
 from pathlib import Path
 
+import torch
 from snakemake.exceptions import WorkflowError
 
 from archbench.data import MASK_FILES, SyntheticSpec, check_local_copy, resolve_mirror
@@ -15,6 +16,7 @@ from archbench.errors import ArchbenchError
 from archbench.experiments import run_spec
 from archbench.plan import plan_suite
 from archbench.runs import RESULT_FILES, lm_eval_result
+from archbench.runtime import pick_device
 
 SCHEMAS = Path(workflow.basedir) / "workflow" / "schemas"
 # The rules call the CLI with the Python that runs Snakemake, so an un-activated venv works too.
@@ -91,3 +93,17 @@ def result_files(experiment):
 def all_runs():
     """(experiment, seed) of every job in this suite, in table order."""
     return [(name, seed) for name in EXPERIMENTS for seed in SEEDS]
+
+
+onstart:
+    # A GPU suite run by this machine itself (not through a cluster executor, whose nodes have
+    # their own GPUs) on a machine without one would train on the CPU for hours, unasked.
+    if SUITE.gpu and workflow.local_exec and pick_device("auto").type == "cpu":
+        print(
+            f"archbench: warning: suite '{SUITE.name}' is meant for a GPU, but torch "
+            f"{torch.__version__} finds none here: its jobs (device: auto) train on the CPU, "
+            "which takes hours. Install a CUDA build of torch (README: 'Installing on a GPU "
+            "machine'), run the suite through a cluster profile, or pick a CPU suite "
+            "(--config suite=default).",
+            file=sys.stderr,
+        )

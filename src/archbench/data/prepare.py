@@ -12,15 +12,17 @@ is written atomically and meta.json last, so a directory with a meta.json is com
 A synthetic data set (archbench.data.synthetic) is generated instead of split: its splits are
 whole instances of `instance_length` tokens laid end to end, with the same files plus
 train_mask.bin and val_mask.bin (one byte per token, 1 on answer tokens), and meta.json adds
-`task`, `instance_length`, the data `seed` and the task's `knobs`; `sha256` is the digest of the
-generated ids and masks, and `train_bytes` / `val_bytes` count the symbols' bytes without the
-spaces that decoding puts between them.
+`task`, `instance_length`, the data `seed`, the task's `knobs` and `n_val_in_train` (validation
+instances that also occur in the training split; preparation warns when there are any);
+`sha256` is the digest of the generated ids and masks, and `train_bytes` / `val_bytes` count the
+symbols' bytes without the spaces that decoding puts between them.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -112,8 +114,8 @@ def prepare_synthetic(spec: SyntheticSpec, out_dir: Path) -> dict:
     lengths = token_byte_lengths(tok)
     digest = hashlib.sha256()
     meta = {"dataset": spec.name, "tokenizer": "symbols", "vocab_size": tok.get_vocab_size()}
-    for split in SPLITS:
-        generated = task.generate(spec.seed, split)
+    splits = {split: task.generate(spec.seed, split) for split in SPLITS}
+    for split, generated in splits.items():
         ids, mask = generated.ids.astype(dtype).ravel(), generated.mask.astype(np.uint8).ravel()
         _write_array(out_dir / f"{split}.bin", ids)
         _write_array(out_dir / MASK_FILES[split], mask)
@@ -132,9 +134,24 @@ def prepare_synthetic(spec: SyntheticSpec, out_dir: Path) -> dict:
         instance_length=task.instance_length(),
         seed=spec.seed,
         knobs=task.knobs(),
+        n_val_in_train=count_seen(splits["val"].ids, splits["train"].ids),
     )
+    if meta["n_val_in_train"]:
+        print(
+            f"archbench: warning: {meta['n_val_in_train']} of {task.n_val} validation "
+            f"instances of '{spec.name}' also occur in its training split, so validation "
+            "accuracy partly measures memorisation; make the instances more varied (the task's "
+            "knobs) or draw fewer",
+            file=sys.stderr,
+        )
     write_json(out_dir / "meta.json", meta)
     return meta
+
+
+def count_seen(instances: np.ndarray, seen: np.ndarray) -> int:
+    """How many rows of `instances` (n, L) equal some row of `seen` (m, L)."""
+    known = {row.tobytes() for row in seen}
+    return sum(row.tobytes() in known for row in instances)
 
 
 def _write_array(path: Path, ids: np.ndarray) -> None:
