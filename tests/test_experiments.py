@@ -43,9 +43,7 @@ def load(path: Path):
 
 
 def test_the_repository_table_and_suites_are_valid() -> None:
-    import yaml
-
-    config = yaml.safe_load((ROOT / "configs/config.yaml").read_text())
+    config = repository_config()
     experiments = load_experiments(ROOT / config["experiments"], ROW_SCHEMA, config["datasets"])
     assert experiments[0].name == "gpt"
     for path in sorted((ROOT / "configs/suites").glob("*.yaml")):
@@ -79,45 +77,53 @@ TEXT_VOCAB = 321
 CHANNEL_SWEEP = {f"hourglass_{sweep}" for sweep in ("s1", "s4", "s4_sh1", "s11", "s11_sh1")}
 
 
+_PARAMETER_COUNTS: dict[tuple[str, str], list[int]] = {}
+
+
+def row_parameters(experiment, suite) -> list[int]:
+    """Parameters of a row's whole model in `suite`, then of one sub-model per nesting level."""
+    import torch
+
+    from archbench.data import SyntheticSpec, parse_datasets
+    from archbench.models import build_model
+
+    key = (experiment.name, suite.name)
+    if key not in _PARAMETER_COUNTS:
+        datasets = parse_datasets(repository_config()["datasets"])
+        spec = run_spec(experiment, suite, suite.seeds[0])
+        data = datasets[experiment.dataset]
+        vocab = len(data.task().symbols()) if isinstance(data, SyntheticSpec) else TEXT_VOCAB
+        with torch.device("meta"):  # counts only: no memory, no initialisation
+            model = build_model(spec["arch"], vocab, spec["train"]["block_size"], **spec["model"])
+        levels = getattr(model.config, "levels", 1)
+        _PARAMETER_COUNTS[key] = [
+            sum(p.numel() for p in model.parameters()),
+            *(model.submodel_parameter_count(level) for level in range(1, levels)),
+        ]
+    return _PARAMETER_COUNTS[key]
+
+
+def repository_config() -> dict:
+    """configs/config.yaml as loaded."""
+    import yaml
+
+    return yaml.safe_load((ROOT / "configs/config.yaml").read_text())
+
+
 def test_rows_that_name_a_baseline_match_its_parameter_count() -> None:
     """The report compares a row with the baseline it names, and each nested sub-model with the
     row named for it: in every suite that runs both (after the suite's own `baselines`
     replacements), their parameter counts differ by less than the report's size tolerance."""
     import csv
 
-    import torch
-    import yaml
-
-    from archbench.data import SyntheticSpec, parse_datasets
-    from archbench.models import build_model
     from archbench.report.tables import SIZE_TOLERANCE
 
-    config = yaml.safe_load((ROOT / "configs/config.yaml").read_text())
-    datasets = parse_datasets(config["datasets"])
+    config = repository_config()
     table_rows = load_experiments(ROOT / config["experiments"], ROW_SCHEMA, config["datasets"])
     with open(ROOT / config["experiments"], encoding="utf-8", newline="") as handle:
         cells = {row["name"]: row["baseline"] for row in csv.DictReader(handle, delimiter="\t")}
     named = {name for name, cell in cells.items() if cell not in ("", NO_BASELINE)}
     assert {"mtp2_path_star", "futureformer_path_star", "hourglass_mqar"} <= named
-
-    counts: dict[tuple[str, str], list[int]] = {}
-
-    def n_params(experiment, suite) -> list[int]:
-        """Parameters of the whole model, then of one sub-model per nesting level."""
-        if (experiment.name, suite.name) not in counts:
-            spec = run_spec(experiment, suite, suite.seeds[0])
-            data = datasets[experiment.dataset]
-            vocab = len(data.task().symbols()) if isinstance(data, SyntheticSpec) else TEXT_VOCAB
-            with torch.device("meta"):  # counts only: no memory, no initialisation
-                model = build_model(
-                    spec["arch"], vocab, spec["train"]["block_size"], **spec["model"]
-                )
-            levels = getattr(model.config, "levels", 1)
-            counts[experiment.name, suite.name] = [
-                sum(p.numel() for p in model.parameters()),
-                *(model.submodel_parameter_count(level) for level in range(1, levels)),
-            ]
-        return counts[experiment.name, suite.name]
 
     checked = 0
     for path in sorted((ROOT / "configs/suites").glob("*.yaml")):
@@ -133,11 +139,41 @@ def test_rows_that_name_a_baseline_match_its_parameter_count() -> None:
             if baseline not in rows:  # the report says so; only the CI-sized suite leaves them out
                 assert suite.name == "smoke", (suite.name, row.name, baseline)
                 continue
-            ratio = n_params(row, suite)[level] / n_params(rows[baseline], suite)[0]
+            ratio = row_parameters(row, suite)[level] / row_parameters(rows[baseline], suite)[0]
             if row.name not in CHANNEL_SWEEP:
                 assert abs(ratio - 1) <= SIZE_TOLERANCE, (suite.name, row.name, level, ratio)
             checked += 1
     assert checked >= 90
+
+
+def test_the_parameter_gaps_that_descriptions_give_are_the_measured_ones() -> None:
+    """A description that gives a row's parameter gap to another row ("parameter-matched to X
+    (+0.5%)", "(+3.7% parameters against X)") states it to the tenth of a percent, at the gpu
+    suite's shape where it says so and at the CPU suites' shape otherwise."""
+    import re
+
+    config = repository_config()
+    table_rows = load_experiments(ROOT / config["experiments"], ROW_SCHEMA, config["datasets"])
+    by_name = {row.name: row for row in table_rows}
+    suites = {
+        name: load_suite(ROOT / f"configs/suites/{name}.yaml", SUITE_SCHEMA)
+        for name in ("ablations", "gpu")
+    }
+    stated = 0
+    for row in table_rows:
+        match = re.search(
+            r"parameter-matched to (?P<other>\w+)[^(]*\((?P<gap>[+-]\d+\.\d)%", row.description
+        )
+        match = match or re.search(
+            r"\((?P<gap>[+-]\d+\.\d)% parameters against (?P<other>\w+)", row.description
+        )
+        if match is None:
+            continue
+        suite = suites["gpu" if "gpu suite's shape" in row.description else "ablations"]
+        ratio = row_parameters(row, suite)[0] / row_parameters(by_name[match["other"]], suite)[0]
+        assert f"{100 * (ratio - 1):+.1f}" == match["gap"], (row.name, suite.name, ratio)
+        stated += 1
+    assert stated >= 15
 
 
 def test_good_row_parses(tmp_path: Path) -> None:
