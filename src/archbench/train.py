@@ -109,10 +109,23 @@ class TrainConfig:
         0.1, "final / peak learning rate of the cosine decay", min=0.0, max=1.0
     )
     warmup_steps: int = option(100, "linear warmup steps", min=0)
-    weight_decay: float = option(0.1, "AdamW weight decay (matrices only)", min=0.0)
+    weight_decay: float = option(
+        0.1,
+        "AdamW weight decay on parameters of 2+ dimensions, as nanoGPT: weight matrices, "
+        "embeddings and learned tables such as future attention's K_future/V_future slots; not "
+        "on norm gains or biases (FutureFormer's bag_bias)",
+        min=0.0,
+    )
     beta1: float = option(0.9, "AdamW beta1", min=0.0, max=0.9999)
     beta2: float = option(0.95, "AdamW beta2", min=0.0, max=0.99999)
-    grad_clip: float = option(1.0, "max global gradient norm (0 = no clipping)", min=0.0)
+    grad_clip: float = option(
+        1.0,
+        "max global gradient norm (0 = no clipping) of the whole loss: auxiliary losses (mtp's "
+        "heads, FutureFormer's spans, future attention's) add to the gradient, so such rows can "
+        "be clipped more often than their baseline; metrics.csv logs the norm before clipping "
+        "(grad_norm, mean over the steps of each row)",
+        min=0.0,
+    )
     eval_every: int = option(250, "validate every N steps (and after the last)", min=1)
     eval_batches: int = option(
         8,
