@@ -167,13 +167,48 @@ def test_the_parameter_gaps_that_descriptions_give_are_the_measured_ones() -> No
         match = match or re.search(
             r"\((?P<gap>[+-]\d+\.\d)% parameters against (?P<other>\w+)", row.description
         )
+        # "(... : -0.5% at the default shape)": the gap to the row's own baseline
+        match = match or re.search(r"(?P<gap>[+-]\d+\.\d)% at the default shape", row.description)
         if match is None:
             continue
+        other = by_name[match.groupdict().get("other") or row.baseline]
         suite = suites["gpu" if "gpu suite's shape" in row.description else "ablations"]
-        ratio = row_parameters(row, suite)[0] / row_parameters(by_name[match["other"]], suite)[0]
+        ratio = row_parameters(row, suite)[0] / row_parameters(other, suite)[0]
         assert f"{100 * (ratio - 1):+.1f}" == match["gap"], (row.name, suite.name, ratio)
         stated += 1
-    assert stated >= 15
+    assert stated >= 16
+
+
+def test_the_flop_gaps_that_descriptions_give_are_the_measured_ones() -> None:
+    """ "FLOP-matched to X (+2.9% training FLOPs)": the step's FLOPs (as training counts them)
+    times the steps, at the suite's shape, to the tenth of a percent."""
+    import re
+
+    import torch
+
+    from archbench.models import build_model
+    from archbench.train import make_train_config, measure_step_flops
+
+    config = repository_config()
+    table_rows = load_experiments(ROOT / config["experiments"], ROW_SCHEMA, config["datasets"])
+    by_name = {row.name: row for row in table_rows}
+    suite = load_suite(ROOT / "configs/suites/ablations.yaml", SUITE_SCHEMA)
+
+    def training_flops(row) -> int:
+        spec = run_spec(row, suite, suite.seeds[0])
+        train = make_train_config(spec["train"])
+        model = build_model(spec["arch"], TEXT_VOCAB, train.block_size, **spec["model"])
+        x = torch.randint(0, TEXT_VOCAB, (train.batch_size, train.block_size))
+        step = measure_step_flops(lambda a, b: model.loss(a, b)[0], model, x, x.roll(-1, 1))
+        return step * train.steps
+
+    pattern = r"FLOP-matched to (?P<other>\w+) \((?P<gap>[+-]\d+\.\d)% training FLOPs\)"
+    stated = [(row, re.search(pattern, row.description)) for row in table_rows]
+    stated = [(row, match) for row, match in stated if match]
+    assert [row.name for row, _ in stated] == ["gpt_l7"]
+    for row, match in stated:
+        ratio = training_flops(row) / training_flops(by_name[match["other"]])
+        assert f"{100 * (ratio - 1):+.1f}" == match["gap"], (row.name, ratio)
 
 
 def test_good_row_parses(tmp_path: Path) -> None:
