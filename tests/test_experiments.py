@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import pytest
@@ -43,8 +44,7 @@ def load(path: Path):
 
 
 def test_the_repository_table_and_suites_are_valid() -> None:
-    config = repository_config()
-    experiments = load_experiments(ROOT / config["experiments"], ROW_SCHEMA, config["datasets"])
+    experiments = repository_rows()
     assert experiments[0].name == "gpt"
     for path in sorted((ROOT / "configs/suites").glob("*.yaml")):
         suite = load_suite(path, SUITE_SCHEMA)
@@ -84,14 +84,13 @@ def row_parameters(experiment, suite) -> list[int]:
     """Parameters of a row's whole model in `suite`, then of one sub-model per nesting level."""
     import torch
 
-    from archbench.data import SyntheticSpec, parse_datasets
+    from archbench.data import SyntheticSpec
     from archbench.models import build_model
 
     key = (experiment.name, suite.name)
     if key not in _PARAMETER_COUNTS:
-        datasets = parse_datasets(repository_config()["datasets"])
         spec = run_spec(experiment, suite, suite.seeds[0])
-        data = datasets[experiment.dataset]
+        data = repository_datasets()[experiment.dataset]
         vocab = len(data.task().symbols()) if isinstance(data, SyntheticSpec) else TEXT_VOCAB
         with torch.device("meta"):  # counts only: no memory, no initialisation
             model = build_model(spec["arch"], vocab, spec["train"]["block_size"], **spec["model"])
@@ -103,11 +102,27 @@ def row_parameters(experiment, suite) -> list[int]:
     return _PARAMETER_COUNTS[key]
 
 
+@functools.cache
 def repository_config() -> dict:
-    """configs/config.yaml as loaded."""
+    """configs/config.yaml as loaded (once; read it, don't change it)."""
     import yaml
 
     return yaml.safe_load((ROOT / "configs/config.yaml").read_text())
+
+
+@functools.cache
+def repository_rows() -> tuple:
+    """The repository's experiments table, validated, as load_experiments returns it."""
+    config = repository_config()
+    return tuple(load_experiments(ROOT / config["experiments"], ROW_SCHEMA, config["datasets"]))
+
+
+@functools.cache
+def repository_datasets() -> dict:
+    """The repository's data sets, parsed."""
+    from archbench.data import parse_datasets
+
+    return parse_datasets(repository_config()["datasets"])
 
 
 def test_rows_that_name_a_baseline_match_its_parameter_count() -> None:
@@ -118,9 +133,8 @@ def test_rows_that_name_a_baseline_match_its_parameter_count() -> None:
 
     from archbench.report.tables import SIZE_TOLERANCE
 
-    config = repository_config()
-    table_rows = load_experiments(ROOT / config["experiments"], ROW_SCHEMA, config["datasets"])
-    with open(ROOT / config["experiments"], encoding="utf-8", newline="") as handle:
+    table_rows = repository_rows()
+    with open(ROOT / repository_config()["experiments"], encoding="utf-8", newline="") as handle:
         cells = {row["name"]: row["baseline"] for row in csv.DictReader(handle, delimiter="\t")}
     named = {name for name, cell in cells.items() if cell not in ("", NO_BASELINE)}
     assert {"mtp2_path_star", "futureformer_path_star", "hourglass_mqar"} <= named
@@ -152,8 +166,7 @@ def test_the_parameter_gaps_that_descriptions_give_are_the_measured_ones() -> No
     suite's shape where it says so and at the CPU suites' shape otherwise."""
     import re
 
-    config = repository_config()
-    table_rows = load_experiments(ROOT / config["experiments"], ROW_SCHEMA, config["datasets"])
+    table_rows = repository_rows()
     by_name = {row.name: row for row in table_rows}
     suites = {
         name: load_suite(ROOT / f"configs/suites/{name}.yaml", SUITE_SCHEMA)
@@ -189,8 +202,7 @@ def test_the_flop_gaps_that_descriptions_give_are_the_measured_ones() -> None:
     from archbench.models import build_model
     from archbench.train import make_train_config, measure_step_flops
 
-    config = repository_config()
-    table_rows = load_experiments(ROOT / config["experiments"], ROW_SCHEMA, config["datasets"])
+    table_rows = repository_rows()
     by_name = {row.name: row for row in table_rows}
     suite = load_suite(ROOT / "configs/suites/ablations.yaml", SUITE_SCHEMA)
 
