@@ -390,15 +390,18 @@ VALUES = {
 }
 
 
+SETUP = ("bf16_autocast", "trained_on_gpu")  # the training setup a run records (1 or 0 each)
+
+
 def fake_run(
-    run_dir: Path, name: str, seed: int, nested: dict | None, bf16: float | None = None
+    run_dir: Path, name: str, seed: int, nested: dict | None, setup: dict | None = None
 ) -> None:
-    """A finished run directory with made-up numbers (`bf16`: its `bf16_autocast`, if any)."""
+    """A finished run directory with made-up numbers (`setup`: its recorded training setup, e.g.
+    `bf16_autocast`, if any)."""
     run_dir.mkdir(parents=True)
     loss = VALUES[name][seed]
     train_summary = {"n_params": 9000.0, "train_tokens": 768}
-    if bf16 is not None:
-        train_summary["bf16_autocast"] = bf16
+    train_summary |= setup or {}
     write_json(run_dir / "train_summary.json", train_summary)
     evals = {"val_loss": loss, "val_bpb": loss * 1.5}
     leaks = {"leak_check_passed": 1.0}
@@ -420,15 +423,15 @@ def fake_run(
         writer.writerow([1, 64, 0.001, 3.0, loss, 0.1])
 
 
-def fake_suite(root: Path, bf16: dict[str, float] | None = None) -> list[RunRef]:
+def fake_suite(root: Path, setups: dict[str, dict] | None = None) -> list[RunRef]:
     """Runs of a fractalformer row 'frac' (sub-model L1.0 passes the leak check, L1.1 fails)
-    and a row 'solo', 3 seeds each, aggregated under `root`; `bf16`: each row's
-    `bf16_autocast` (none recorded without it)."""
+    and a row 'solo', 3 seeds each, aggregated under `root`; `setups`: each row's recorded
+    training setup (none recorded without it)."""
     runs = []
     for name, nested in (("frac", {"L1.0": 1.0, "L1.1": 0.0}), ("solo", None)):
         for seed in range(3):
             run_dir = root / name / f"seed{seed}"
-            fake_run(run_dir, name, seed, nested, None if bf16 is None else bf16[name])
+            fake_run(run_dir, name, seed, nested, (setups or {}).get(name))
             runs.append(RunRef(name, "fractalformer", "chars", seed, run_dir))
     aggregate(runs, root / "summary.csv", root / "curves.csv")
     return runs
@@ -471,16 +474,22 @@ def test_submodels_are_entries_of_the_summary_and_the_report(tmp_path: Path) -> 
     assert "frac/L1.0" not in comparisons  # sub-models are compared in their own section
 
 
-def test_sub_models_carry_their_runs_precision_into_the_nesting_warning(tmp_path: Path) -> None:
-    """A sub-model entry trained in its run's precision: it gets the run's `bf16_autocast`, and
-    the nesting section warns when its baseline trained in another precision."""
-    fake_suite(tmp_path, bf16={"frac": 1.0, "solo": 0.0})
+def test_sub_models_carry_their_runs_setup_into_the_nesting_warning(tmp_path: Path) -> None:
+    """A sub-model entry trained in its run's precision, on its run's device: it gets the run's
+    `bf16_autocast` and `trained_on_gpu`, and the nesting section warns when its baseline
+    trained in another precision or on another kind of device."""
+    frac, solo = {"bf16_autocast": 1.0, "trained_on_gpu": 1.0}, dict.fromkeys(SETUP, 0.0)
+    fake_suite(tmp_path, setups={"frac": frac, "solo": solo})
     summary = read_summary(tmp_path / "summary.csv")
-    by_seed = per_seed_values(summary, "bf16_autocast")
-    precision = {name: set(values.values()) for name, values in by_seed.items()}
-    assert precision == {"frac": {1.0}, "frac/L1.0": {1.0}, "frac/L1.1": {1.0}, "solo": {0.0}}
+    for metric in SETUP:
+        by_seed = per_seed_values(summary, metric)
+        values = {name: set(values.values()) for name, values in by_seed.items()}
+        assert values == {"frac": {1.0}, "frac/L1.0": {1.0}, "frac/L1.1": {1.0}, "solo": {0.0}}
     nesting = render_fake_suite(tmp_path).split("## Nesting cost", 1)[1].split("\n## ", 1)[0]
-    assert "frac/L1.0 vs solo (row: bf16 on all 3 seeds; baseline: fp32 on all 3 seeds)" in nesting
+    assert (
+        "frac/L1.0 vs solo (row: GPU on all 3 seeds, bf16 on all 3 seeds; baseline: CPU on all "
+        "3 seeds, fp32 on all 3 seeds)" in nesting
+    )
     assert "frac/L1.1 vs" not in nesting  # failed its leak check: not compared, not named
 
 

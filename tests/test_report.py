@@ -29,7 +29,7 @@ from archbench.report import (
     render_report,
     summarize,
 )
-from archbench.report.aggregate import CURVES_SCHEMA
+from archbench.report.aggregate import CURVES_SCHEMA, read_summary
 from archbench.report.document import (
     Paragraph,
     Preformatted,
@@ -50,6 +50,7 @@ from archbench.report.figures import (
     plot_axis,
     plot_curves,
 )
+from archbench.report.setup import setup_paragraph, setup_warning
 from archbench.report.stats import (
     PAIRED,
     WELCH,
@@ -74,7 +75,6 @@ from archbench.report.tables import (
     metric_counts,
     per_seed_table,
     per_seed_values,
-    precision_warning,
     size_mismatched,
 )
 
@@ -980,36 +980,43 @@ def test_equal_differences_on_every_seed_fall_back_to_welch() -> None:
     assert math.isnan(constant.p_value)  # no spread at all: nothing to test
 
 
-def test_comparisons_between_precisions_are_named_in_a_warning() -> None:
+def test_comparisons_between_precisions_or_devices_are_named_in_a_warning() -> None:
     """A tested pair whose runs did not all train in the same precision (`bf16_autocast` per
-    seed) is named with its precisions; pairs alike, and runs that did not record it, are not."""
+    seed) or on the same kind of device (`trained_on_gpu`) is named with what differs; pairs
+    alike, and runs that did not record it, are not."""
     val_loss = {
         "base": [1.50, 1.52, 1.49],
         "bf16_row": [1.45, 1.49, 1.43],
         "mixed_row": [1.51, 1.50, 1.50],
         "fp32_row": [1.40, 1.41, 1.42],
         "unrecorded": [1.40, 1.41, 1.42],
+        "cpu_row": [1.40, 1.43, 1.42],
     }
-    bf16 = {
-        "base": [0.0, 0.0, 0.0],
-        "bf16_row": [1.0, 1.0, 1.0],
-        "mixed_row": [1.0, 0.0, 1.0],
-        "fp32_row": [0.0, 0.0, 0.0],
-    }
-    summary = pl.concat([_long(val_loss), _long(bf16, "bf16_autocast")])
+    bf16 = {name: [0.0, 0.0, 0.0] for name in ("base", "fp32_row", "cpu_row")}
+    bf16 |= {"bf16_row": [1.0, 1.0, 1.0], "mixed_row": [1.0, 0.0, 1.0]}
+    gpu = dict.fromkeys(bf16, [1.0, 1.0, 1.0]) | {"cpu_row": [1.0, 0.0, 1.0]}
+    summary = pl.concat(
+        [_long(val_loss), _long(bf16, "bf16_autocast"), _long(gpu, "trained_on_gpu")]
+    )
     order = list(val_loss)
     leaks = dict.fromkeys(order, "pass")
     baselines = {name: "base" for name in order[1:]}
-    warning = precision_warning(summary, comparisons(summary, order, baselines, leaks))
+    warning = setup_warning(summary, comparisons(summary, order, baselines, leaks))
     assert warning is not None
     assert "bf16_row vs base (row: bf16 on all 3 seeds; baseline: fp32 on all 3 seeds)" in warning
     assert "mixed_row vs base (row: bf16 on 2 of 3 seeds; baseline: fp32 on all 3 seeds)" in warning
+    assert "cpu_row vs base (row: GPU on 2 of 3 seeds; baseline: GPU on all 3 seeds)" in warning
+    assert "with a different device and precision" in warning
     assert "fp32_row" not in warning and "unrecorded" not in warning
-    alike = summary.filter(~pl.col("experiment").is_in(["bf16_row", "mixed_row"]))
-    assert precision_warning(alike, comparisons(alike, order, baselines, leaks)) is None
+    alike = summary.filter(~pl.col("experiment").is_in(["bf16_row", "mixed_row", "cpu_row"]))
+    assert setup_warning(alike, comparisons(alike, order, baselines, leaks)) is None
+    devices_only = summary.filter(~pl.col("experiment").is_in(["bf16_row", "mixed_row"]))
+    warning = setup_warning(devices_only, comparisons(devices_only, order, baselines, leaks))
+    assert warning is not None and "with a different device," in warning
+    assert "precision=auto" not in warning and "device=auto" in warning
 
 
-def test_the_precision_warning_comes_before_the_comparisons(tmp_path: Path) -> None:
+def test_the_setup_warning_comes_before_the_comparisons(tmp_path: Path) -> None:
     runs = make_runs(tmp_path)
     for run in runs:
         path = run.run_dir / "train_summary.json"
@@ -1020,3 +1027,29 @@ def test_the_precision_warning_comes_before_the_comparisons(tmp_path: Path) -> N
     warning = "gpt\\_gelu vs gpt (row: bf16 on all 3 seeds; baseline: fp32 on all 3 seeds)"
     assert warning in section and section.index(warning) < section.index("| gpt\\_gelu")
     assert "gpt\\_mqa vs gpt" not in section
+
+
+def test_the_results_say_how_the_runs_trained_and_name_the_odd_ones(tmp_path: Path) -> None:
+    """One sentence when every run trained alike; a warning naming the runs outside the most
+    common setup otherwise (a gpu suite job that landed on a node without a GPU)."""
+    runs = make_runs(tmp_path)
+    for run in runs:
+        path = run.run_dir / "train_summary.json"
+        odd = run.experiment == "gpt_gelu" and run.seed > 0
+        setup = {"bf16_autocast": 1.0, "trained_on_gpu": 0.0 if odd else 1.0}
+        write_json(path, read_json(path) | setup)
+    aggregate(runs, tmp_path / "summary.csv", tmp_path / "curves.csv", tmp_path / "samples.json")
+    _render(tmp_path, tmp_path / "report")
+    section = _section((tmp_path / "report" / "index.md").read_text(), "Results")
+    n = len(runs)
+    assert (
+        f"**⚠ Runs trained with different setups: {n - 2} runs trained on a GPU in bf16; 2 on "
+        "the CPU in bf16 (gpt\\_gelu seeds 1, 2).**" in section
+    )
+    summary = read_summary(tmp_path / "summary.csv")
+    rows = [run.experiment for run in runs if run.experiment != "gpt_gelu"]
+    alike = setup_paragraph(summary, rows)
+    assert alike is not None and not alike.warning
+    assert alike.text == f"All {n - 3} runs trained on a GPU in bf16."
+    unrecorded = summary.filter(~pl.col("metric").is_in(["bf16_autocast", "trained_on_gpu"]))
+    assert setup_paragraph(unrecorded, rows) is None  # runs of an older archbench: no claim

@@ -522,6 +522,7 @@ def test_the_summary_records_the_precision_as_a_number_too(
     summary = train_run(tiny_spec(precision=precision), tiny_data, tmp_path, show_progress=False)
     assert summary["precision"] == precision
     assert summary["bf16_autocast"] == (1.0 if precision == "bf16" else 0.0)
+    assert summary["device"] == "cpu" and summary["trained_on_gpu"] == 0.0
 
 
 @pytest.mark.parametrize("arch", sorted(ARCHITECTURES))

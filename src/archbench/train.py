@@ -659,6 +659,7 @@ def _train(
         # the same as a number, so that summary.csv and the report's "other metrics" show it
         # (precision "auto" differs between machines: bf16 on CUDA and on CPUs with AMX)
         "bf16_autocast": float(runtime.bf16),
+        "trained_on_gpu": float(runtime.device.type != "cpu"),  # (device "auto" differs too)
     }
     _write_outputs(out_dir, spec, data_meta, model, config, log, summary)
     if stop.requested:  # while the outputs were written: the retry writes them again

@@ -16,8 +16,8 @@ import polars as pl
 
 from archbench.errors import ArchbenchError
 from archbench.io import atomic_path, read_json, write_json
+from archbench.report.setup import SETUP_FLAGS
 from archbench.report.submodels import entry_name, submodel_results
-from archbench.report.tables import PRECISION_METRIC
 from archbench.runs import RESULT_FILES
 
 SUMMARY_SCHEMA = pl.Schema(
@@ -185,7 +185,7 @@ def _add_metrics(into: dict[str, float], numbers: dict[str, float], where: str) 
 def _summary_rows(run: RunRef) -> pl.DataFrame:
     """Long rows for the result files of one run, plus one entry `<experiment>/<sub-model>` per
     nested sub-model found under `submodels` in them (archbench.report.submodels), which also
-    gets the run's `bf16_autocast`. Each file is read once."""
+    gets the run's setup flags (`bf16_autocast`, `trained_on_gpu`). Each file is read once."""
     entries: dict[str, dict[str, float]] = {run.experiment: {}}
     for name in run.result_files:
         path = run.run_dir / name
@@ -194,10 +194,11 @@ def _summary_rows(run: RunRef) -> pl.DataFrame:
         for submodel, values in submodel_results(result, path).items():
             entry = entries.setdefault(entry_name(run.experiment, submodel), {})
             _add_metrics(entry, _numbers(values), f"{run.run_dir}, sub-model {submodel}")
-    precision = entries[run.experiment].get(PRECISION_METRIC)
-    if precision is not None:  # a sub-model trained in its run's precision
-        for metrics in entries.values():
-            metrics.setdefault(PRECISION_METRIC, precision)
+    for flag in SETUP_FLAGS:  # a sub-model trained in its run's precision, on its device
+        value = entries[run.experiment].get(flag.metric)
+        if value is not None:
+            for metrics in entries.values():
+                metrics.setdefault(flag.metric, value)
     return pl.concat([_long_rows(run, name, numbers) for name, numbers in entries.items()])
 
 

@@ -37,6 +37,7 @@ from archbench.report.figures import (
     plot_curves,
     plot_pareto,
 )
+from archbench.report.setup import setup_paragraph, setup_warning
 from archbench.report.stats import ALPHA, MAX_SEEDS, PAIRED, POWER, WELCH, summarize
 from archbench.report.submodels import (
     entries_after_rows,
@@ -64,7 +65,6 @@ from archbench.report.tables import (
     per_seed_table,
     per_seed_values,
     power_summary,
-    precision_warning,
 )
 
 
@@ -119,7 +119,7 @@ def render_report(
         Section("How to read this report", [Paragraph(text) for text in how_to_read()]),
         *_leak_section(leaks),
         *([Section("Experiments", [experiments_table(rows)])] if rows else []),
-        Section("Results", [main_table(summary, order, cells, metric_counts(stats), leaks)]),
+        _results_section(summary, order, cells, stats, leaks),
         _comparison_section(compared, cells, summary),
         *_nesting_section(nested, order, rows, summary, cells),
         *_axis_sections(axes, axis_figures, cells, leaks, seeds, out_dir),
@@ -287,13 +287,26 @@ def _leak_section(leaks: dict[str, str]) -> list[Section]:
     return [Section("Future leak detected", [Paragraph(warning, warning=True)], warning=True)]
 
 
+def _results_section(
+    summary: pl.DataFrame,
+    order: list[str],
+    cells: dict,
+    stats: pl.DataFrame,
+    leaks: dict[str, str],
+) -> Section:
+    """How the runs trained (device, precision), then every experiment's metrics over seeds."""
+    setup = setup_paragraph(summary, [e for e in order if not split_entry(e)])
+    table = main_table(summary, order, cells, metric_counts(stats), leaks)
+    return Section("Results", [setup, table] if setup else [table])
+
+
 def _comparison_section(compared: list, cells: dict, summary: pl.DataFrame) -> Section:
     """Comparisons with baselines (after a warning if a row and its baseline trained in
-    different precisions), the power summary, or why there are none."""
+    different precisions or on different devices), the power summary, or why there are none."""
     if not compared:
         text = "No row declares a baseline in this suite, so nothing is compared."
         return Section("Comparisons with baselines", [Paragraph(text)])
-    warning = precision_warning(summary, compared)
+    warning = setup_warning(summary, compared)
     blocks: list = [Paragraph(warning, warning=True)] if warning else []
     blocks.append(comparison_table(compared, cells))
     power = power_summary(compared)
@@ -309,7 +322,7 @@ def _nesting_section(
     if not any(split_entry(name) for name in order):
         return []
     blocks: list = [Paragraph(text) for text in nesting_notes(rows)]
-    warning = precision_warning(summary, nested)
+    warning = setup_warning(summary, nested)
     if warning:
         blocks.append(Paragraph(warning, warning=True))
     if nested:

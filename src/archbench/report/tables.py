@@ -27,7 +27,6 @@ from archbench.report.stats import (
 )
 
 CONFIDENCE = 0.95
-PRECISION_METRIC = "bf16_autocast"  # train_summary.json: 1 for a run trained in bf16 autocast
 MISSING = "—"
 PRIMARY = "val_loss"  # the metric of text rows' comparisons (nats/token; lower is better)
 EXACT_MATCH = "_exact_match"  # suffix of a synthetic task's score (the task rows' comparisons)
@@ -568,42 +567,6 @@ def comparison_table(rows: list[ComparisonRow], cells: Cells) -> Table:
         f"seeds to detect this Δ (level {ALPHA}/m)",
     ]
     return Table(headers, out, id="comparisons", row_classes=classes)
-
-
-def _precision_of(bf16_by_seed: list[float]) -> str:
-    """'bf16 on all 3 seeds', 'fp32 on all 3 seeds' or 'bf16 on 2 of 3 seeds'."""
-    n, bf16 = len(bf16_by_seed), sum(value == 1 for value in bf16_by_seed)
-    if bf16 in (0, n):
-        return f"{'bf16' if bf16 else 'fp32'} on all {n} seed{'s' * (n != 1)}"
-    return f"bf16 on {bf16} of {n} seeds"
-
-
-def precision_warning(summary: pl.DataFrame, rows: list[ComparisonRow]) -> str | None:
-    """The warning naming tested comparisons whose runs did not all train in the same precision
-    (`bf16_autocast`, 1 or 0 per seed), or None. Runs that did not record it are not judged."""
-    recorded = {
-        name: [v for v in by_seed.values() if math.isfinite(v)]
-        for name, by_seed in per_seed_values(summary, PRECISION_METRIC).items()
-    }
-    mixed = []
-    for row in rows:
-        row_runs, base_runs = (recorded.get(name, []) for name in (row.experiment, row.baseline))
-        if row.result is None or not row_runs or not base_runs:
-            continue
-        if len(set(row_runs) | set(base_runs)) > 1:
-            mixed.append(
-                f"{row.experiment} vs {row.baseline} (row: {_precision_of(row_runs)}; "
-                f"baseline: {_precision_of(base_runs)})"
-            )
-    if not mixed:
-        return None
-    return (
-        "These comparisons pair runs trained in different precisions, so part of their Δ may "
-        "come from the precision rather than the architecture. The training option precision=auto "
-        "resolves per machine (bf16 autocast on a CUDA GPU with bf16 and on a CPU with AMX, fp32 "
-        "elsewhere); set precision to fp32 or bf16 in the suite's train section and re-run "
-        "them: " + "; ".join(mixed) + "."
-    )
 
 
 def power_summary(rows: list[ComparisonRow]) -> str | None:
