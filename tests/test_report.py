@@ -52,6 +52,7 @@ from archbench.report.figures import (
 )
 from archbench.report.setup import setup_paragraph, setup_warning
 from archbench.report.stats import (
+    ALPHA,
     PAIRED,
     WELCH,
     paired_test,
@@ -76,6 +77,7 @@ from archbench.report.tables import (
     per_seed_table,
     per_seed_values,
     size_mismatched,
+    verdict_of,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -764,6 +766,7 @@ def test_number_formats() -> None:
     # a size flag (beyond 5%) never prints as exactly 5%
     assert format_relative(1.05004, 2, 0.05) == "+5.004%"
     assert format_relative(1.0512, 2, 0.05) == "+5.12%"
+    assert format_relative(1.0504, 1, 0.05) == "+5.04%"  # the parameters cell: not "+5.0%"
 
 
 def test_a_leak_check_that_is_not_a_number_or_missing_is_not_a_pass() -> None:
@@ -978,6 +981,61 @@ def test_equal_differences_on_every_seed_fall_back_to_welch() -> None:
     assert result.delta == pytest.approx(0.25) and result.mde > 0
     constant = compare({0: 1.0, 1: 1.0, 2: 1.0}, {0: 0.0, 1: 0.0, 2: 0.0})
     assert math.isnan(constant.p_value)  # no spread at all: nothing to test
+
+
+def test_seed_counts_under_welch_use_its_degrees_of_freedom() -> None:
+    """Where Welch decides, the seed count uses the Welch–Satterthwaite df of the two rows'
+    spreads, as the test and the detectable Δ do: a Δ within noise at 3 seeds never reads as
+    detectable at 3 (with 2n − 2 df it did: 3 seeds for this Δ of 0.22 against an MDE of 0.33)."""
+    row, base = {0: 3.32, 1: 3.3201, 2: 3.3199}, {3: 3.00, 4: 3.10, 5: 3.20}
+    result = compare(row, base)
+    assert result.test == WELCH and result.p_value > ALPHA and result.mde > result.delta
+    assert result.seeds_needed == 4
+    sd = 0.02
+    for effect in (0.01, 0.03, 0.1):
+        same = seeds_needed(effect, sd, paired=False)
+        assert seeds_needed(effect, sd, paired=False, sd_base=sd) == same
+        # one row without spread: se = sd/√n and df = n − 1, the paired test's formulas
+        assert seeds_needed(effect, sd, paired=False, sd_base=0.0) == seeds_needed(
+            effect, sd, paired=True
+        )
+        assert seeds_needed(effect, 0.0, paired=False, sd_base=sd) == seeds_needed(
+            effect, sd, paired=True
+        )
+
+
+def test_a_spread_within_float_rounding_is_no_spread() -> None:
+    """A constant per-seed shift is tested by Welch whether or not rounding left its last bits
+    unequal, and the same scores up to float32 noise are not 'significantly' different."""
+    for base in ({0: 2.9, 1: 3.7, 2: 4.1}, {0: 2.9, 1: 3.0, 2: 3.1}):
+        exact = compare({s: v + 0.25 for s, v in base.items()}, base)  # 0.25: exact in binary
+        rounded = compare({s: round(v + 0.1, 10) for s, v in base.items()}, base)
+        assert exact.test == rounded.test == WELCH
+        assert rounded.p_value == pytest.approx(
+            sps.ttest_ind(
+                [v + 0.1 for v in base.values()], list(base.values()), equal_var=False
+            ).pvalue
+        )
+    base = {0: 2.91234567, 1: 3.04567891, 2: 3.15012345}
+    row = {0: 2.91234581, 1: 3.04567901, 2: 3.15012362}  # one model scored twice
+    noise = compare(row, base)
+    assert noise.test == WELCH and noise.p_value > 0.99
+    assert verdict_of(noise, noise.p_value) == "within noise"
+    flat = compare({0: 1.0, 1: 1.0 + 1e-9, 2: 1.0}, {0: 0.5, 1: 0.5, 2: 0.5 - 1e-9})
+    assert math.isnan(flat.p_value)  # both rows flat up to rounding: nothing to test
+
+
+def test_two_pairs_out_of_more_seeds_leave_the_decision_to_welch() -> None:
+    """One missing baseline seed must not reduce the test to a df-1 paired test on the other
+    two pairs; two pairs decide when they are all the seeds, three pairs always."""
+    missing = compare({0: 3.00, 1: 3.02, 2: 3.01}, {0: 3.10, 1: 3.09})
+    assert missing.test == WELCH and missing.n_pairs == 2 and missing.p_value < 0.01
+    assert missing.p_value == pytest.approx(
+        sps.ttest_ind([3.00, 3.02, 3.01], [3.10, 3.09], equal_var=False).pvalue
+    )
+    assert compare({0: 3.00, 1: 3.02}, {0: 3.10, 1: 3.09}).test == PAIRED
+    three_of_four = compare({0: 3.0, 1: 3.02, 2: 3.01, 3: 3.03}, {0: 3.1, 1: 3.09, 2: 3.12})
+    assert three_of_four.test == PAIRED and three_of_four.n_pairs == 3
 
 
 def test_comparisons_between_precisions_or_devices_are_named_in_a_warning() -> None:

@@ -250,8 +250,9 @@ def how_to_read() -> list[str]:
         f"baseline, negative is better), a synthetic-task row on its task's exact match (positive "
         f"is better); 'compared on' names the metric. Every seed gives every row the same data "
         f"order, so rows are paired by seed and the {PAIRED}-test on per-seed differences decides "
-        f"when at least two seeds are shared; otherwise {WELCH}-test (unequal variances) decides, "
-        f"as it does when every shared seed differs by the same amount (the paired test is then "
+        f"when both rows have the same seeds (at least two) or share at least three; otherwise "
+        f"{WELCH}-test (unequal variances) on all seeds decides, as it does when every shared "
+        f"seed differs by the same amount up to float rounding (the paired test is then "
         f"undefined). "
         f"Both p-values are listed and the 'deciding test' column names the one used; the paired "
         f"Δ is over the shared seeds ('pairs'), so it can differ from the difference of the row "
@@ -265,8 +266,9 @@ def how_to_read() -> list[str]:
         f"noncentral t distribution), at level {ALPHA}/m for the m tested comparisons: Holm's "
         f"strictest threshold, so a difference found there is significant after the correction "
         f"too. A row 'within noise' may still differ by up to about its detectable Δ. 'seeds "
-        f"to detect this Δ' is how many seeds per row would find the observed Δ with "
-        f"{POWER:.0%} power at the same level (> {MAX_SEEDS}: practically never).",
+        f"to detect this Δ' is how many seeds per row (pairs, where the paired test decides) "
+        f"would find the observed Δ with {POWER:.0%} power at the same level, with the deciding "
+        f"test's spread and degrees of freedom (> {MAX_SEEDS}: practically never).",
         "Ablation views: rows with the same architecture and data set that differ in exactly "
         "one option form an axis (rows warm-started from different checkpoints never do); "
         "each axis has a table, the final validation loss (a task row's exact match) against "

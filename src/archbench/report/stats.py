@@ -97,6 +97,10 @@ def summarize(summary: pl.DataFrame, confidence: float = 0.95) -> pl.DataFrame:
 ALPHA = 0.05  # two-sided significance level after the Holm correction
 POWER = 0.8  # the power at which minimum detectable effects and seed counts are quoted
 MAX_SEEDS = 1000  # seed counts above this are reported as "more than MAX_SEEDS"
+# A standard deviation of at most this fraction of the values' magnitude (at least 1) is float
+# rounding, not seed-to-seed spread: metrics are float32 sums, and a frozen sub-model scored
+# twice, or a constant per-seed shift, must not turn into p ~ 1e-30 on its last bits.
+ROUNDING_SPREAD = 1e-6
 PAIRED = "paired t"
 WELCH = "Welch t"
 
@@ -105,12 +109,13 @@ WELCH = "Welch t"
 class Comparison:
     """A row against its baseline on one metric (row − baseline; NaN where undefined).
 
-    `test` is the test whose p-value decides (PAIRED when at least two seeds are shared, else
-    WELCH, else "" when there are too few seeds); `p_welch` and `p_paired` are both kept.
-    `mde` is the smallest |Δ| that test would detect with probability POWER at the level that
-    `compare` was given, with the observed spread and seeds; `seeds_needed` is the seed count
-    (per row) at which the observed |Δ| would be detected with that power (inf when Δ = 0 or
-    beyond MAX_SEEDS).
+    `test` is the test whose p-value decides (PAIRED when both rows have the same seeds, at
+    least two, or share at least three; else WELCH; "" when there are too few seeds);
+    `p_welch` and `p_paired` are both kept. `mde` is the smallest |Δ| that test would detect
+    with probability POWER at the level that `compare` was given, with the observed spread and
+    seeds; `seeds_needed` is the seed count per row (pairs, when the paired test decides) at
+    which the observed |Δ| would be detected with that power (inf when Δ = 0 or beyond
+    MAX_SEEDS).
     """
 
     n_row: int
@@ -132,11 +137,18 @@ def _finite(values: Iterable[float]) -> np.ndarray:
     return array[np.isfinite(array)]
 
 
+def rounding_spread(values: Iterable[float]) -> float:
+    """The largest standard deviation of `values` (or of differences between them) that is
+    float rounding rather than spread: ROUNDING_SPREAD × max(1, largest |value|)."""
+    return ROUNDING_SPREAD * max([1.0, *(abs(v) for v in values)])
+
+
 def welch_test(row: Iterable[float], base: Iterable[float]) -> tuple[float, float, float, float]:
     """Welch's unequal-variance t-test of mean(row) − mean(base).
 
     Returns (delta, p, standard error, Welch–Satterthwaite df); p, se and df are NaN with fewer
-    than two values on either side, and p is NaN when both sides have zero spread.
+    than two values on either side, and p is NaN (se 0) when both sides have no spread beyond
+    float rounding (`rounding_spread`).
     """
     a, b = _finite(row), _finite(base)
     delta = float(a.mean() - b.mean()) if a.size and b.size else math.nan
@@ -144,26 +156,29 @@ def welch_test(row: Iterable[float], base: Iterable[float]) -> tuple[float, floa
         return delta, math.nan, math.nan, math.nan
     va, vb = a.var(ddof=1) / a.size, b.var(ddof=1) / b.size
     se = math.sqrt(va + vb)
-    if se == 0.0:
+    if max(a.std(ddof=1), b.std(ddof=1)) <= rounding_spread([*a, *b]):
         return delta, math.nan, 0.0, math.nan
     df = (va + vb) ** 2 / (va**2 / (a.size - 1) + vb**2 / (b.size - 1))
     p = 2.0 * float(sps.t.sf(abs(delta) / se, df))
     return delta, p, se, df
 
 
-def paired_test(differences: Iterable[float]) -> tuple[float, float, float, float]:
+def paired_test(
+    differences: Iterable[float], scale: float = 1.0
+) -> tuple[float, float, float, float]:
     """Paired t-test on per-seed differences (row − baseline at the same seed).
 
     Returns (mean difference, p, standard error, df = n − 1); NaN where undefined (fewer than
-    two pairs; p also when the differences have zero spread).
+    two pairs; p also, se 0, when the differences spread no more than float rounding of values
+    of magnitude `scale`: `rounding_spread`).
     """
     d = _finite(differences)
     delta = float(d.mean()) if d.size else math.nan
     if d.size < 2:
         return delta, math.nan, math.nan, math.nan
-    se = float(d.std(ddof=1)) / math.sqrt(d.size)
-    if se == 0.0:
+    if float(d.std(ddof=1)) <= rounding_spread([scale]):
         return delta, math.nan, 0.0, math.nan
+    se = float(d.std(ddof=1)) / math.sqrt(d.size)
     df = d.size - 1
     return delta, 2.0 * float(sps.t.sf(abs(delta) / se, df)), se, df
 
@@ -213,22 +228,36 @@ def minimum_detectable_effect(
 
 
 def seeds_needed(
-    effect: float, sd: float, paired: bool, alpha: float = ALPHA, power: float = POWER
+    effect: float,
+    sd: float,
+    paired: bool,
+    alpha: float = ALPHA,
+    power: float = POWER,
+    sd_base: float | None = None,
 ) -> float:
     """Seeds per row for a t-test to detect `effect` with `power`; inf beyond MAX_SEEDS.
 
-    Paired: `sd` is the sd of per-seed differences, se = sd/√n, df = n − 1. Unpaired: `sd` is
-    the per-run sd (taken equal for both rows), se = sd·√(2/n), df = 2n − 2. NaN when sd is not
-    a positive finite number; inf when effect is 0.
+    Paired: `sd` is the sd of per-seed differences, se = sd/√n, df = n − 1. Unpaired (Welch):
+    `sd` is the row's per-run sd and `sd_base` the baseline's (default: the same), se =
+    √((sd² + sd_base²)/n), and df the Welch–Satterthwaite df at n seeds each, which is 2n − 2
+    when the two are equal and falls to n − 1 when one dominates. NaN without a finite positive
+    spread or a finite effect; inf when effect is 0.
     """
-    if not (math.isfinite(sd) and sd > 0 and math.isfinite(effect)):
+    row_var = sd**2
+    base_var = row_var if sd_base is None else sd_base**2
+    if not (math.isfinite(row_var + base_var) and row_var + base_var > 0):
+        return math.nan
+    if not math.isfinite(effect):
         return math.nan
     if effect == 0:
         return math.inf
+    welch_df_share = (row_var + base_var) ** 2 / (row_var**2 + base_var**2)  # df / (n − 1)
 
     def enough(n: int) -> bool:
-        se = sd / math.sqrt(n) if paired else sd * math.sqrt(2.0 / n)
-        return t_test_power(effect, se, n - 1 if paired else 2 * n - 2, alpha) >= power
+        if paired:
+            return t_test_power(effect, sd / math.sqrt(n), n - 1, alpha) >= power
+        se = math.sqrt((row_var + base_var) / n)
+        return t_test_power(effect, se, welch_df_share * (n - 1), alpha) >= power
 
     if not enough(MAX_SEEDS):
         return math.inf
@@ -247,9 +276,11 @@ def compare(
 ) -> Comparison:
     """Compare a row's per-seed values with its baseline's (both keyed by seed).
 
-    The same seed gives both rows the same data order, so when at least two seeds are shared
-    the paired t-test on per-seed differences decides; otherwise Welch's test on all seeds (also
-    when every pair differs by the same amount: the paired test is then undefined, se 0).
+    The same seed gives both rows the same data order, so when both rows have the same seeds
+    (at least two), or share at least three, the paired t-test on per-seed differences decides;
+    otherwise Welch's test on all seeds: with only two pairs out of more seeds, a df-1 paired
+    test would throw the other seeds away. Welch also decides when every pair differs by the
+    same amount up to float rounding (the paired test is then undefined, se 0).
     `half_width` is the t half-width of Δ from the deciding test's se and df. `mde` and
     `seeds_needed` are at level `alpha` (a corrected level where a family of tests decides);
     alpha None leaves them NaN (a quick pass for the p-values only).
@@ -259,15 +290,15 @@ def compare(
     shared = sorted(row.keys() & base.keys())
     differences = [row[s] - base[s] for s in shared]
     welch = welch_test(row.values(), base.values())
-    paired = paired_test(differences)
-    if len(shared) >= 2 and paired[2] > 0:
+    paired = paired_test(differences, scale=max(map(abs, [*row.values(), *base.values(), 0.0])))
+    pairable = len(shared) >= 3 or (len(shared) == 2 and row.keys() == base.keys())
+    spread_base = None
+    if pairable and paired[2] > 0:
         test, (delta, p, se, df) = PAIRED, paired
         spread = float(np.std(differences, ddof=1))
     elif len(row) >= 2 and len(base) >= 2:
         test, (delta, p, se, df) = WELCH, welch
-        spread = math.sqrt(
-            (np.var(list(row.values()), ddof=1) + np.var(list(base.values()), ddof=1)) / 2
-        )
+        spread, spread_base = (float(np.std(list(v.values()), ddof=1)) for v in (row, base))
     else:
         test, (delta, p, se, df), spread = "", welch, math.nan
     quantile = float(sps.t.ppf(0.5 + confidence / 2.0, df)) if df == df else math.nan
@@ -283,5 +314,9 @@ def compare(
         p_welch=welch[1],
         p_paired=paired[1],
         mde=minimum_detectable_effect(se, df, alpha) if power else math.nan,
-        seeds_needed=seeds_needed(delta, spread, test == PAIRED, alpha) if power else math.nan,
+        seeds_needed=(
+            seeds_needed(delta, spread, test == PAIRED, alpha, sd_base=spread_base)
+            if power
+            else math.nan
+        ),
     )

@@ -529,7 +529,7 @@ def comparison_table(rows: list[ComparisonRow], cells: Cells) -> Table:
             [
                 row.experiment,
                 row.baseline,
-                f"{format_count(params)} ({format_relative(size_ratio)})",
+                f"{format_count(params)} ({format_relative(size_ratio, 1, SIZE_TOLERANCE)})",
                 f"{format_scientific(flops)} ({format_relative(flops_ratio)})",
                 fair,
                 score.metric if row.score else MISSING,
