@@ -74,6 +74,7 @@ from archbench.report.tables import (
     main_table,
     metric_cells,
     metric_counts,
+    other_metrics_table,
     per_seed_table,
     per_seed_values,
     size_mismatched,
@@ -812,6 +813,30 @@ def test_a_mean_over_fewer_than_the_rows_seeds_says_its_n() -> None:
     assert row["val ppl"] == MISSING  # not recorded at all: no n to give
 
 
+def test_other_metrics_and_axis_tables_say_the_n_of_a_mean_over_fewer_seeds() -> None:
+    """A synthetic task's exact match (what task rows are compared on) averaged over fewer
+    seeds than its row has is marked in the other-metrics table and on the row's axis."""
+    metric = "mqar_exact_match"
+    summary = _task_summary(metric, [0.60, math.nan, 0.52], [0.50, 0.60, 0.40])
+    summary = summary.with_columns(arch=pl.lit("gpt"), dataset=pl.lit("mqar")).with_columns(
+        pl.col("experiment").str.strip_prefix("task_")
+    )
+    stats = summarize(summary)
+    seeds = {"row": 3, "base": 3}
+    table = other_metrics_table(stats, ["row", "base"], seeds)
+    assert table is not None
+    cells = dict(zip(table.headers, next(r for r in table.rows if r[0] == metric), strict=True))
+    assert cells["row"].endswith(" (n=2)") and "(n=" not in cells["base"]
+    rows = [
+        {"name": "base", "arch": "gpt", "dataset": "mqar", "overrides": {}},
+        {"name": "row", "arch": "gpt", "dataset": "mqar", "overrides": {"n_layer": 5}},
+    ]
+    (axis,) = ablation_axes(rows, {"mqar": {"n_layer": 4}})
+    table = axis_table(axis, metric_cells(stats), metric_counts(stats), {}, seeds)
+    by_name = {row[1]: row[3] for row in table.rows}
+    assert by_name["row"].endswith(" (n=2)") and "(n=" not in by_name["base"]
+
+
 # ---------------------------------------------------------------- headless browser
 
 
@@ -916,7 +941,7 @@ def test_an_axis_of_task_rows_is_scored_on_exact_match(tmp_path: Path) -> None:
     metric = "path_star_exact_match"
     cells = {("gpt_path", metric): (0.25, 0.1), ("gpt_l5_path", metric): (0.5, 0.2)}
     assert axis_score(axis, cells).metric == metric
-    table = axis_table(axis, cells, {"gpt_path": "pass", "gpt_l5_path": "pass"}, {})
+    table = axis_table(axis, cells, {}, {"gpt_path": "pass", "gpt_l5_path": "pass"}, {})
     assert "path star exact match" in table.headers and "val loss" not in table.headers
     assert [row[3] for row in table.rows] == ["0.250 ± 0.100", "0.500 ± 0.200"]
     per_seed = {"gpt_path": {0: 0.2, 1: 0.3}, "gpt_l5_path": {0: 0.4, 1: 0.6}}

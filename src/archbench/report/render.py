@@ -122,11 +122,11 @@ def render_report(
         _results_section(summary, order, cells, stats, leaks),
         _comparison_section(compared, cells, summary),
         *_nesting_section(nested, order, rows, summary, cells),
-        *_axis_sections(axes, axis_figures, cells, leaks, seeds, out_dir),
+        *_axis_sections(axes, axis_figures, cells, metric_counts(stats), leaks, seeds, out_dir),
         Section("Curves", [_image(f, out_dir) for f in curve_figures + extra_figures]),
         *_sample_sections(read_samples(samples_json), order),
         *_lm_eval_section(stats, order, seeds),
-        *_other_metrics_section(stats, order),
+        *_other_metrics_section(stats, order, seeds),
         Section("Per-seed values", [per_seed_table(summary, order)]),
     ]
     title = f"archbench report — suite {suite}"
@@ -338,6 +338,7 @@ def _axis_sections(
     axes: list[Axis],
     figures: list[FigureFile],
     cells: dict,
+    counts: dict[tuple[str, str], int],
     leaks: dict[str, str],
     seeds: dict[str, int],
     out_dir: Path,
@@ -352,7 +353,11 @@ def _axis_sections(
     return [
         Section("Ablation views", [intro]),
         *(
-            Section(axis.title, [axis_table(axis, cells, leaks, seeds), _image(figure, out_dir)], 3)
+            Section(
+                axis.title,
+                [axis_table(axis, cells, counts, leaks, seeds), _image(figure, out_dir)],
+                3,
+            )
             for axis, figure in zip(axes, figures, strict=True)
         ),
     ]
@@ -409,7 +414,9 @@ def _lm_eval_section(stats: pl.DataFrame, order: list[str], seeds: dict[str, int
     return [Section("lm-eval", [intro, table])]
 
 
-def _other_metrics_section(stats: pl.DataFrame, order: list[str]) -> list[Section]:
+def _other_metrics_section(
+    stats: pl.DataFrame, order: list[str], seeds: dict[str, int]
+) -> list[Section]:
     """Every other recorded metric (lm-eval extras, synthetic tasks), if any."""
-    table = other_metrics_table(stats, order)
+    table = other_metrics_table(stats, order, seeds)
     return [Section("Other metrics", [table])] if table else []

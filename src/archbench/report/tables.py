@@ -365,10 +365,13 @@ def lm_eval_table(stats: pl.DataFrame, order: list[str], seeds: dict[str, int]) 
     return Table(["experiment", *(h for h, _, _ in LM_EVAL_COLUMNS)], rows, id="lm-eval")
 
 
-def other_metrics_table(stats: pl.DataFrame, order: list[str]) -> Table | None:
+def other_metrics_table(
+    stats: pl.DataFrame, order: list[str], seeds: dict[str, int]
+) -> Table | None:
     """Mean ± half-width of every metric not shown elsewhere (synthetic tasks, lm-eval extras,
-    ...): one row per metric, one column per experiment; None if none. The 67 per-paradigm BLiMP
-    accuracies stay in summary.csv only."""
+    ...): one row per metric, one column per experiment, "(n=k)" on a mean over fewer than the
+    experiment's `seeds`; None if none. The 67 per-paradigm BLiMP accuracies stay in summary.csv
+    only."""
     shown = {metric for _, metric, _ in (*METRIC_COLUMNS, *LM_EVAL_COLUMNS)} | BOOKKEEPING
     rest = stats.filter(
         ~pl.col("metric").is_in(list(shown))
@@ -377,10 +380,10 @@ def other_metrics_table(stats: pl.DataFrame, order: list[str]) -> Table | None:
     )
     if not rest.height:
         return None
-    cells = metric_cells(rest)
+    cells, counts = metric_cells(rest), metric_counts(rest)
     columns = [e for e in order if e in set(rest["experiment"])]
     rows = [
-        [metric, *(format_interval(*_cell(cells, e, metric), 4) for e in columns)]
+        [metric, *(counted_cell(cells, counts, e, metric, _interval(4), seeds[e]) for e in columns)]
         for metric in sorted(set(rest["metric"]))
     ]
     return Table(["metric", *columns], rows, id="other-metrics")
@@ -600,17 +603,30 @@ def axis_score(axis: Axis, cells: Cells) -> Score:
     return score_of({metric for experiment, metric in cells if experiment in names}) or VAL_LOSS
 
 
-def axis_table(axis: Axis, cells: Cells, leaks: dict[str, str], seeds: dict[str, int]) -> Table:
+def axis_table(
+    axis: Axis,
+    cells: Cells,
+    counts: dict[tuple[str, str], int],
+    leaks: dict[str, str],
+    seeds: dict[str, int],
+) -> Table:
     """One ablation axis: each value's row with its seeds, scores, size and compute (text rows:
-    val loss and bpb; task rows: the task's exact match)."""
+    val loss and bpb; task rows: the task's exact match; "(n=k)" on a score over fewer than the
+    row's seeds)."""
     score = axis_score(axis, cells)
     metrics = ["val_loss", "val_bpb"] if score == VAL_LOSS else [score.metric]
+    fmt = _interval(score.decimals)
     rows = [
         [
             point.label,
             point.experiment,
             str(seeds.get(point.experiment, 0)),
-            *(format_interval(*_cell(cells, point.experiment, m), score.decimals) for m in metrics),
+            *(
+                counted_cell(
+                    cells, counts, point.experiment, m, fmt, seeds.get(point.experiment, 0)
+                )
+                for m in metrics
+            ),
             format_count(_cell(cells, point.experiment, "n_params")[0]),
             format_scientific(_cell(cells, point.experiment, "train_flops")[0]),
             leaks.get(point.experiment, MISSING),
