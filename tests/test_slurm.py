@@ -55,14 +55,10 @@ def _rule_blocks() -> dict[str, str]:
 
 
 def workflow_rules() -> set[str]:
-    """Every rule that the executor submits as a job: not `all`, which only collects targets,
-    nor the local rules that write small files in Snakemake's own process."""
-    return {name for name in _rule_blocks() if name not in local_rules() | {"all"}}
-
-
-def local_rules() -> set[str]:
-    """The rules marked `localrule: True`."""
-    return {name for name, block in _rule_blocks().items() if "localrule: True" in block}
+    """Every rule that the executor submits as a job: not `all`, which only collects targets
+    (no rule runs in Snakemake's own process: `localrule` is used nowhere)."""
+    assert not any("localrule" in block for block in _rule_blocks().values())
+    return set(_rule_blocks()) - {"all"}
 
 
 def snakemake_command(*args: str, suite: str = "smoke") -> list[str]:
@@ -131,9 +127,8 @@ def test_dry_run_resolves_every_rules_resources(project: Path, flag: str, suite:
     result = snakemake(project, flag, str(PROFILE), "--dry-run", suite=suite)
     assert result.returncode == 0, result.stderr[-4000:]
     jobs = planned_resources(result.stdout + result.stderr)
-    assert local_rules() == {"run_list", "row_list"}
-    assert {rule for rule, _ in jobs} == workflow_rules() | local_rules()
-    for rule, resources in (job for job in jobs if job[0] not in local_rules()):
+    assert {rule for rule, _ in jobs} == workflow_rules()
+    for rule, resources in jobs:
         assert int(resources["mem_mb"]) >= 1000, (rule, resources)
         assert int(resources["runtime"]) >= 10, (rule, resources)
         unset = {"slurm_partition", "slurm_account", "gres", "constraint"}
@@ -162,9 +157,8 @@ def test_cluster_settings_come_from_the_environment(project: Path) -> None:
     )
     assert result.returncode == 0, result.stderr[-4000:]
     jobs = planned_resources(result.stdout + result.stderr)
-    assert local_rules() == {"run_list", "row_list"}
-    assert {rule for rule, _ in jobs} == workflow_rules() | local_rules()
-    for rule, resources in (job for job in jobs if job[0] not in local_rules()):
+    assert {rule for rule, _ in jobs} == workflow_rules()
+    for rule, resources in jobs:
         assert resources["slurm_account"] == "proj42"
         if rule in COMPUTE_RULES:  # the shard replaces `--gpus=1`
             assert resources["slurm_partition"] == "gpu"

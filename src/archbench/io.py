@@ -46,6 +46,16 @@ def write_text(path: str | os.PathLike, text: str) -> None:
         tmp.write_text(text, encoding="utf-8")
 
 
+def write_text_if_changed(path: str | os.PathLike, text: str) -> bool:
+    """Atomically write UTF-8 text to `path` unless it holds exactly that already (then its
+    modification time stays as it was); return whether it was written."""
+    with contextlib.suppress(OSError, UnicodeDecodeError):
+        if Path(path).read_text(encoding="utf-8") == text:
+            return False
+    write_text(path, text)
+    return True
+
+
 def write_json(path: str | os.PathLike, obj: Any) -> None:
     """Atomically write `obj` as indented JSON to `path`."""
     write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")

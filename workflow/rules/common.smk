@@ -1,7 +1,6 @@
 # Loading and validating the configuration, the suite and the experiments table. Everything here
 # runs before any job starts, so a bad row or option stops the workflow with a clear message.
 
-import hashlib
 import json
 import shlex
 import sys
@@ -14,6 +13,7 @@ from archbench.data import MASK_FILES, SyntheticSpec, check_local_copy, resolve_
 from archbench.data.blimp import check_blimp_mirror
 from archbench.errors import ArchbenchError
 from archbench.experiments import run_spec
+from archbench.io import write_text_if_changed
 from archbench.plan import plan_suite
 from archbench.runs import RESULT_FILES, lm_eval_result
 from archbench.runtime import pick_device
