@@ -157,7 +157,7 @@ def test_rows_that_name_a_baseline_match_its_parameter_count() -> None:
             if row.name not in CHANNEL_SWEEP:
                 assert abs(ratio - 1) <= SIZE_TOLERANCE, (suite.name, row.name, level, ratio)
             checked += 1
-    assert checked >= 90
+    assert checked >= 88
 
 
 def test_the_parameter_gaps_that_descriptions_give_are_the_measured_ones() -> None:

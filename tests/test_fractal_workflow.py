@@ -200,6 +200,14 @@ def test_bad_rows_stop_at_load_naming_row_and_column(
             [row("s"), row("m", overrides="levels=2", submodel_baselines="L2=s")],
             r"column 'submodel_baselines': no sub-model or level 'L2'.*has: L1, L1.0, L1.1",
         ),
+        (
+            [
+                row("s"),
+                row("m", overrides="levels=2 residual=downstream", submodel_baselines="L1=s"),
+            ],
+            r"column 'submodel_baselines': residual=downstream: every sub-model reads its "
+            r"ancestors' residuals up to the whole model",
+        ),
     ],
 )
 def test_bad_sources_stop_before_any_job_naming_row_and_column(

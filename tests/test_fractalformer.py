@@ -224,8 +224,11 @@ def test_submodel_costs_its_own_size() -> None:
     assert small * 8 < flops(lambda: model(idx))
 
 
-def test_parameter_counts() -> None:
-    model = build()
+@pytest.mark.parametrize("residual", ["none", "upstream"])
+def test_parameter_counts(residual: str) -> None:
+    """A sub-model's count is that of its standalone form (with upstream, its subtree, which
+    lies inside its own blocks)."""
+    model = build(residual=residual)
     full = sum(p.numel() for p in model.parameters())
     assert model.submodel_parameter_count(0) == full
     for level in (1, 2):
@@ -233,6 +236,21 @@ def test_parameter_counts() -> None:
         assert model.submodel_parameter_count(level) == sum(
             p.numel() for p in standalone.parameters()
         )
+
+
+def test_a_downstream_sub_model_counts_every_parameter_it_reads() -> None:
+    """With residual=downstream a sub-model runs its ancestors up to the whole model: its logits
+    change with weights outside its own blocks, so its size is the whole model's."""
+    model, idx = build(torch.float64, residual="downstream"), tokens(2)
+    full = sum(p.numel() for p in model.parameters())
+    assert [model.submodel_parameter_count(level) for level in (0, 1, 2)] == [full] * 3
+    before = model.forward_submodel(idx, 2, 0)
+    weight = model.blocks[0].attn.qkv.weight
+    own = torch.zeros_like(weight, dtype=torch.bool)
+    own[model.submodel_index("blocks.0.attn.qkv.weight", 2, 0)] = True
+    with torch.no_grad():
+        weight[~own] += 0.5  # every weight of this matrix outside L2.0's block
+    assert not torch.allclose(model.forward_submodel(idx, 2, 0), before)
 
 
 @pytest.mark.parametrize("overrides", RESIDUALS_AND_SPLITS)

@@ -320,13 +320,15 @@ def parse_submodel_baselines(text: str) -> dict[str, str]:
 
 
 def check_submodel_baselines(entries: dict[str, str], config: Any) -> None:
-    """ConfigError unless every key of `entries` names a nested sub-model or level of `config`:
-    only architectures whose config lists `submodels()` (fractalformer) have them (the whole
-    model, L0, is the row itself: see `baseline`)."""
+    """ConfigError unless every key of `entries` names a nested sub-model or level of `config`
+    that a model of its size trained alone can be compared with: only architectures whose config
+    lists `submodels()` (fractalformer) have them (the whole model, L0, is the row itself: see
+    `baseline`), and not with residual=downstream (`check_standalone_submodels`)."""
     if not entries:
         return
     if not hasattr(config, "submodels"):
         raise ConfigError("this architecture has no nested sub-models")
+    config.check_standalone_submodels()
     submodels = [(level, index) for level, index in config.submodels() if level > 0]
     valid = [f"L{level}" for level in dict.fromkeys(lv for lv, _ in submodels)]
     valid += [f"L{level}.{index}" for level, index in submodels]

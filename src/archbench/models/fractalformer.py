@@ -197,6 +197,17 @@ class FractalFormerConfig(GPTConfig):
         per_level = self.weights_per_level()
         return [per_level[lv] for lv, _ in self.submodels()]
 
+    def check_standalone_submodels(self) -> None:
+        """ConfigError unless each sub-model computes what a model of its size alone could:
+        with residual=downstream every sub-model reads its chain of ancestors up to the whole
+        model, so no model of its size trained alone is a fair comparison."""
+        if self.residual == "downstream":
+            raise ConfigError(
+                "residual=downstream: every sub-model reads its ancestors' residuals up to the "
+                "whole model (its size is the whole model's), so no model of its shape trained "
+                "alone is a fair baseline for it; compare the whole model (column baseline)"
+            )
+
     def submodel_config(self, level: int) -> FractalFormerConfig:
         """Config of a plain decoder (levels=1) with exactly the shapes of a `level` sub-model:
         the standalone baseline of that size, and the shape a merge source must have."""
@@ -385,7 +396,11 @@ class FractalFormer(LanguageModel):
         return siblings.index(param.shape, self.parameter_groups(name), param.device)
 
     def submodel_parameter_count(self, level: int) -> int:
-        """Parameters of one sub-model at `level` (its standalone model's count)."""
+        """Parameters that one sub-model at `level` reads: its own blocks (its standalone
+        model's count), or with residual=downstream, below level 0, the whole model's (it runs
+        its chain of ancestors up to the whole model)."""
+        if self.config.residual == "downstream" and level > 0:
+            return sum(p.numel() for p in self.parameters())
         n = self.config.count(level)
         return sum(
             p.numel() // n ** sum(g is not None for g in self.parameter_groups(name))
