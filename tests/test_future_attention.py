@@ -111,8 +111,10 @@ def brute_force(
         for n, p in enumerate(real):
             out[bi, hi, i] += weights[n] / total * v[bi, hi, p]
         for n, p in enumerate(slots, start=len(real)):
-            prediction[bi, hi, i] += weights[n] / total * slot_values[hi, p - 1]
-        out[bi, hi, i] += prediction[bi, hi, i]
+            part = weights[n] / total * slot_values[hi, p - 1]
+            out[bi, hi, i] += part
+            if p < t:  # the prediction: the slots its target can see (module docstring, T < C)
+                prediction[bi, hi, i] += part
         seen = range(min(i + band, t - 1) + 1)  # the target's softmax: real keys p <= i + F
         star = [math.exp(query @ k[bi, hi, p] / math.sqrt(h)) for p in seen]
         for p in range(i + 1, min(i + band, t - 1) + 1):
@@ -329,6 +331,23 @@ def test_short_windows_work(t: int) -> None:
     total.backward()
     if t == 1:
         assert parts["future"].item() == 0.0
+
+
+def test_on_a_short_window_the_future_loss_trains_only_the_slots_inside_it() -> None:
+    """At T < C the slots of positions T … C - 1 are in the output (so in the next-token loss)
+    but not in the prediction: a layer's own future loss sends them no gradient (the last
+    layer's: an earlier layer's slots also reach later layers through its output)."""
+    t = 5
+    model = make({}, torch.float64).train()
+    idx = torch.randint(0, VOCAB, (2, t), generator=torch.Generator().manual_seed(7))
+    _, pairs = model.forward_with_future(idx)
+    future_loss(*pairs[-1], "cosine").backward()
+    grad = model.blocks[-1].attn.slot_values.grad  # row p - 1 holds the slot of position p
+    assert grad[:, : t - 1].abs().sum() > 0 and grad[:, t - 1 :].abs().sum() == 0
+    model.zero_grad()
+    logits, _ = model.forward_with_future(idx)
+    logits.sum().backward()
+    assert all(block.attn.slot_values.grad[:, t - 1 :].abs().sum() > 0 for block in model.blocks)
 
 
 @pytest.mark.parametrize(

@@ -74,10 +74,14 @@ i+1 … min(i+F, T-1) holds a scored token (one of targets[i … min(i+F, T-1) -
 and the loss is the mean over the rows that count (0 when none does). Language-model windows mask
 nothing, so there every row 0 … T-2 counts.
 
-T < C. The target's band ends at the last real token, T - 1, while the prediction's band ends at
-the last slot, C - 1 (it is part of the logits, which must not depend on T). The two agree on
-training windows (T = C); on shorter windows the loss is still defined, but rows near the end
-compare slot outputs for positions past the window with a target that cannot see them.
+T < C. The target's band ends at the last real token, T - 1, while the slot part of the output
+runs to the last slot, C - 1 (it is part of the logits, which must not depend on T). So the loss
+compares the in-window prediction: the slot part summed over the slots p <= T - 1 only, with the
+joint softmax's probabilities (the slots past the window keep their share of the normaliser, as
+in the logits). At T = C that is the whole slot part; on shorter windows (the synthetic-task rows
+train on instances of 24 or 25 tokens at C = 32) no row is trained to predict, through the slots
+of positions past the window, what its target cannot see. Those slots still shape the output and
+are trained through the next-token loss.
 
 Differences from the original. The rest of the network is this suite's baseline (RMSNorm, RoPE,
 SwiGLU, tied embeddings) instead of LayerNorm, learned absolute positions and a GELU MLP; the
@@ -261,8 +265,9 @@ def attend_with_future(
     dropout_p: float = 0.0,
     detach_target: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`attend` with explicit score matrices, returning the head outputs, the slot part of them
-    (the prediction) and its target, all (B, H, T, h).
+    """`attend` with explicit score matrices, returning the head outputs, the prediction (the
+    slot part of them over the slots of positions p <= T - 1, the ones its target can see: module
+    docstring, "T < C") and its target, all (B, H, T, h).
 
     Real and slot scores never compete for a key position (real where p <= i, slot where p > i),
     so both fit in one (B, H, T, W) matrix over the positions p = 0 … W - 1 = S: the concatenated
@@ -282,10 +287,13 @@ def attend_with_future(
     scores.masked_fill_(p > i + band, float("-inf"))  # beyond the band
     probs = F.dropout(scores.softmax(dim=-1), dropout_p)
     real_probs, slot_probs = probs * causal.to(q.dtype), probs * (~causal).to(q.dtype)
-    prediction = slot_probs @ slot_values
+    slot_part = slot_probs @ slot_values
+    prediction = slot_part
+    if width > t:  # slots of positions past the window: in the output, not in the prediction
+        prediction = (slot_probs * (p < t).to(q.dtype)) @ slot_values
     with torch.no_grad() if detach_target else contextlib.nullcontext():
         target = future_target(real_scores[..., :t], v, band)
-    return real_probs @ values + prediction, prediction, target
+    return real_probs @ values + slot_part, prediction, target
 
 
 class FutureAttention(nn.Module):
