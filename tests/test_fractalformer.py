@@ -14,6 +14,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from archbench.checkpoint import load_weights, save_weights
 from archbench.errors import ConfigError
 from archbench.evaluate.leakcheck import leak_check
+from archbench.generate import generate
 from archbench.models.fractalformer import (
     MLP_MODULES,
     FractalFormer,
@@ -427,16 +428,15 @@ def test_too_long_sequence_and_unknown_submodel_are_refused() -> None:
 
 
 def test_generate_with_a_submodel_alone() -> None:
-    model = build(torch.float32)
+    """A sub-model generates as its standalone copy does, in eval mode even with dropout on."""
+    model = build(torch.float32, dropout=0.5).train()
     prompt = tokens(10, batch=2, length=5)
-    out = model.generate(
-        prompt, 20, level=2, index=3, top_k=5, generator=torch.Generator().manual_seed(0)
-    )
-    assert out.shape == (2, 25) and torch.equal(out[:, :5], prompt)
-    alone = model.extract_submodel(2, 3).generate(
-        prompt, 20, top_k=5, generator=torch.Generator().manual_seed(0)
-    )
-    assert torch.equal(out, alone)
+    view = SubModelView(model, 2, 3)
+    out = generate(view, prompt, 20, top_k=5, generator=torch.Generator().manual_seed(0))
+    assert out.shape == (2, 25) and torch.equal(out[:, :5], prompt) and model.training
+    alone = model.extract_submodel(2, 3)
+    again = generate(alone, prompt, 20, top_k=5, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(out, again)
 
 
 def test_submodel_view_is_evaluated_like_any_model() -> None:

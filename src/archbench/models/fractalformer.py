@@ -550,29 +550,6 @@ class FractalFormer(LanguageModel):
         return (weights * losses).sum(), parts
 
     @torch.no_grad()
-    def generate(
-        self,
-        idx: torch.Tensor,
-        max_new_tokens: int,
-        level: int = 0,
-        index: int = 0,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        generator: torch.Generator | None = None,
-    ) -> torch.Tensor:
-        """Extend idx (B, T) by `max_new_tokens` tokens sampled from sub-model (level, index)."""
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
-        for _ in range(max_new_tokens):
-            window = idx[:, -self.config.block_size :]
-            logits = self.forward_submodel(window, level, index)[:, -1] / temperature
-            if top_k is not None:
-                kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-                logits = logits.masked_fill(logits < kth, float("-inf"))
-            probs = F.softmax(logits.float(), dim=-1)
-            idx = torch.cat((idx, torch.multinomial(probs, 1, generator=generator)), dim=1)
-        return idx
-
     # ---- sub-models as models of their own -----------------------------------------------------
 
     def extract_submodel(self, level: int, index: int) -> FractalFormer:
