@@ -307,7 +307,7 @@ def test_preparation_counts_validation_instances_that_occur_in_training(
     """Few distinct instances (3 labels, 2 arms of 1 node: at most 24) let validation repeat
     training, which preparation records and warns about; the varied fixture has none."""
 
-    def seen(data_dir: Path) -> int:
+    def seen(data_dir: Path) -> int:  # here (one edge per arm) identical rows are the repeats
         train = {tuple(row) for row in load_instances(data_dir, "train").ids.tolist()}
         return sum(tuple(row) in train for row in load_instances(data_dir, "val").ids.tolist())
 
@@ -318,6 +318,57 @@ def test_preparation_counts_validation_instances_that_occur_in_training(
     assert repeated == seen(tmp_path) > 0
     assert f"warning: {repeated} of 16 validation instances of 'few'" in capsys.readouterr().err
     assert load_meta(prepared)["n_val_in_train"] == seen(prepared) == 0
+
+
+@pytest.mark.parametrize(
+    ("name", "knobs"),
+    [
+        ("path_star", {"degree": 3, "path_length": 2, "n_nodes": 9}),
+        ("mqar", {"vocab_size": 12, "n_pairs": 3, "n_queries": 4, "seq_len": 24}),
+    ],
+)
+def test_a_problem_is_the_same_whatever_order_its_parts_are_listed_in(
+    name: str, knobs: dict
+) -> None:
+    """`problems` drops only what decides no answer: the listed order of the pairs or edges (and
+    MQAR's filler places); changing an answer-deciding part changes the problem."""
+    task = make_task(name, {**knobs, "n_train": 1, "n_val": 1})
+    instances = task.generate(0, "train")
+    ids, mask = instances.ids[0], instances.mask[0]
+    shuffled, changed = ids.copy(), ids.copy()
+    if name == "path_star":  # edges "u v" at 1 + 3e, 2 + 3e, listed in reverse; another goal
+        for first in (1, 2):
+            shuffled[first : 3 * task.n_edges : 3] = ids[first : 3 * task.n_edges : 3][::-1]
+        changed[3 * task.n_edges + 2] += 1
+    else:  # pairs "k v" at 1, 2, 3, ..., listed in reverse; another first query
+        pairs = ids[1 : 1 + 2 * task.n_pairs].reshape(-1, 2)
+        shuffled[1 : 1 + 2 * task.n_pairs] = pairs[::-1].ravel()
+        changed[np.flatnonzero(mask)[0] - 1] += 1
+    assert not np.array_equal(shuffled, ids)
+    for other, same in ((shuffled, True), (changed, False)):
+        rows = task.problems(Instances(np.stack([ids, other]), np.stack([mask, mask])))
+        assert np.array_equal(rows[0], rows[1]) == same
+
+
+def test_repeats_of_a_problem_in_another_listed_order_are_counted(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """A path-star graph of 7 labels: few instances repeat row for row, but most validation
+    problems recur in training with their edges listed in another order."""
+    entry = {"synthetic": "path_star", "degree": 2, "path_length": 3, "n_nodes": 7}
+    spec = parse_datasets({"g": {**entry, "n_train": 20_000, "n_val": 500}})["g"]
+    prepare_dataset(spec, tmp_path)
+    train, val = (load_instances(tmp_path, split).ids for split in ("train", "val"))
+    rows = {tuple(row) for row in train.tolist()}
+    identical = sum(tuple(row) in rows for row in val.tolist())
+    repeated = load_meta(tmp_path)["n_val_in_train"]
+    assert repeated > 400 > 10 > identical
+    assert f"warning: {repeated} of 500 validation instances of 'g'" in capsys.readouterr().err
+
+
+def test_a_synthetic_entry_that_is_not_a_task_name_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match=r"datasets.x.synthetic: must be the name of a task"):
+        parse_datasets({"x": {"synthetic": ["mqar"]}})
 
 
 def test_load_instances_refuses_text_data_and_a_truncated_mask(

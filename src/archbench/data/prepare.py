@@ -13,7 +13,8 @@ A synthetic data set (archbench.data.synthetic) is generated instead of split: i
 whole instances of `instance_length` tokens laid end to end, with the same files plus
 train_mask.bin and val_mask.bin (one byte per token, 1 on answer tokens), and meta.json adds
 `task`, `instance_length`, the data `seed`, the task's `knobs` and `n_val_in_train` (validation
-instances that also occur in the training split; preparation warns when there are any);
+instances whose problem, `SyntheticTask.problems`, a training instance also poses; preparation
+warns when there are any);
 `sha256` is the digest of the generated ids and masks, and `train_bytes` / `val_bytes` count the
 symbols' bytes without the spaces that decoding puts between them.
 """
@@ -134,14 +135,15 @@ def prepare_synthetic(spec: SyntheticSpec, out_dir: Path) -> dict:
         instance_length=task.instance_length(),
         seed=spec.seed,
         knobs=task.knobs(),
-        n_val_in_train=count_seen(splits["val"].ids, splits["train"].ids),
+        n_val_in_train=count_seen(task.problems(splits["val"]), task.problems(splits["train"])),
     )
     if meta["n_val_in_train"]:
         print(
             f"archbench: warning: {meta['n_val_in_train']} of {task.n_val} validation "
-            f"instances of '{spec.name}' also occur in its training split, so validation "
-            "accuracy partly measures memorisation; make the instances more varied (the task's "
-            "knobs) or draw fewer",
+            f"instances of '{spec.name}' pose a problem that its training split also poses "
+            "(same pairs and queries, or same edges and goal, in any listed order), so "
+            "validation accuracy partly measures memorisation; make the instances more varied "
+            "(the task's knobs) or draw fewer",
             file=sys.stderr,
         )
     write_json(out_dir / "meta.json", meta)

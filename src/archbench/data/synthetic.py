@@ -127,6 +127,11 @@ class SyntheticTask:
         """Every knob's value (defaults included)."""
         return asdict(self)
 
+    def problems(self, instances: Instances) -> np.ndarray:
+        """(n, K) rows that are equal exactly when two instances pose the same problem: what
+        decides the answers, with the order of unordered parts (pairs, edges) removed."""
+        raise NotImplementedError
+
     def generate(self, seed: int, split: str) -> Instances:
         """The instances of `split` ("train" or "val") for data seed `seed`: a pure function."""
         if split not in SPLIT_STREAMS:
@@ -214,6 +219,16 @@ class MQAR(SyntheticTask):
         mask[rows, starts + 1] = True
         return Instances(ids, mask)
 
+    def problems(self, instances: Instances) -> np.ndarray:
+        """The key-value pairs sorted by key, then the queried keys in order (the fillers'
+        places and the order in which the pairs are listed decide no answer)."""
+        ids, p = instances.ids, self.n_pairs
+        keys, values = ids[:, 1 : 1 + 2 * p : 2], ids[:, 2 : 2 + 2 * p : 2]
+        order = np.argsort(keys, axis=1)
+        queried = ids[:, :-1][instances.mask[:, 1:]].reshape(len(ids), self.n_queries)
+        pairs = [np.take_along_axis(part, order, axis=1) for part in (keys, values)]
+        return np.concatenate([*pairs, queried], axis=1)
+
 
 @dataclass(frozen=True)
 class PathStar(SyntheticTask):
@@ -276,6 +291,14 @@ class PathStar(SyntheticTask):
         mask[:, -path.shape[1] :] = True
         return Instances(ids, mask)
 
+    def problems(self, instances: Instances) -> np.ndarray:
+        """The edges sorted (as parent * vocabulary + child), then the goal (the order in which
+        the edges are listed decides no answer; the start is the centre, fixed by the edges)."""
+        ids, n_edges = instances.ids, self.n_edges
+        parents, children = ids[:, 1 : 3 * n_edges : 3], ids[:, 2 : 3 * n_edges : 3]
+        edges = np.sort(parents * len(self.symbols()) + children, axis=1)
+        return np.concatenate([edges, ids[:, 3 * n_edges + 2 : 3 * n_edges + 3]], axis=1)
+
 
 TASKS: dict[str, type[SyntheticTask]] = {task.name: task for task in (MQAR, PathStar)}
 
@@ -315,6 +338,10 @@ def parse_synthetic(name: str, entry: dict[str, Any], where: str) -> SyntheticSp
     """Validate a `datasets.<name>` entry with a `synthetic:` key; errors name `where` and key."""
     values = dict(entry)
     task_name, seed = values.pop("synthetic"), number_from_text(values.pop("seed", 0), int)
+    if not isinstance(task_name, str):
+        raise ConfigError(
+            f"{where}.synthetic: must be the name of a task ({', '.join(TASKS)}), got {task_name!r}"
+        )
     try:
         if task_name in TASKS:
             known = [*options_of(TASKS[task_name]), "seed", "synthetic"]
