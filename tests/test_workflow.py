@@ -59,9 +59,14 @@ def test_smoke_suite_produces_results_and_report(project: Path) -> None:
             ]
             assert len(values) == 2 and all(0 <= v <= 1 for v in values), metric
     assert any("seconds" in r["metric"] or "tokens_per_s" in r["metric"] for r in rows)
-    run = project / "results/smoke/gpt/seed0"
-    for name in ("model.safetensors", "model_config.json", "metrics.csv", "eval.json"):
-        assert (run / name).stat().st_size > 0
+    for experiment in ("gpt", "gpt_mqar", "gpt_path_star"):  # DESIGN.md: every run has eval.json
+        run = project / "results/smoke" / experiment / "seed0"
+        for name in ("model.safetensors", "model_config.json", "metrics.csv", "eval.json"):
+            assert (run / name).stat().st_size > 0
+    assert "mqar_exact_match" in json.loads(
+        (project / "results/smoke/gpt_mqar/seed1/eval.json").read_text()
+    )
+    assert not list((project / "results/smoke").glob("*/seed*/task.json"))
     passed = [float(r["value"]) for r in rows if r["metric"] == "leak_check_passed"]
     assert passed == [1.0] * len(experiments) * 2
     rows_run = {e for e in text if "/" not in e}  # sub-model entries (fractal/L1.0) are no runs

@@ -410,8 +410,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = _run_command(
         sub,
         "evaluate-task",
-        "synthetic-task accuracy and exact match of one run (task.json)",
-        "task.json to write",
+        "synthetic-task accuracy and exact match of one run (the workflow's eval.json of a "
+        "synthetic row)",
+        "JSON file to write (the workflow writes the run's eval.json)",
         data="prepared synthetic data directory",
     )
     p.add_argument(

@@ -14,7 +14,7 @@ from archbench.io import read_json
 from archbench.models import build_model
 
 # Flat JSON objects of numbers in a finished run directory, one per job that writes metrics (a
-# synthetic-task run has task.json instead of eval.json: workflow/rules/common.smk).
+# synthetic-task run's eval.json holds the task's scores, a text run's its perplexity).
 RESULT_FILES = ("train_summary.json", "eval.json", "leak_check.json")
 
 

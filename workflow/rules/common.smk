@@ -2,6 +2,7 @@
 # runs before any job starts, so a bad row or option stops the workflow with a clear message.
 
 import json
+import re
 import shlex
 import sys
 from pathlib import Path
@@ -50,7 +51,6 @@ DATA_FILES = ("train.bin", "val.bin", "tokenizer.json", "token_bytes.npy", "meta
 SYNTHETIC_DATA_FILES = (*DATA_FILES, *MASK_FILES.values())
 TEXT_DATASETS = sorted(n for n, s in DATASETS.items() if not isinstance(s, SyntheticSpec))
 SYNTHETIC_DATASETS = sorted(n for n, s in DATASETS.items() if isinstance(s, SyntheticSpec))
-TASK_FILE = "task.json"  # a synthetic row's scores (archbench evaluate-task)
 
 
 LM_EVAL = SUITE.lm_eval
@@ -74,6 +74,17 @@ def synthetic(experiment):
     return EXPERIMENTS[experiment].dataset in SYNTHETIC_DATASETS
 
 
+def one_of(names):
+    """A wildcard pattern matching exactly `names` (nothing if there are none)."""
+    return "|".join(re.escape(name) for name in names) or "(?!)"
+
+
+# eval.json of a run comes from one of two rules: the perplexity script on text, the task's
+# scores (archbench evaluate-task) on a synthetic task.
+TEXT_EXPERIMENTS = one_of(name for name in EXPERIMENTS if not synthetic(name))
+TASK_EXPERIMENTS = one_of(name for name in EXPERIMENTS if synthetic(name))
+
+
 def data_inputs(wildcards):
     """The prepared-data files a run of this experiment reads."""
     names = SYNTHETIC_DATA_FILES if synthetic(wildcards.experiment) else DATA_FILES
@@ -82,11 +93,12 @@ def data_inputs(wildcards):
 
 def result_files(experiment):
     """Names of the flat JSON result files in each run directory of `experiment` that the
-    aggregate step reads: training, perplexity, leak check and every lm-eval task group; on a
-    synthetic task training, leak check and the task's scores instead (perplexity over random
-    keys and node labels measures nothing, and lm-eval's tasks are English text)."""
+    aggregate step reads: training, evaluation (eval.json), leak check and every lm-eval task
+    group; on a synthetic task no lm-eval group, and eval.json holds the task's scores instead of
+    perplexity (which over random keys and node labels measures nothing; lm-eval's tasks are
+    English text)."""
     if synthetic(experiment):
-        return [*(name for name in RESULT_FILES if name != "eval.json"), TASK_FILE]
+        return list(RESULT_FILES)
     return [*RESULT_FILES, *(lm_eval_result(task) for task in LM_EVAL_TASKS)]
 
 

@@ -3,13 +3,6 @@
 # mirror, a data set's url, path or embedded copy) does not change the prepared data, so it is
 # not a param: switching it re-runs nothing. The params are what decides the data.
 
-import re
-
-
-def one_of(names):
-    """A wildcard pattern matching exactly `names` (nothing if there are none)."""
-    return "|".join(re.escape(name) for name in names) or "(?!)"
-
 
 rule prepare_data:
     output:

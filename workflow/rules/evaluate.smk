@@ -8,6 +8,8 @@ rule evaluate_perplexity:
         model_config=f"{RUN}/model_config.json",
     output:
         f"{RUN}/eval.json",
+    wildcard_constraints:
+        experiment=TEXT_EXPERIMENTS,
     params:
         data=data_dir,
         run=RUN,

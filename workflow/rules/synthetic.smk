@@ -1,7 +1,7 @@
 # Synthetic capability tasks (MQAR, path-star; archbench.data.synthetic): every trained
 # checkpoint of a row on a synthetic data set is scored on the task's validation instances
-# (teacher-forced answer accuracy, greedy answers and exact match) into task.json, which the
-# aggregate step reads instead of the perplexity and lm-eval files (common.smk: result_files).
+# (teacher-forced answer accuracy, greedy answers and exact match) into the run's eval.json,
+# where a text row has its perplexity; it has no lm-eval files (common.smk: result_files).
 
 
 rule evaluate_task:
@@ -10,7 +10,9 @@ rule evaluate_task:
         weights=f"{RUN}/model.safetensors",
         model_config=f"{RUN}/model_config.json",
     output:
-        f"{RUN}/{TASK_FILE}",
+        f"{RUN}/eval.json",
+    wildcard_constraints:
+        experiment=TASK_EXPERIMENTS,
     params:
         data=data_dir,
         run=RUN,
