@@ -171,6 +171,18 @@ def test_cluster_settings_come_from_the_environment(project: Path) -> None:
             assert (resources["runtime"], resources["mem_mb"]) == ("90", "16000")
 
 
+@needs_plugin
+@pytest.mark.parametrize(
+    "variable", ["ARCHBENCH_SLURM_TRAIN_RUNTIME", "ARCHBENCH_SLURM_TRAIN_MEM_MB"]
+)
+def test_a_limit_that_is_not_a_whole_number_is_named(project: Path, variable: str) -> None:
+    result = snakemake(
+        project, "--workflow-profile", str(PROFILE), "--dry-run", env={variable: "4h"}
+    )
+    assert result.returncode != 0
+    assert f"{variable}='4h' must be a whole number" in result.stderr
+
+
 def cluster_is_up() -> bool:
     """Whether `local-cluster.sh status` finds a usable SLURM node."""
     if shutil.which("sinfo") is None:
