@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import re
 from pathlib import Path
 
 import pytest
@@ -437,9 +438,27 @@ def test_a_row_that_fails_in_its_suite_names_its_table_line(tmp_path: Path) -> N
     suite = load_suite(suite_file(tmp_path, text), SUITE_SCHEMA)
     rows = load(table(tmp_path, GOOD, "\n", "kv\tgpt\tchars\tn_kv_heads=4\t\t\n"))
     with pytest.raises(
-        ConfigError, match=r"experiment 'kv' \(table line 4\) in suite 'tiny'.*n_kv_heads=4"
+        ConfigError,
+        match=r"experiment 'kv' \(table line 4, column 'overrides'\) in suite 'tiny'.*n_kv_heads=4",
     ):
         run_spec(rows[1], suite, 0)
+
+
+@pytest.mark.parametrize(
+    ("model", "message"),
+    [
+        ("{n_layr: 2}", r"section 'model': unknown option 'n_layr' for any architecture.*n_layer"),
+        ("{n_head: 3, d_model: 32}", r"section 'model': d_model=32 is not divisible by n_head=3"),
+    ],
+)
+def test_a_bad_suite_model_section_names_the_suite_file(
+    tmp_path: Path, model: str, message: str
+) -> None:
+    """Not the first table row: the suite's own section is checked when the suite loads."""
+    text = f"seeds: [0]\nmodel: {model}\ntrain: {{block_size: 32, batch_size: 2}}\n"
+    path = suite_file(tmp_path, text)
+    with pytest.raises(ConfigError, match=re.escape(str(path)) + ", " + message):
+        load_suite(path, SUITE_SCHEMA)
 
 
 def test_options_combine_with_the_suite_they_run_in(tmp_path: Path) -> None:
@@ -452,7 +471,9 @@ def test_options_combine_with_the_suite_they_run_in(tmp_path: Path) -> None:
     model = run_spec(rows[1], suite, 0)["model"]
     assert (model["n_head"], model["d_model"]) == (2, 36)
     bad = load(table(tmp_path, GOOD, "b\tgpt\tchars\tn_head=3\t\t\n"))[1]
-    with pytest.raises(ConfigError, match=r"experiment 'b' \(table line 3\).*not divisible"):
+    with pytest.raises(
+        ConfigError, match=r"experiment 'b' \(table line 3, column 'overrides'\).*not"
+    ):
         run_spec(bad, suite, 0)
 
 
@@ -531,15 +552,6 @@ def test_train_by_dataset_applies_to_that_data_set_only(tmp_path: Path) -> None:
 def test_bad_suites_are_refused(tmp_path: Path, text: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         load_suite(suite_file(tmp_path, text), SUITE_SCHEMA)
-
-
-def test_suite_model_defaults_are_checked_against_each_row(tmp_path: Path) -> None:
-    suite = load_suite(
-        suite_file(tmp_path, "seeds: [0]\nmodel: {n_layers: 2}\ntrain: {}\n"), SUITE_SCHEMA
-    )
-    row = load(table(tmp_path, GOOD))[0]
-    with pytest.raises(ConfigError, match=r"suite 'tiny'.*'n_layers'.*did you mean 'n_layer'"):
-        run_spec(row, suite, 0)
 
 
 def test_missing_suite_lists_the_available_ones(tmp_path: Path) -> None:

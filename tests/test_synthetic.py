@@ -4,6 +4,7 @@ config entries, prepared files, instance batches and masked losses, and the task
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from collections import deque
 from pathlib import Path
@@ -614,7 +615,8 @@ def test_validate_refuses_a_synthetic_row_its_instances_do_not_fit(
     table.write_text(rows)
     assert main(["validate", "--root", str(tmp_path)]) == 2
     err = capsys.readouterr().err
-    assert f"experiment '{row}' in suite" in err and message in err
+    assert re.search(rf"experiment '{row}' \(table line \d+, column 'overrides'\) in suite", err)
+    assert message in err
 
 
 # --- evaluation ---------------------------------------------------------------------------------

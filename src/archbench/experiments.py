@@ -441,6 +441,19 @@ def _suite_data(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     return merged
 
 
+def check_suite_model(model: dict[str, Any], block_size: int) -> None:
+    """ConfigError unless every key of a suite's `model` section is an option of some
+    architecture and the options that every architecture shares (the baseline's) fit together
+    (each row's architecture checks the rest: `run_spec`)."""
+    known = {name for spec in ARCHITECTURES.values() for name in options_of(spec.config_cls)}
+    for key in model:
+        if key not in known:
+            raise unknown_key_error(str(key), "any architecture", known)
+    baseline_cls = get_architecture(BASELINE_ARCH).config_cls
+    shared = {key: value for key, value in model.items() if key in options_of(baseline_cls)}
+    make_config(BASELINE_ARCH, PLACEHOLDER_VOCAB, block_size, **shared)
+
+
 def load_suite(path: Path, schema: Path) -> Suite:
     """Read and validate a suite file (following `extends`)."""
     data = _suite_data(path)
@@ -457,6 +470,10 @@ def load_suite(path: Path, schema: Path) -> Suite:
             make_train_config(options)
         except ConfigError as err:
             raise ConfigError(f"{path}, section '{name}': {err}") from None
+    try:
+        check_suite_model(data["model"], make_train_config(data["train"]).block_size)
+    except ConfigError as err:
+        raise ConfigError(f"{path}, section 'model': {err}") from None
     return Suite(
         name=path.stem,
         seeds=tuple(data["seeds"]),
@@ -571,10 +588,19 @@ def canonical_options(config: Any) -> dict[str, Any]:
     return values
 
 
+def row_in_suite(experiment: Experiment, suite: str) -> str:
+    """How an error about a row combined with a suite names them: the row's table line and name,
+    its column 'overrides' when it has overrides (the suite's sections were checked alone, so
+    they are what combines badly), and the suite."""
+    column = ", column 'overrides'" if experiment.overrides else ""
+    line = f"table line {experiment.line}{column}"
+    return f"experiment '{experiment.name}' ({line}) in suite '{suite}'"
+
+
 def run_spec(experiment: Experiment, suite: Suite, seed: int) -> dict[str, Any]:
     """The fully resolved, validated options of one training job (JSON-serialisable)."""
     model_rows, train_rows = split_overrides(experiment.arch, experiment.overrides)
-    where = f"experiment '{experiment.name}' (table line {experiment.line}) in suite '{suite.name}'"
+    where = row_in_suite(experiment, suite.name)
     suite_train = suite.train_for(experiment.dataset)
     try:
         train = make_train_config({**suite_train, **train_rows})
@@ -637,7 +663,10 @@ def _init_from_spec(
 
 
 def check_run_fits_data(
-    spec: dict[str, Any], suite: str, datasets: dict[str, DatasetSpec | SyntheticSpec]
+    experiment: Experiment,
+    spec: dict[str, Any],
+    suite: str,
+    datasets: dict[str, DatasetSpec | SyntheticSpec],
 ) -> None:
     """Before any job: a run on a synthetic data set needs a block_size that holds one instance,
     and a model whose auxiliary losses have targets in it (the training job checks both again
@@ -653,6 +682,6 @@ def check_run_fits_data(
         )
     except ConfigError as err:
         raise ConfigError(
-            f"experiment '{spec['experiment']}' in suite '{suite}': {err}; change the row's "
-            "block_size or options, or the task's size"
+            f"{row_in_suite(experiment, suite)}: {err}; change the row's block_size or options, "
+            "or the task's size"
         ) from None

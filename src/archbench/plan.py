@@ -74,6 +74,6 @@ def plan_suite(
         for row, e in experiments.items()
         for seed in seeds
     }
-    for spec in specs.values():
-        check_run_fits_data(spec, suite_spec.name, datasets)  # a synthetic block holds an instance
+    for (row, _), spec in specs.items():  # a synthetic block holds an instance
+        check_run_fits_data(experiments[row], spec, suite_spec.name, datasets)
     return SuitePlan(datasets, suite_spec, experiments, seeds, specs)
