@@ -287,13 +287,13 @@ def attend_with_future(
     scores.masked_fill_(p > i + band, float("-inf"))  # beyond the band
     probs = F.dropout(scores.softmax(dim=-1), dropout_p)
     real_probs, slot_probs = probs * causal.to(q.dtype), probs * (~causal).to(q.dtype)
-    slot_part = slot_probs @ slot_values
-    prediction = slot_part
-    if width > t:  # slots of positions past the window: in the output, not in the prediction
-        prediction = (slot_probs * (p < t).to(q.dtype)) @ slot_values
+    # The slots of positions p < T make the prediction; those past the window (none at T = C:
+    # an empty product, so that every window length runs the same operations) only the output.
+    prediction = slot_probs[..., :t] @ slot_values[:, :t]
+    beyond = slot_probs[..., t:] @ slot_values[:, t:]
     with torch.no_grad() if detach_target else contextlib.nullcontext():
         target = future_target(real_scores[..., :t], v, band)
-    return real_probs @ values + slot_part, prediction, target
+    return real_probs @ values + prediction + beyond, prediction, target
 
 
 class FutureAttention(nn.Module):
