@@ -58,6 +58,7 @@ from torch.profiler import ProfilerActivity, profile
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from archbench.cli import positive_int
 from archbench.errors import ConfigError
 from archbench.models import ARCHITECTURES, build_model, make_config
 from archbench.runtime import COMPILE_MODES, CUDA_GRAPH_MODES, Runtime, make_runtime
@@ -631,12 +632,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         choices=COMPILE_MODES,
         help="torch.compile's mode (implies --compile; reduce-overhead: CUDA graphs)",
     )
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's)")
     parser.add_argument(
         "--warmup", type=int, help="untimed steps per model (default 5; 10 with --compile)"
     )
-    parser.add_argument("--rounds", type=int, default=5, help="alternation rounds")
-    parser.add_argument("--steps", type=int, default=4, help="timed steps per model and round")
+    parser.add_argument("--rounds", type=positive_int, default=5, help="alternation rounds")
+    parser.add_argument(
+        "--steps", type=positive_int, default=4, help="timed steps per model and round"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--nanogpt", type=Path, help="a copy of karpathy/nanoGPT's model.py")
     parser.add_argument(

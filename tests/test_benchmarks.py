@@ -100,6 +100,9 @@ def test_throughput_refuses_a_cpu_clock_on_a_gpu(tmp_path: Path) -> None:
         (("--warmup", "0"), "--warmup must be at least 1"),
         (("--clock", "cpu", "--threads", "2"), "--clock cpu needs --threads 1"),
         (("--compile-mode", "reduce-overhead"), "--warmup must be at least 2"),
+        (("--rounds", "0"), "argument --rounds: 0 is not >= 1"),
+        (("--steps", "-1"), "argument --steps: -1 is not >= 1"),
+        (("--threads", "0"), "argument --threads: 0 is not >= 1"),
     ],
 )
 def test_throughput_names_bad_arguments(tmp_path: Path, args: tuple, message: str) -> None:

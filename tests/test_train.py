@@ -82,6 +82,10 @@ def test_lr_schedule_warmup_then_cosine_to_floor() -> None:
     assert lr_at(99, config) == pytest.approx(0.1, abs=1e-12)  # the floor at the last step
     lrs = [lr_at(s, config) for s in range(10, 100)]
     assert all(a >= b for a, b in zip(lrs, lrs[1:], strict=False))
+    # one step after warmup: it is the last, so it is at the floor (it stayed at the peak)
+    short = make_train_config({**config.__dict__, "token_budget": 44})
+    assert short.steps == 11 and lr_at(9, short) == pytest.approx(1.0)
+    assert lr_at(10, short) == pytest.approx(0.1, abs=1e-12)
 
 
 def test_batches_are_a_pure_function_of_seed_and_step() -> None:

@@ -194,8 +194,8 @@ def lr_at(step: int, config: TrainConfig) -> float:
     min_lr_ratio * lr at the last step."""
     if step < config.warmup_steps:
         return config.lr * (step + 1) / config.warmup_steps
-    span = max(1, config.steps - 1 - config.warmup_steps)
-    progress = min(1.0, (step - config.warmup_steps) / span)
+    span = config.steps - 1 - config.warmup_steps  # 0: one step after warmup, the last: floor
+    progress = min(1.0, (step - config.warmup_steps) / span) if span > 0 else 1.0
     floor = config.lr * config.min_lr_ratio
     return floor + 0.5 * (config.lr - floor) * (1.0 + math.cos(math.pi * progress))
 
