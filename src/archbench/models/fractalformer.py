@@ -549,7 +549,6 @@ class FractalFormer(LanguageModel):
             parts[submodel_name(*submodel)] = value.detach()
         return (weights * losses).sum(), parts
 
-    @torch.no_grad()
     # ---- sub-models as models of their own -----------------------------------------------------
 
     def extract_submodel(self, level: int, index: int) -> FractalFormer:
