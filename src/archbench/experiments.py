@@ -465,13 +465,14 @@ def load_suite(path: Path, schema: Path) -> Suite:
     sections = {"train": data["train"]}
     for dataset, options in data.get("train_by_dataset", {}).items():
         sections[f"train_by_dataset.{dataset}"] = {**data["train"], **options}
+    configs = {}
     for name, options in sections.items():
         try:
-            make_train_config(options)
+            configs[name] = make_train_config(options)
         except ConfigError as err:
             raise ConfigError(f"{path}, section '{name}': {err}") from None
     try:
-        check_suite_model(data["model"], make_train_config(data["train"]).block_size)
+        check_suite_model(data["model"], configs["train"].block_size)
     except ConfigError as err:
         raise ConfigError(f"{path}, section 'model': {err}") from None
     return Suite(

@@ -100,7 +100,7 @@ def render_report(
         for e in rows
     ]
     stats = summarize(summary, CONFIDENCE)
-    cells = metric_cells(stats)
+    cells, counts = metric_cells(stats), metric_counts(stats)
     seeds = {
         name: n
         for name, n in summary.group_by("experiment").agg(pl.col("seed").n_unique()).iter_rows()
@@ -119,10 +119,10 @@ def render_report(
         Section("How to read this report", [Paragraph(text) for text in how_to_read()]),
         *_leak_section(leaks),
         *([Section("Experiments", [experiments_table(rows)])] if rows else []),
-        _results_section(summary, order, cells, stats, leaks),
+        _results_section(summary, order, cells, counts, leaks),
         _comparison_section(compared, cells, summary),
         *_nesting_section(nested, order, rows, summary, cells),
-        *_axis_sections(axes, axis_figures, cells, metric_counts(stats), leaks, seeds, out_dir),
+        *_axis_sections(axes, axis_figures, cells, counts, leaks, seeds, out_dir),
         Section("Curves", [_image(f, out_dir) for f in curve_figures + extra_figures]),
         *_sample_sections(read_samples(samples_json), order),
         *_lm_eval_section(stats, order, seeds),
@@ -293,12 +293,12 @@ def _results_section(
     summary: pl.DataFrame,
     order: list[str],
     cells: dict,
-    stats: pl.DataFrame,
+    counts: dict[tuple[str, str], int],
     leaks: dict[str, str],
 ) -> Section:
     """How the runs trained (device, precision), then every experiment's metrics over seeds."""
     setup = setup_paragraph(summary, [e for e in order if not split_entry(e)])
-    table = main_table(summary, order, cells, metric_counts(stats), leaks)
+    table = main_table(summary, order, cells, counts, leaks)
     return Section("Results", [setup, table] if setup else [table])
 
 

@@ -176,9 +176,10 @@ def paired_test(
     delta = float(d.mean()) if d.size else math.nan
     if d.size < 2:
         return delta, math.nan, math.nan, math.nan
-    if float(d.std(ddof=1)) <= rounding_spread([scale]):
+    sd = float(d.std(ddof=1))
+    if sd <= rounding_spread([scale]):
         return delta, math.nan, 0.0, math.nan
-    se = float(d.std(ddof=1)) / math.sqrt(d.size)
+    se = sd / math.sqrt(d.size)
     df = d.size - 1
     return delta, 2.0 * float(sps.t.sf(abs(delta) / se, df)), se, df
 
