@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from archbench.data import DatasetSpec, prepare_dataset
+from archbench.models.blocks import IGNORE_INDEX
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXT = (
@@ -161,11 +162,14 @@ def assert_causal_at_every_position(model: torch.nn.Module, vocab: int, block: i
         assert not torch.allclose(logits[t, t + 1 :], reference[t + 1 :])
 
 
-def assert_causal_in_training_mode(model: torch.nn.Module, vocab: int, block: int) -> None:
+def assert_causal_in_training_mode(
+    model: Callable[[torch.Tensor], torch.Tensor], vocab: int, block: int
+) -> None:
     """The same check as `assert_causal_at_every_position` for a float64 model in training mode,
     where dropout is active: both batches have the same shape and run after the same seed, so
     they draw the same dropout masks, and a leak that only dropout opens (e.g. attention that
-    drops its causal mask when dropout_p > 0) shows as a difference at positions <= t."""
+    drops its causal mask when dropout_p > 0) shows as a difference at positions <= t. `model`
+    is the module or a function of the token ids that returns (B, T, V) logits."""
     idx, batch = redrawn_after_each_position(vocab, block)
     with torch.no_grad():
         torch.manual_seed(9)
@@ -175,6 +179,35 @@ def assert_causal_in_training_mode(model: torch.nn.Module, vocab: int, block: in
     for t in range(block - 1):
         torch.testing.assert_close(
             logits[t, : t + 1], reference[t, : t + 1], rtol=0, atol=1e-12, msg=f"leak at t={t}"
+        )
+
+
+# Loss parts whose targets are built from the tokens after each position by design: the real
+# attention to the future that future_attention's heads learn to predict.
+FUTURE_PARTS = {"future_attention": frozenset({"future"})}
+
+
+def assert_loss_causal_in_training_mode(
+    model: torch.nn.Module, arch: str, vocab: int, block: int
+) -> None:
+    """The training path itself (`model.loss`, which may run other code than `forward`) is
+    causal: row t of one batch is a sequence with its tokens after t redrawn, row t of the other
+    the sequence itself, both scored on the same targets at positions <= t only (the rest
+    IGNORE_INDEX), in training mode after the same seed (same dropout masks). Every loss part
+    must come out equal, except architecture `arch`'s FUTURE_PARTS."""
+    future_parts = FUTURE_PARTS.get(arch, frozenset())
+    idx, batch = redrawn_after_each_position(vocab, block)
+    targets = torch.randint(0, vocab, (block, block), generator=torch.Generator().manual_seed(2))
+    targets[torch.arange(block)[None, :] > torch.arange(block)[:, None]] = IGNORE_INDEX
+    with torch.no_grad():
+        torch.manual_seed(9)
+        _, parts = model.loss(batch, targets)
+        torch.manual_seed(9)
+        _, reference = model.loss(idx.expand(block, block).clone(), targets)
+    assert future_parts <= parts.keys()
+    for name in parts.keys() - future_parts:
+        torch.testing.assert_close(
+            parts[name], reference[name], rtol=0, atol=1e-12, msg=f"loss part {name!r} leaks"
         )
 
 

@@ -11,14 +11,15 @@ from conftest import (
     assert_causal_at_every_position,
     assert_causal_in_training_mode,
     assert_deterministic,
+    assert_loss_causal_in_training_mode,
 )
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from archbench.errors import ConfigError
 from archbench.models import ARCHITECTURES, build_model, list_options
 from archbench.models.blocks import IGNORE_INDEX, next_token_loss
-from archbench.options import Option
-from archbench.train import make_train_config
+from archbench.options import Option, options_of
+from archbench.train import TrainConfig, make_train_config
 
 VOCAB, BLOCK = 37, 24
 SHAPE = {"n_layer": 2, "n_head": 4, "d_model": 32}
@@ -152,12 +153,20 @@ def test_causality(arch: str, overrides: dict) -> None:
     assert_causal_at_every_position(build(arch, overrides), VOCAB, BLOCK)
 
 
-@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
-def test_causality_in_training_mode_with_dropout(arch: str) -> None:
+@pytest.mark.parametrize(("arch", "overrides"), CASES, ids=IDS)
+def test_causality_in_training_mode_with_dropout(arch: str, overrides: dict) -> None:
     """With dropout active (training mode, as the gpu suite trains), changing tokens after
     position t still leaves the logits at positions <= t unchanged."""
-    model = build(arch, {"dropout": 0.1}).train()
+    model = build(arch, {"dropout": 0.1, **overrides}).train()
     assert_causal_in_training_mode(model, VOCAB, BLOCK)
+
+
+@pytest.mark.parametrize(("arch", "overrides"), CASES, ids=IDS)
+def test_training_loss_is_causal_with_dropout(arch: str, overrides: dict) -> None:
+    """The loss that training minimises, on its own code path (future_attention trains through
+    `forward_with_future`, not `forward`), does not read tokens after the positions it scores."""
+    model = build(arch, {"dropout": 0.1, **overrides}).train()
+    assert_loss_causal_in_training_mode(model, arch, VOCAB, BLOCK)
 
 
 @pytest.mark.parametrize(("arch", "overrides"), CASES, ids=IDS)
@@ -325,6 +334,37 @@ def test_every_option_refuses_invalid_values(
     option (as 'name' or name=...) and, for typed options, says what is wrong."""
     with pytest.raises(ConfigError, match=rf"('{name}'|{name}=).*{message}"):
         build_model(arch, VOCAB, BLOCK, **{**SHAPE, name: value})
+
+
+TRAIN_INVALID_CASES = [
+    (name, value, message)
+    for name, opt in options_of(TrainConfig).items()
+    for value, message in invalid_values(opt)
+]
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "message"),
+    TRAIN_INVALID_CASES,
+    ids=[f"{name}={value}" for name, value, _ in TRAIN_INVALID_CASES],
+)
+def test_every_training_option_refuses_invalid_values(
+    name: str, value: object, message: str
+) -> None:
+    """The training options (a row may set them too: block_size, batch_size, init_freeze, ...)
+    refuse bad values as the model options do."""
+    with pytest.raises(ConfigError, match=rf"('{name}'|{name}=).*{message}"):
+        make_train_config({name: value})
+
+
+@pytest.mark.parametrize(
+    "values", [{"block_size": "1"}, {"batch_size": "0"}, {"init_freeze": "maybe"}], ids=str
+)
+def test_training_options_of_the_table_are_range_checked(values: dict[str, str]) -> None:
+    """The training options that rows of configs/experiments.tsv set, named one by one: the test
+    above derives its cases from the options' declared limits, so it would lose a case with them."""
+    with pytest.raises(ConfigError, match=rf"option '{next(iter(values))}'"):
+        make_train_config(values)
 
 
 FLOAT_OPTIONS = [

@@ -9,11 +9,15 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import assert_causal_at_every_position, assert_deterministic
+from conftest import (
+    assert_causal_at_every_position,
+    assert_deterministic,
+    assert_loss_causal_in_training_mode,
+)
 
 from archbench.errors import ConfigError
 from archbench.experiments import load_experiments, load_suite, split_overrides
-from archbench.models import build_model
+from archbench.models import ARCHITECTURES, build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 SCHEMAS = ROOT / "workflow/schemas"
@@ -41,10 +45,12 @@ def table_models() -> dict[str, tuple[str, dict[str, str]]]:
 MODELS = table_models()
 
 
-def build(name: str, dtype: torch.dtype) -> tuple[torch.nn.Module, int]:
-    """Row `name`'s model (seeded, eval mode) and the block it was built for: the smoke
-    suite's, or the default suite's for a row that needs a longer window (future_dim=96)."""
+def build(name: str, dtype: torch.dtype, **extra: object) -> tuple[torch.nn.Module, int]:
+    """Row `name`'s model (seeded, eval mode; `extra` model options on top of the row's) and the
+    block it was built for: the smoke suite's, or the default suite's for a row that needs a
+    longer window (future_dim=96)."""
     arch, options = MODELS[name]
+    options = {**options, **extra}
     torch.manual_seed(0)
     try:
         return build_model(arch, VOCAB, SMOKE_BLOCK, **options).to(dtype).eval(), SMOKE_BLOCK
@@ -57,7 +63,7 @@ def build(name: str, dtype: torch.dtype) -> tuple[torch.nn.Module, int]:
 
 
 def test_the_table_has_a_model_per_architecture() -> None:
-    assert {arch for arch, _ in MODELS.values()} >= {"gpt", "hourglass", "fractalformer"}
+    assert {arch for arch, _ in MODELS.values()} == set(ARCHITECTURES)
     assert len(MODELS) > 20
 
 
@@ -65,6 +71,13 @@ def test_the_table_has_a_model_per_architecture() -> None:
 def test_table_row_is_causal(name: str) -> None:
     model, block = build(name, torch.float64)
     assert_causal_at_every_position(model, VOCAB, block)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_table_row_trains_causally_with_dropout(name: str) -> None:
+    """The row's training loss, with dropout as the gpu suite trains, reads no future token."""
+    model, block = build(name, torch.float64, dropout=0.2)
+    assert_loss_causal_in_training_mode(model.train(), MODELS[name][0], VOCAB, block)
 
 
 @pytest.mark.parametrize("name", list(MODELS))
