@@ -30,7 +30,10 @@ unembed(norm_out(h)) (tied to the embedding unless tie_embeddings=false), makes 
     next-token logits = head(h_P)              (B, T, V)  the only thing `forward` returns
 
 So the body's output predicts the farthest span, each level's output predicts the next nearer
-span, and the last level, which reads the nearest span, predicts the next token.
+span, and the last level, which reads the nearest span, predicts the next token. Each level reads
+the one span it predicted, as the seed's README and the original's inference path do (the
+original's training path let level j cross-attend to the spans of all levels before it joined
+along the slot axis: one more way its training and inference differed).
 
 Memory. From z_k[b, t] take the N_k = min(memory_topk, L_k, V) highest-scoring tokens (sorted,
 best first), embed them with the shared embedding and normalise them (`norm_memory`): items

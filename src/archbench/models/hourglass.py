@@ -46,7 +46,8 @@ Each channel is its own causal multi-head attention (all s * n_head heads run in
 and its own residual stream. The MLPs (channel ones and `shared_channels` shared ones, à la
 DeepSeekMoE: applied to every channel) have hidden width
     channel_mlp_multiple * vanilla_hidden / (channels + shared_channels),
-so with a multiple of 1 the MLP parameters of the layer equal one vanilla MLP's (the original's
+so with a multiple of 1 the MLP parameters of the layer equal one vanilla MLP's, up to the
+rounding of that width (at d 128 with 3 MLPs: 3 × 115 hidden units against 344) (the original's
 count of "soft experts" includes the shared ones). m shared MLPs of hidden h equal one MLP of
 hidden m * h, and are stored that way. `merge=mean` averages the channels, `max` takes the
 per-element maximum, `softmax` the per-element convex combination Σ_c softmax_c(x_c) * x_c (the
