@@ -353,3 +353,38 @@ def test_a_run_and_another_preparation_of_its_data_set_are_refused(
     assert main([*args, *(["--tasks", "blimp"] if command == "lm-eval" else [])]) == 2
     err = capsys.readouterr().err
     assert "trained on another preparation of data set 'tiny'" in err and "(val_fraction" in err
+
+
+@pytest.mark.parametrize(
+    ("runs", "message"),
+    [
+        ('{"a": 1}', "the run list must be a JSON list, not dict"),
+        (
+            "[1]",
+            "run list entry 0: an object with keys experiment, arch, dataset, seed, run_dir "
+            "expected",
+        ),
+        ('[{"bad": 1}]', "run list entry 0: 'experiment' missing or not a str"),
+        (
+            '[{"experiment": "g", "arch": "gpt", "dataset": "d", "seed": 0}]',
+            "run list entry 0: 'run_dir' missing or not a str",
+        ),
+        (
+            '[{"experiment": "g", "arch": "gpt", "dataset": "d", "seed": "0", "run_dir": "r"}]',
+            "run list entry 0: 'seed' missing or not an int",
+        ),
+        (
+            '[{"experiment": "g", "arch": "gpt", "dataset": "d", "seed": 0, "run_dir": "r", '
+            '"result_files": "eval.json"}]',
+            "run list entry 0: 'result_files' must be a list of file names",
+        ),
+    ],
+)
+def test_aggregate_names_a_malformed_run_list_entry(
+    tmp_path: Path, capsys: pytest.CaptureFixture, runs: str, message: str
+) -> None:
+    """A hand-written run list (README, "Run one job's command by hand") that lacks a key gets
+    a one-line error naming the entry, not a KeyError traceback."""
+    out = ["--summary", str(tmp_path / "s.csv"), "--curves", str(tmp_path / "c.csv")]
+    assert main(["aggregate", "--runs", runs, *out]) == 2
+    assert capsys.readouterr().err.strip() == f"archbench: error: {message}"

@@ -273,7 +273,12 @@ def test_optional_columns_may_be_absent(tmp_path: Path) -> None:
         (
             "gpt\tgpt\tchars\t\t\t\n",
             r"line 3 \(experiment 'gpt'\), column 'name': duplicate "
-            r"of line 2",
+            r"of line 2$",
+        ),
+        (
+            "GPT\tgpt\tchars\t\t\t\n",
+            r"line 3 \(experiment 'GPT'\), column 'name': duplicate of line 2 \('gpt', which "
+            r"differs in case\)",
         ),
         (
             "x\tgpt\t\t\t\t\n",
@@ -541,7 +546,9 @@ def test_train_by_dataset_applies_to_that_data_set_only(tmp_path: Path) -> None:
         ("seeds: [0]\nmodel: {}\ntrain: {}\ntrain_by_dataset: {chars: 5}\n", r"train_by_dataset"),
         ("seeds: []\nmodel: {}\ntrain: {}\n", r"key 'seeds'"),
         ("seeds: [0, 1, 0]\nmodel: {}\ntrain: {}\n", r"key 'seeds'.*non-unique"),
-        ("seeds: [0]\nmodel: {}\ntrain: {}\nbogus: 1\n", r"'bogus' was unexpected"),
+        ("seeds: [0]\nmodel: {}\ntrain: {}\nbogus: 1\n", r"unknown key 'bogus'; known keys: "),
+        ("seeds: [0]\nmodell: {}\ntrain: {}\n", r"unknown key 'modell' \(did you mean 'model'"),
+        ("seeds: [0]\nmodel: {}\ntrain: {}\neval: {batch_size: 0}\n", r"key 'eval.batch_size'"),
         (
             "seeds: [0]\nmodel: {}\ntrain: {block_size: 64, batch_size: 4, token_budget: 100}\n",
             r"section 'train': token_budget=100 is smaller than one batch",
@@ -559,6 +566,15 @@ def test_missing_suite_lists_the_available_ones(tmp_path: Path) -> None:
         ConfigError, match=r"no suite file .*available suites: ablations, default, gpu"
     ):
         load_suite(ROOT / "configs/suites/nope.yaml", SUITE_SCHEMA)
+    with pytest.raises(ConfigError, match=r"smok.yaml \(did you mean 'smoke'\?\); available"):
+        load_suite(ROOT / "configs/suites/smok.yaml", SUITE_SCHEMA)
+
+
+def test_one_seed_may_be_written_without_a_list(tmp_path: Path) -> None:
+    """`seeds: 0` in a suite file, as `--config seeds=0` on the command line."""
+    assert load_suite(
+        suite_file(tmp_path, "seeds: 3\nmodel: {}\ntrain: {}\n"), SUITE_SCHEMA
+    ).seeds == (3,)
 
 
 def test_a_suite_can_extend_another(tmp_path: Path) -> None:
@@ -664,13 +680,26 @@ def test_baselines_default_to_the_first_gpt_row_of_the_data_set(tmp_path: Path) 
             "a\tmtp\tchars\t\n",
             "b\tgpt\tchars\t\n",
             "c\tgpt\tchars\tb\n",
-            "d\tmtp\tbpe512\t\n",
+            "d\tmtp\tbpe512\tnone\n",
             "e\tmtp\tchars\tc\n",
             "f\tgpt\tchars\tnone\n",
             header=header,
         )
     )
-    assert [r.baseline for r in rows] == ["b", None, "b", None, "c", None]  # f: none
+    assert [r.baseline for r in rows] == ["b", None, "b", None, "c", None]  # d, f: none
+
+
+def test_an_empty_baseline_needs_a_gpt_row_on_the_data_set(tmp_path: Path) -> None:
+    """The README's "empty = the data set's first gpt row" cannot hold without one: an error
+    naming the data set, not a row silently compared with nothing."""
+    header = "name\tarch\tdataset\tbaseline\n"
+    path = table(tmp_path, "a\tgpt\tchars\t\n", "d\tmtp\tbpe512\t\n", header=header)
+    with pytest.raises(
+        ConfigError,
+        match=r"line 3 \(experiment 'd'\), column 'baseline': empty, which means the first gpt "
+        r"row on data set 'bpe512', but there is none; .* or write 'none'",
+    ):
+        load(path)
 
 
 @pytest.mark.parametrize(
@@ -737,6 +766,7 @@ def test_a_suite_replaces_sub_model_baselines_too(tmp_path: Path) -> None:
     rows = load(
         table(
             tmp_path,
+            "gpt\tgpt\tchars\t\t\t\n",
             "solo\tfractalformer\tchars\tlevels=1 d_model=64 mlp_hidden=172\tother\t\n",
             "solo_t\tfractalformer\tchars\tlevels=1 d_model=32 mlp_hidden=86\ttiny\t\n",
             "frac\tfractalformer\tchars\tlevels=2\t\tL1=solo\n",

@@ -162,7 +162,9 @@ def test_locate_run_finds_the_data_set(run_dir: Path) -> None:
         workflow_data_dir(run_dir)
     with pytest.raises(ArchbenchError, match=r"no finished run.*seed 1 of suite 'smoke' first$"):
         locate_run(results, "smoke", "gpt", 1)
-    with pytest.raises(ArchbenchError, match=r"suite 'default' first \(found in suite smoke: add"):
+    with pytest.raises(
+        ArchbenchError, match=r"first \(trained in suite smoke: pass --suite smoke\)"
+    ):
         locate_run(results, "default", "gpt", 0)
     with pytest.raises(ArchbenchError, match=r"'gtp' \(did you mean 'gpt'\?\).*there: gpt"):
         locate_run(results, "smoke", "gtp", 0)

@@ -244,20 +244,9 @@ def _cmd_generate(args: argparse.Namespace) -> None:
 
 
 def _cmd_aggregate(args: argparse.Namespace) -> None:
-    from archbench.report.aggregate import RunRef, aggregate
-    from archbench.runs import RESULT_FILES
+    from archbench.report.aggregate import aggregate, run_refs
 
-    runs = [
-        RunRef(
-            r["experiment"],
-            r["arch"],
-            r["dataset"],
-            int(r["seed"]),
-            Path(r["run_dir"]),
-            tuple(r.get("result_files", RESULT_FILES)),
-        )
-        for r in args.runs
-    ]
+    runs = run_refs(args.runs)
     aggregate(
         runs,
         Path(args.summary),

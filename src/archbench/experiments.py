@@ -135,10 +135,11 @@ def _schema_error(err: WorkflowError) -> tuple[str, str]:
     text = str(err)
     match = re.search(r"ValidationError: (.*)", text)
     message = match.group(1) if match else text.strip().splitlines()[-1]
-    column = (
-        re.search(r"On instance\['([^']+)'\]", text)
-        or re.search(r"'([^']+)' is a required property", text)
-        or re.search(r"\('([^']+)' was unexpected", text)
+    path = re.search(r"On instance((?:\[[^\]]+\])+)", text)
+    if path:  # the whole path, so that a nested key is named: eval.batch_size
+        return ".".join(re.findall(r"\['?([^'\]]+)'?\]", path.group(1))), message
+    column = re.search(r"'([^']+)' is a required property", text) or re.search(
+        r"\('([^']+)' was unexpected", text
     )
     return (column.group(1) if column else "?"), message
 
@@ -204,9 +205,12 @@ def load_experiments(path: Path, schema: Path, datasets: Iterable[str]) -> list[
                 f"{where}, column 'name': '{NO_BASELINE}' is reserved (baseline={NO_BASELINE} "
                 "means no comparison)"
             )
-        if row["name"] in seen:
-            raise ConfigError(f"{where}, column 'name': duplicate of line {seen[row['name']]}")
-        seen[row["name"]] = line
+        folded = row["name"].casefold()  # run directories: one on a case-insensitive disk
+        if folded in seen:
+            first_line, first_name = seen[folded]
+            same = "" if first_name == row["name"] else f" ('{first_name}', which differs in case)"
+            raise ConfigError(f"{where}, column 'name': duplicate of line {first_line}{same}")
+        seen[folded] = (line, row["name"])
         if row["dataset"] not in datasets:
             raise ConfigError(
                 f"{where}, column 'dataset': unknown data set '{row['dataset']}'"
@@ -280,6 +284,12 @@ def _resolve_baselines(path: Path, experiments: list[Experiment]) -> list[Experi
         where = f"{path}, line {e.line} (experiment '{e.name}'), column 'baseline'"
         if e.baseline is None:
             baseline = default.get(e.dataset)
+            if baseline is None:
+                raise ConfigError(
+                    f"{where}: empty, which means the first {BASELINE_ARCH} row on data set "
+                    f"'{e.dataset}', but there is none; name the row to compare with, or write "
+                    f"'{NO_BASELINE}' for no comparison"
+                )
             resolved.append(replace(e, baseline=None if baseline == e.name else baseline))
             continue
         if e.baseline == NO_BASELINE:
@@ -417,8 +427,11 @@ def _suite_data(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     settings first, this file's on top (the SECTIONS merged key by key, and each data set's
     options in `train_by_dataset` too)."""
     if not path.exists():
-        available = ", ".join(suite_names(path.parent))
-        raise ConfigError(f"no suite file {path}; available suites: {available}")
+        names = suite_names(path.parent)
+        raise ConfigError(
+            f"no suite file {path}{suggest(path.stem, names)}; available suites: "
+            + ", ".join(names)
+        )
     if path in seen:
         raise ConfigError(f"{path}: 'extends' forms a cycle")
     data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
@@ -457,6 +470,15 @@ def check_suite_model(model: dict[str, Any], block_size: int) -> None:
 def load_suite(path: Path, schema: Path) -> Suite:
     """Read and validate a suite file (following `extends`)."""
     data = _suite_data(path)
+    known = yaml.safe_load(Path(schema).read_text(encoding="utf-8"))["properties"]
+    for key in data:
+        if key not in known:
+            raise ConfigError(
+                f"{path}: unknown key '{key}'{suggest(str(key), known)}; known keys: "
+                + ", ".join([*known, "extends"])
+            )
+    if isinstance(data.get("seeds"), int):  # `seeds: 0`, as `--config seeds=0` allows
+        data["seeds"] = [data["seeds"]]
     try:
         validate(data, str(schema))
     except WorkflowError as err:

@@ -185,7 +185,11 @@ def locate_run(results_dir: Path, suite: str, experiment: str, seed: int) -> tup
             other.parents[2].name
             for other in Path(results_dir).glob(f"*/{experiment}/seed{seed}/train_config.json")
         )
-        hint = f" (found in suite {', '.join(elsewhere)}: add --suite)" if elsewhere else ""
+        hint = (
+            f" (trained in suite {', '.join(elsewhere)}: pass --suite {elsewhere[0]})"
+            if elsewhere
+            else ""
+        )
         raise ArchbenchError(
             f"no finished run at {run_dir} (missing train_config.json): train experiment "
             f"'{experiment}' seed {seed} of suite '{suite}' first{hint}"

@@ -59,6 +59,40 @@ class RunRef:
     result_files: tuple[str, ...] = RESULT_FILES  # flat JSON files of metrics in run_dir
 
 
+RUN_KEYS = {"experiment": str, "arch": str, "dataset": str, "seed": int, "run_dir": str}
+
+
+def run_refs(entries: object) -> list[RunRef]:
+    """RunRefs from a decoded run list (results/<suite>/runs.json): a list of objects with the
+    keys of RUN_KEYS and, optionally, `result_files` (a list of file names); an ArchbenchError
+    names the first entry that is not."""
+    if not isinstance(entries, list):
+        raise ArchbenchError(f"the run list must be a JSON list, not {type(entries).__name__}")
+    refs = []
+    for i, entry in enumerate(entries):
+        where = f"run list entry {i}"
+        if not isinstance(entry, dict):
+            raise ArchbenchError(f"{where}: an object with keys {', '.join(RUN_KEYS)} expected")
+        for key, kind in RUN_KEYS.items():
+            if not isinstance(entry.get(key), kind) or isinstance(entry.get(key), bool):
+                article = "an" if kind is int else "a"
+                raise ArchbenchError(f"{where}: '{key}' missing or not {article} {kind.__name__}")
+        files = entry.get("result_files", list(RESULT_FILES))
+        if not isinstance(files, list) or not all(isinstance(f, str) for f in files):
+            raise ArchbenchError(f"{where}: 'result_files' must be a list of file names")
+        refs.append(
+            RunRef(
+                entry["experiment"],
+                entry["arch"],
+                entry["dataset"],
+                entry["seed"],
+                Path(entry["run_dir"]),
+                tuple(files),
+            )
+        )
+    return refs
+
+
 def aggregate(
     runs: list[RunRef], summary_csv: Path, curves_csv: Path, samples_json: Path | None = None
 ) -> None:

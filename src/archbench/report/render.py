@@ -406,9 +406,10 @@ def _lm_eval_section(stats: pl.DataFrame, order: list[str], seeds: dict[str, int
     intro = Paragraph(
         "lm-evaluation-harness, offline, on every checkpoint: BLiMP accuracy (a pair counts 1 "
         "when the grammatical sentence is more likely, 0.5 on a tie; chance is 50%) overall and "
-        "by linguistic field, over the pairs per paradigm the suite sets (`BLiMP pairs` in all); "
+        "by linguistic field, over the pairs per paradigm that the suite sets (their total in "
+        'the column "BLiMP pairs"); '
         "and rolling-window bits-per-byte of the held-out split through the harness, which "
-        "should agree with `val bpb` above. Mean ± 95% t-interval over seeds; per-paradigm "
+        'should agree with "val bpb" above. Mean ± 95% t-interval over seeds; per-paradigm '
         "accuracies are in summary.csv."
     )
     return [Section("lm-eval", [intro, table])]
