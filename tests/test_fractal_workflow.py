@@ -52,9 +52,10 @@ SMALL = "levels=1 d_model=8 mlp_hidden=24"
 
 
 def row(name: str, arch: str = "fractalformer", overrides: str = "", **cells: str) -> str:
-    """One table line; cells: dataset, suites, baseline, init_from, submodel_baselines."""
+    """One table line; cells: dataset, suites, baseline (default none: these tables have no
+    gpt row to compare with), init_from, submodel_baselines."""
     columns = ("suites", "baseline", "init_from", "submodel_baselines")
-    rest = [cells.get(c, "") for c in columns]
+    rest = [cells.get(c, "none" if c == "baseline" else "") for c in columns]
     return "\t".join([name, arch, cells.get("dataset", "chars"), overrides, *rest]) + "\n"
 
 
