@@ -162,14 +162,11 @@ def assert_causal_at_every_position(model: torch.nn.Module, vocab: int, block: i
         assert not torch.allclose(logits[t, t + 1 :], reference[t + 1 :])
 
 
-def assert_causal_in_training_mode(
-    model: Callable[[torch.Tensor], torch.Tensor], vocab: int, block: int
-) -> None:
+def assert_causal_in_training_mode(model: torch.nn.Module, vocab: int, block: int) -> None:
     """The same check as `assert_causal_at_every_position` for a float64 model in training mode,
     where dropout is active: both batches have the same shape and run after the same seed, so
     they draw the same dropout masks, and a leak that only dropout opens (e.g. attention that
-    drops its causal mask when dropout_p > 0) shows as a difference at positions <= t. `model`
-    is the module or a function of the token ids that returns (B, T, V) logits."""
+    drops its causal mask when dropout_p > 0) shows as a difference at positions <= t."""
     idx, batch = redrawn_after_each_position(vocab, block)
     with torch.no_grad():
         torch.manual_seed(9)
