@@ -546,8 +546,14 @@ def test_train_by_dataset_applies_to_that_data_set_only(tmp_path: Path) -> None:
         ("seeds: [0]\nmodel: {}\ntrain: {}\ntrain_by_dataset: {chars: 5}\n", r"train_by_dataset"),
         ("seeds: []\nmodel: {}\ntrain: {}\n", r"key 'seeds'"),
         ("seeds: [0, 1, 0]\nmodel: {}\ntrain: {}\n", r"key 'seeds'.*non-unique"),
-        ("seeds: [0]\nmodel: {}\ntrain: {}\nbogus: 1\n", r"unknown key 'bogus'; known keys: "),
-        ("seeds: [0]\nmodell: {}\ntrain: {}\n", r"unknown key 'modell' \(did you mean 'model'"),
+        (
+            "seeds: [0]\nmodel: {}\ntrain: {}\nbogus: 1\n",
+            r"key 'bogus': .*'bogus' was unexpected\); known keys: ",
+        ),
+        (
+            "seeds: [0]\nmodell: {}\ntrain: {}\n",
+            r"key 'modell': .*was unexpected\) \(did you mean 'model'\?\); known keys: ",
+        ),
         ("seeds: [0]\nmodel: {}\ntrain: {}\neval: {batch_size: 0}\n", r"key 'eval.batch_size'"),
         (
             "seeds: [0]\nmodel: {}\ntrain: {block_size: 64, batch_size: 4, token_budget: 100}\n",

@@ -401,19 +401,23 @@ def load_config(path: Path, schema: Path) -> dict[str, Any]:
 
 
 def check_config(config: dict[str, Any], schema: Path, source: str) -> None:
-    """Check the workflow config against its schema (snakemake's `validate`), as one line that
-    names the key and suggests the closest known key for a misspelled one, or says what the key
-    takes (snakemake's own message prints the whole schema)."""
+    """Check a config mapping (the workflow config, a suite file) against its schema
+    (snakemake's `validate`), as one line that names the key (its path, when nested) and
+    suggests the closest known key for a misspelled top-level one, or says what the key takes
+    (snakemake's own message prints the whole schema)."""
+    known = yaml.safe_load(Path(schema).read_text(encoding="utf-8"))["properties"]
+    for key in config:  # before the schema: a misspelled key also leaves a required one missing
+        if key not in known:
+            raise ConfigError(
+                f"{source}, key '{key}': Additional properties are not allowed ('{key}' was "
+                f"unexpected){suggest(str(key), known)}; known keys: {', '.join(known)}"
+            )
     try:
         validate(config, str(schema))
     except WorkflowError as err:
         column, message = _schema_error(err)
-        known = yaml.safe_load(schema.read_text(encoding="utf-8"))["properties"]
-        hint = ""
-        if "was unexpected" in message:
-            hint = f"{suggest(column, known)}; known keys: {', '.join(known)}"
-        elif "description" in known.get(column, {}):
-            hint = f" ({column}: {known[column]['description']})"
+        described = "description" in known.get(column, {})
+        hint = f" ({column}: {known[column]['description']})" if described else ""
         raise ConfigError(f"{source}, key '{column}': {message}{hint}") from None
 
 
@@ -470,20 +474,9 @@ def check_suite_model(model: dict[str, Any], block_size: int) -> None:
 def load_suite(path: Path, schema: Path) -> Suite:
     """Read and validate a suite file (following `extends`)."""
     data = _suite_data(path)
-    known = yaml.safe_load(Path(schema).read_text(encoding="utf-8"))["properties"]
-    for key in data:
-        if key not in known:
-            raise ConfigError(
-                f"{path}: unknown key '{key}'{suggest(str(key), known)}; known keys: "
-                + ", ".join([*known, "extends"])
-            )
     if isinstance(data.get("seeds"), int):  # `seeds: 0`, as `--config seeds=0` allows
         data["seeds"] = [data["seeds"]]
-    try:
-        validate(data, str(schema))
-    except WorkflowError as err:
-        column, message = _schema_error(err)
-        raise ConfigError(f"{path}, key '{column}': {message}") from None
+    check_config(data, schema, str(path))
     sections = {"train": data["train"]}
     for dataset, options in data.get("train_by_dataset", {}).items():
         sections[f"train_by_dataset.{dataset}"] = {**data["train"], **options}
