@@ -181,6 +181,7 @@ def test_a_limit_that_is_not_a_whole_number_is_named(project: Path, variable: st
     )
     assert result.returncode != 0
     assert f"{variable}='4h' must be a whole number" in result.stderr
+    assert "usage:" not in result.stderr  # the message alone, not Snakemake's argument help
 
 
 def cluster_is_up() -> bool:
